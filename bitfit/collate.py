@@ -1,0 +1,41 @@
+"""The padding collator: a list of examples of different lengths -> one rectangular batch."""
+
+import torch
+
+from .data import IGNORE_INDEX, Example
+
+
+def pad_id(tokenizer) -> int:
+    """The id to pad input_ids with: the tokenizer's pad token, else eos (Llama-style tokenizers have none).
+
+    Padded positions are masked out of attention and labelled -100, so the id itself is never learned.
+    """
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def pad_batch(
+    examples: list[Example],
+    pad_token_id: int,
+    padding_side: str = "right",
+    multiple_of: int | None = None,
+) -> dict[str, torch.Tensor]:
+    """Pad every example to the longest in the batch (rounded up to `multiple_of`), on `padding_side`.
+
+    input_ids are padded with `pad_token_id`, attention_mask with 0 and labels with -100, so padding
+    neither attends nor counts in the loss. BLOOM tokenizers pad on the left, most others on the right.
+    """
+    if padding_side not in ("left", "right"):
+        raise ValueError(f"padding_side must be 'left' or 'right', not {padding_side!r}")
+    length = max(len(example["input_ids"]) for example in examples)
+    if multiple_of:
+        length = -(-length // multiple_of) * multiple_of  # round up
+
+    fill = {"input_ids": pad_token_id, "attention_mask": 0, "labels": IGNORE_INDEX}
+    batch = {}
+    for key, value in fill.items():
+        rows = []
+        for example in examples:
+            padding = [value] * (length - len(example[key]))
+            rows.append(example[key] + padding if padding_side == "right" else padding + example[key])
+        batch[key] = torch.tensor(rows, dtype=torch.long)
+    return batch

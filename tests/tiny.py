@@ -1,0 +1,53 @@
+"""Tiny models and a tiny tokenizer built from configs: no download, random weights, milliseconds."""
+
+import functools
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import BloomConfig, BloomForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from bitfit.tasks import builtin_records
+
+# A chat template of the usual shape: role markers, each turn closed by the eos token.
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+@functools.cache
+def _trained_bpe() -> Tokenizer:
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    corpus = [f"Human: {r['instruction']}\n{r['input']}\n\nAssistant: {r['output']}" for r in builtin_records("train")[:400]]
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<pad>", "</s>", "<|user|>", "<|assistant|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(corpus, trainer)
+    return tokenizer
+
+
+def tiny_tokenizer(padding_side: str = "right", pad: bool = True, chat: bool = False) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer (~400 tokens) trained on the built-in task; eos '</s>', pad '<pad>'."""
+    return PreTrainedTokenizerFast(
+        tokenizer_object=_trained_bpe(),
+        eos_token="</s>",
+        pad_token="<pad>" if pad else None,
+        padding_side=padding_side,
+        chat_template=CHAT_TEMPLATE if chat else None,
+    )
+
+
+def tiny_bloom(seed: int = 0) -> BloomForCausalLM:
+    """BLOOM shape with native biases everywhere: 2 blocks, hidden 32, 4 heads."""
+    torch.manual_seed(seed)
+    config = BloomConfig(vocab_size=400, hidden_size=32, n_layer=2, n_head=4)
+    return BloomForCausalLM(config).eval()
+
+
+def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
+    """Llama shape, bias-free like SmolLM2: 2 blocks, hidden 32, 4 heads (2 kv heads), tied embeddings."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=400, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    return LlamaForCausalLM(config).eval()
