@@ -41,8 +41,10 @@ def fingerprint(named_params: Iterable[tuple[str, torch.Tensor]], exclude: Itera
         if name in skip:
             continue
         values = tensor.detach().reshape(-1)
-        index = torch.linspace(0, values.numel() - 1, min(values.numel(), SAMPLES_PER_TENSOR), device=values.device)
-        sample = values[index.round().long()].to(torch.bfloat16).view(torch.int16).cpu()
+        count = min(values.numel(), SAMPLES_PER_TENSOR)
+        # Integer arithmetic: float positions round past the end of tensors over 2**24 values.
+        index = torch.arange(count, device=values.device) * (values.numel() - 1) // max(count - 1, 1)
+        sample = values[index].to(torch.bfloat16).view(torch.int16).cpu()
         digest.update(f"{name}{tuple(tensor.shape)}".encode())
         digest.update(sample.numpy().tobytes())
     return digest.hexdigest()[:16]

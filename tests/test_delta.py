@@ -95,6 +95,13 @@ def test_the_fingerprint_is_the_same_whether_the_base_is_stored_in_fp32_or_bf16(
     assert fingerprint(model.named_parameters()) == fingerprint(model.to(torch.bfloat16).named_parameters())
 
 
+def test_the_fingerprint_samples_tensors_of_more_than_2_to_the_24_values():
+    big = torch.zeros(2**24 + 3)  # an embedding table's size: float sample positions would overrun it
+    before = fingerprint([("embed.weight", big)])
+    big[-1] = 1.0  # the last value is sampled
+    assert fingerprint([("embed.weight", big)]) != before
+
+
 def test_a_file_that_is_no_bitfit_delta_is_refused(tmp_path):
     path = str(tmp_path / "model.safetensors")
     save_file({"w": torch.zeros(2)}, path)
