@@ -33,6 +33,8 @@ def pad_batch(
     fill = {"input_ids": pad_token_id, "attention_mask": 0, "labels": IGNORE_INDEX}
     batch = {}
     for key, value in fill.items():
+        if key not in examples[0]:  # prompts for generation have no labels
+            continue
         rows = []
         for example in examples:
             padding = [value] * (length - len(example[key]))

@@ -137,18 +137,21 @@ def alpaca_prompt(instruction: str, input: str) -> str:
     return "Human: " + "\n".join([instruction, input]).strip() + "\n\nAssistant: "
 
 
-def chat_texts(tokenizer, instruction: str, input: str, output: str) -> tuple[str, str]:
-    """Prompt and response rendered with the tokenizer's own chat template (for chat models).
-
-    The response is whatever the template adds after the generation prompt for an assistant turn,
-    so it ends with the template's own end-of-turn marker.
-    """
+def prompt_text(tokenizer, template: str, instruction: str, input: str) -> str:
+    """The prompt a model sees, in training and when asked to answer: the seeds' or the chat template's."""
+    if template == "alpaca":
+        return alpaca_prompt(instruction, input)
     user = [{"role": "user", "content": "\n".join([instruction, input]).strip()}]
-    prompt = tokenizer.apply_chat_template(user, add_generation_prompt=True, tokenize=False)
+    return tokenizer.apply_chat_template(user, add_generation_prompt=True, tokenize=False)
+
+
+def chat_response(tokenizer, prompt: str, instruction: str, input: str, output: str) -> str:
+    """What the chat template adds after `prompt` for an assistant turn: the answer and its end-of-turn marker."""
+    user = [{"role": "user", "content": "\n".join([instruction, input]).strip()}]
     full = tokenizer.apply_chat_template(user + [{"role": "assistant", "content": output}], tokenize=False)
     if not full.startswith(prompt):
         raise BitfitError("this chat template does not render the prompt as a prefix of the full chat; use template='alpaca'")
-    return prompt, full[len(prompt) :]
+    return full[len(prompt) :]
 
 
 def encode(
@@ -174,12 +177,9 @@ def encode(
     prompts, responses = [], []
     for index, row in enumerate(records):
         instruction, input, output = check_record(index, row)
-        if template == "chat":
-            prompt, response = chat_texts(tokenizer, instruction, input, output)
-        else:
-            prompt, response = alpaca_prompt(instruction, input), output
+        prompt = prompt_text(tokenizer, template, instruction, input)
         prompts.append(prompt)
-        responses.append(response)
+        responses.append(chat_response(tokenizer, prompt, instruction, input, output) if template == "chat" else output)
     if not prompts:
         return [], 0
 

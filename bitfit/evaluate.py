@@ -1,0 +1,79 @@
+"""Held-out loss and exact match: the numbers that show whether BitFit worked."""
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from .collate import pad_batch
+from .data import Example, check_record, prompt_text
+from .loop import label_tokens, loss_sum
+from .tasks import is_correct
+
+
+@torch.no_grad()
+def heldout_loss(
+    model: nn.Module,
+    examples: list[Example],
+    collate: Callable[[list[Example]], dict[str, torch.Tensor]],
+    device: torch.device,
+    bf16: bool,
+    batch_size: int = 16,
+) -> float:
+    """Mean next-token loss per label token over all examples (token-weighted, as in training)."""
+    was_training = model.training
+    model.eval()
+    total, count = torch.zeros((), device=device, dtype=torch.float64), 0
+    for start in range(0, len(examples), batch_size):
+        batch = {k: v.to(device) for k, v in collate(examples[start : start + batch_size]).items()}
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            total += loss_sum(model, batch).double()
+        count += label_tokens(batch)
+    model.train(was_training)
+    return total.item() / count
+
+
+@torch.no_grad()
+def answers(
+    model: nn.Module,
+    tokenizer,
+    prompts: list[str],
+    template: str,
+    device: torch.device,
+    bf16: bool,
+    max_new_tokens: int,
+    batch_size: int = 50,
+) -> list[str]:
+    """Greedy answers to prompts, generated in left-padded batches and cut at eos."""
+    was_training = model.training
+    model.eval()
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    ids = tokenizer(prompts, add_special_tokens=template == "alpaca")["input_ids"]
+    texts = []
+    for start in range(0, len(ids), batch_size):
+        chunk = [{"input_ids": i, "attention_mask": [1] * len(i)} for i in ids[start : start + batch_size]]
+        batch = {k: v.to(device) for k, v in pad_batch(chunk, pad, padding_side="left").items()}
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
+        new_tokens = out[:, batch["input_ids"].shape[1] :]
+        texts += tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+    model.train(was_training)
+    return texts
+
+
+def exact_match(model: nn.Module, tokenizer, records: list[dict], template: str, device: torch.device,
+                bf16: bool, max_new_tokens: int) -> dict:
+    """Share of records whose greedy answer's first line equals `output`, overall and per task."""
+    fields = [check_record(i, row) for i, row in enumerate(records)]
+    prompts = [prompt_text(tokenizer, template, instruction, input) for instruction, input, _ in fields]
+    generated = answers(model, tokenizer, prompts, template, device, bf16, max_new_tokens)
+    correct = [is_correct(text, output) for text, (_, _, output) in zip(generated, fields)]
+    by_task: dict[str, list[bool]] = {}
+    for row, ok in zip(records, correct):
+        by_task.setdefault(row.get("task", "all"), []).append(ok)
+    return {
+        "exact_match": sum(correct) / len(correct),
+        "by_task": {task: sum(oks) / len(oks) for task, oks in by_task.items()},
+        "samples": [{"prompt": p, "expected": f[2], "generated": g} for p, f, g in list(zip(prompts, fields, generated))[:5]],
+    }

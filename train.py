@@ -1,0 +1,173 @@
+"""Fine-tune only the biases of a pretrained causal LM (BitFit), with a hand-written loop.
+
+    python train.py                       # offline: SmolLM2-135M-Instruct on the built-in task, ~4 min on a CPU
+    python train.py --model bigscience/bloomz-1b1 --data yahma/alpaca-cleaned --split "train[:1000]"
+    python train.py --help                # every flag, with its default
+
+Reads top to bottom: config -> device -> model -> biases -> data -> optimizer -> evaluate -> train ->
+evaluate -> save. What each step does lives in bitfit/; this file is the order of things.
+"""
+
+import json
+import os
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+import torch
+
+from bitfit import models
+from bitfit.biases import add_missing_biases, count_trainable, describe, select_biases
+from bitfit.collate import pad_batch, pad_id
+from bitfit.config import TrainConfig, from_args
+from bitfit.data import encode, load_records
+from bitfit.delta import save_delta
+from bitfit.errors import BitfitError
+from bitfit.evaluate import exact_match, heldout_loss
+from bitfit.flat import FlatBiases
+from bitfit.loop import fit, lr_factor, make_windows
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise BitfitError(f"--device {name}: this machine has no CUDA device")
+    return device
+
+
+def evaluate(model, tokenizer, records, examples, collate, cfg: TrainConfig, device) -> dict:
+    """Held-out loss and exact match, timed."""
+    start = time.perf_counter()
+    loss = heldout_loss(model, examples, collate, device, cfg.bf16)
+    result = exact_match(model, tokenizer, records, cfg.template, device, cfg.bf16, cfg.max_new_tokens)
+    return {"loss": loss, **result, "seconds": time.perf_counter() - start}
+
+
+def save_loss_curve(records: list[dict], path: Path) -> bool:
+    """A PNG of the loss per optimizer step, when matplotlib is installed (it is optional)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    figure, axes = plt.subplots(figsize=(6, 3.5))
+    axes.plot([r["step"] for r in records], [r["loss"] for r in records])
+    axes.set(xlabel="optimizer step", ylabel="training loss (per label token)", title="bitfit")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return True
+
+
+def run(cfg: TrainConfig) -> dict:
+    started = time.perf_counter()
+    out_dir = Path(cfg.out_dir or time.strftime("runs/%Y%m%d-%H%M%S"))
+    if (out_dir / "delta.safetensors").exists() and not cfg.overwrite:
+        raise BitfitError(f"{out_dir} already holds a finished run; pick another --out-dir or pass --overwrite")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    print("config:", cfg.to_json())
+    (out_dir / "config.json").write_text(cfg.to_json() + "\n")
+
+    # --- device, precision, seeds -------------------------------------------------------------------
+    device = pick_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    if cfg.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it for determinism
+        torch.use_deterministic_algorithms(True)
+    weights_dtype = torch.bfloat16 if cfg.bf16_weights else torch.float32
+    print(f"device: {device} | frozen weights {weights_dtype} | biases and optimizer state float32 | "
+          f"bf16 autocast {'on' if cfg.bf16 else 'off'}")
+
+    # --- model and biases ---------------------------------------------------------------------------
+    model, tokenizer = models.load(cfg.model, device, weights_dtype, cfg.trust_remote_code)
+    added = add_missing_biases(model) if cfg.add_biases else []
+    if added:
+        print(f"added {len(added)} zero biases to bias-free linear layers inside the blocks")
+    selection = select_biases(model, cfg.biases)
+    flat = FlatBiases(model, selection)  # after the model is on its device and in its dtype
+    trainable, total = count_trainable(model, selection)
+    print(describe(trainable, total))
+    if flat.mask is not None and cfg.weight_decay > 0:
+        raise BitfitError("--weight-decay would shrink the frozen key/value entries of fused q/k/v biases under "
+                          "--biases reduced; use --weight-decay 0 (the BitFit paper's setting)")
+
+    # --- data ---------------------------------------------------------------------------------------
+    collate = partial(pad_batch, pad_token_id=pad_id(tokenizer), padding_side=tokenizer.padding_side)
+    examples, dropped = encode(load_records(cfg.data, cfg.split), tokenizer, cfg.max_len, cfg.template)
+    if not examples:
+        raise BitfitError(f"no usable examples in {cfg.data} {cfg.split}: {dropped} dropped because max_len "
+                          f"{cfg.max_len} cut away their whole response")
+    windows = make_windows(examples, cfg.batch_size, cfg.grad_accum, cfg.epochs, cfg.seed)
+    if cfg.max_steps:
+        windows = windows[: cfg.max_steps]
+    n_tokens = sum(len(e["input_ids"]) for e in examples)
+    print(f"data: {len(examples)} examples from {cfg.data} {cfg.split}, {dropped} dropped (response cut away by "
+          f"max_len {cfg.max_len}), {n_tokens / len(examples):.1f} tokens on average")
+    print(f"steps: {len(windows)} optimizer steps of {cfg.grad_accum} micro-batches x {cfg.batch_size} examples "
+          f"({cfg.grad_accum * cfg.batch_size} per step), {cfg.epochs} epoch(s)"
+          + (f", capped by --max-steps {cfg.max_steps}" if cfg.max_steps else ""))
+
+    eval_source = cfg.eval_data or ("builtin" if cfg.data == "builtin" else "")
+    eval_records = load_records(eval_source, cfg.eval_split) if eval_source else []
+    eval_examples = encode(eval_records, tokenizer, cfg.max_len, cfg.template)[0]
+
+    # --- optimizer: AdamW over ONE tensor, the flat bias buffer -------------------------------------
+    optimizer = torch.optim.AdamW([flat.param], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+                                  weight_decay=cfg.weight_decay, fused=device.type in ("cuda", "cpu"))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, partial(lr_factor, total=len(windows), warmup=cfg.warmup_steps, schedule=cfg.schedule))
+
+    # --- evaluate, train, evaluate ------------------------------------------------------------------
+    results: dict = {"trainable": trainable, "total": total, "examples": len(examples), "dropped": dropped,
+                     "steps": len(windows), "device": str(device)}
+    if eval_records:
+        results["before"] = evaluate(model, tokenizer, eval_records, eval_examples, collate, cfg, device)
+        print(f"before training: held-out loss {results['before']['loss']:.4f}, exact match "
+              f"{100 * results['before']['exact_match']:.1f}% ({len(eval_records)} examples of {eval_source} {cfg.eval_split})")
+
+    metrics_path = out_dir / "metrics.jsonl"
+    metrics_path.unlink(missing_ok=True)
+    train_start = time.perf_counter()
+    records = fit(model, flat, optimizer, scheduler, windows, collate, device=device, bf16=cfg.bf16,
+                  grad_clip=cfg.grad_clip, log_every=cfg.log_every, metrics_path=metrics_path)
+    results["train_seconds"] = time.perf_counter() - train_start
+    flat.check()
+    delta_path = out_dir / "delta.safetensors"  # saved first: what training made must not wait on evaluation
+    save_delta(str(delta_path), model, flat, base_model=cfg.model, added=added, selection=cfg.biases)
+
+    if eval_records:
+        results["after"] = evaluate(model, tokenizer, eval_records, eval_examples, collate, cfg, device)
+        gain = 100 * (results["after"]["exact_match"] - results["before"]["exact_match"])
+        print(f"after training:  held-out loss {results['after']['loss']:.4f}, exact match "
+              f"{100 * results['after']['exact_match']:.1f}% ({gain:+.1f} points)")
+        for sample in results["after"]["samples"][:3]:
+            print(f"  {sample['prompt']!r} -> {sample['generated'].strip()!r} (expected {sample['expected']!r})")
+
+    # --- save: the delta, and everything needed to read the run -------------------------------------
+    results["total_seconds"] = time.perf_counter() - started
+    (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    model_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
+    print(f"saved the bias delta to {delta_path} ({delta_path.stat().st_size / 2**10:,.0f} KiB; "
+          f"the full model is {model_mb:,.0f} MiB)")
+    if save_loss_curve(records, out_dir / "loss.png"):
+        print(f"loss curve: {out_dir / 'loss.png'}")
+    print(f"done in {results['total_seconds']:.0f} s ({results['train_seconds']:.0f} s training)")
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        run(from_args(argv))
+    except BitfitError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
