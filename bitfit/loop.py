@@ -113,12 +113,12 @@ def fit(
             n_labels = sum(label_tokens(batch) for batch in batches)  # of the whole window, before any backward
             loss = torch.zeros((), device=device)
             for batch in batches:
+                tokens_since_log += int(batch["attention_mask"].sum())  # counted on the host: no GPU sync
                 batch = {key: tensor.to(device, non_blocking=True) for key, tensor in batch.items()}
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                     micro_loss = loss_sum(model, batch) / n_labels
                 micro_loss.backward()  # accumulates in place into the flat gradient buffer
                 loss += micro_loss.detach()
-                tokens_since_log += int(batch["attention_mask"].sum())
 
             # One tensor each: the norm, the clip and the AdamW step all see just the flat buffers.
             grad_norm = torch.nn.utils.clip_grad_norm_([flat.param], grad_clip if grad_clip > 0 else math.inf)
