@@ -13,6 +13,7 @@ A safetensors file with one fp32 tensor per trained bias, named by its parameter
 import hashlib
 import json
 from collections.abc import Iterable
+from pathlib import Path
 
 import torch
 from safetensors import safe_open
@@ -72,6 +73,8 @@ def save_delta(path: str, model: nn.Module, flat: FlatBiases, *, base_model: str
 
 def read_delta(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """The tensors and metadata of a delta file."""
+    if not Path(path).is_file():
+        raise BitfitError(f"delta file not found: {path}")
     with safe_open(path, framework="pt") as file:
         metadata = file.metadata() or {}
         if metadata.get("format") != FORMAT:

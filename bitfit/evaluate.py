@@ -43,8 +43,12 @@ def answers(
     bf16: bool,
     max_new_tokens: int,
     batch_size: int = 50,
+    generation: dict | None = None,
 ) -> list[str]:
-    """Greedy answers to prompts, generated in left-padded batches and cut at eos."""
+    """Answers to prompts, generated in left-padded batches and cut at eos.
+
+    Greedy unless `generation` says otherwise (do_sample, temperature, top_p, a streamer...: passed
+    to `model.generate`)."""
     was_training = model.training
     model.eval()
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -54,8 +58,8 @@ def answers(
         chunk = [{"input_ids": i, "attention_mask": [1] * len(i)} for i in ids[start : start + batch_size]]
         batch = {k: v.to(device) for k, v in pad_batch(chunk, pad, padding_side="left").items()}
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
+            out = model.generate(**batch, max_new_tokens=max_new_tokens, pad_token_id=pad,
+                                 eos_token_id=tokenizer.eos_token_id, **(generation or {"do_sample": False}))
         new_tokens = out[:, batch["input_ids"].shape[1] :]
         texts += tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
     model.train(was_training)

@@ -1,0 +1,102 @@
+"""Fold a delta into its base and write a standard Hugging Face model folder.
+
+    python -m bitfit.merge --delta runs/<run>/delta.safetensors --out merged/
+
+The folder loads with plain `AutoModelForCausalLM.from_pretrained(folder)`, no bitfit code, and gives the
+tuned model's logits. Biases bitfit added to a bias-free base must be expressible by the architecture's
+own config (Llama: `attention_bias`, `mlp_bias`); where they are not (Mistral, say), the merge is refused
+and the delta stays the way to use the tuned model.
+"""
+
+import argparse
+import copy
+import json
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM
+
+from . import models
+from .biases import add_zero_bias, is_bias
+from .delta import apply_delta, read_delta
+from .errors import BitfitError
+
+BIAS_FLAGS = ("attention_bias", "mlp_bias")  # config switches that give Llama-family layers their biases
+
+
+def standard_config(model: nn.Module, added: list[str]) -> tuple[object, list[str]]:
+    """A config whose architecture has a parameter for every bias bitfit added to `model`.
+
+    Returns it with the names of the biases that architecture has and the model lacks (a 'reduced' run
+    adds only some): the merge gives them zeros, which change nothing.
+    """
+    if not added:
+        return model.config, []
+    config = copy.deepcopy(model.config)
+    for flag in BIAS_FLAGS:
+        if isinstance(getattr(config, flag, None), bool):
+            setattr(config, flag, True)
+    with torch.device("meta"):
+        expected = set(AutoModelForCausalLM.from_config(config).state_dict())
+    inexpressible = sorted(set(added) - expected)
+    if inexpressible:
+        raise BitfitError(f"a {config.model_type!r} model has no place for the biases bitfit added (e.g. {inexpressible[0]}): "
+                          f"its config has no {' / '.join(BIAS_FLAGS)} switch for them, so no standard folder can be "
+                          "written; use the delta with its base model instead")
+    extra = sorted(expected - set(model.state_dict()))
+    if any(not is_bias(name) for name in extra):
+        raise BitfitError(f"with its biases switched on, a {config.model_type!r} model also expects {extra[:3]}, "
+                          "which are not biases; refusing to merge")
+    return config, extra
+
+
+def merge(model: nn.Module, delta_path: str, out_dir: str, tokenizer=None) -> Path:
+    """Apply the delta to the base `model` (in place), make its architecture standard, save it, and
+    check that the saved folder reloads to the same logits."""
+    metadata = apply_delta(model, delta_path)
+    config, zero_biases = standard_config(model, json.loads(metadata["added_biases"]))
+    modules = dict(model.named_modules())
+    for name in zero_biases:
+        add_zero_bias(modules[name.rsplit(".", 1)[0]])
+    model.config = config
+
+    out = Path(out_dir)
+    model.save_pretrained(out)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+
+    # The promise is "loads with plain transformers to the same model": check it before saying so.
+    reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=next(model.parameters()).dtype).eval()
+    probe = torch.arange(1, 17).unsqueeze(0) % config.vocab_size
+    model.eval()
+    with torch.no_grad():
+        expected = model(probe.to(model.device)).logits.cpu()
+        found = reloaded(probe).logits
+    difference = (found - expected).abs().max().item()
+    if difference > 1e-6:
+        raise RuntimeError(f"the merged folder {out} does not reproduce the tuned logits (max difference {difference:.2e})")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    cli = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    cli.add_argument("--delta", required=True, help="a delta.safetensors written by train.py")
+    cli.add_argument("--out", required=True, help="folder to write the merged model and its tokenizer to")
+    cli.add_argument("--model", default="", help="the base model; '' means the one the delta names")
+    cli.add_argument("--trust-remote-code", action="store_true", help="let transformers run code shipped with the model")
+    args = cli.parse_args(argv)
+    try:
+        base_name = args.model or read_delta(args.delta)[1]["base_model"]
+        model, tokenizer = models.load(base_name, torch.device("cpu"), torch.float32, args.trust_remote_code)
+        out = merge(model, args.delta, args.out, tokenizer)
+    except BitfitError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}: load it with AutoModelForCausalLM.from_pretrained({str(out)!r})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

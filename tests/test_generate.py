@@ -1,0 +1,80 @@
+import os
+import time
+
+import pytest
+
+import generate
+import train
+from test_train import saved
+from tiny import tiny_bloom, tiny_llama
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A finished train.py run on a tiny Llama: (its folder, the model folder it trained on)."""
+    root = tmp_path_factory.mktemp("tiny_run")
+    model_dir = saved(tiny_llama, root / "model")
+    assert train.main(["--model", model_dir, "--split", "train[:16]", "--eval-split", "heldout[:2]",
+                       "--max-new-tokens", "2", "--lr", "1e-1", "--out-dir", str(root / "run")]) == 0
+    return root / "run", model_dir
+
+
+def test_generate_shows_base_and_tuned_answers_side_by_side_marking_each(tiny_run, capsys):
+    run_dir, _ = tiny_run
+    assert generate.main(["--delta", str(run_dir / "delta.safetensors"), "-n", "3", "--max-new-tokens", "4"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("BASE:") == 3 and out.count("TUNED:") == 3
+    assert out.count("[right]") + out.count("[wrong]") == 6
+    assert "(expected: " in out and "correct: base " in out
+
+
+def test_base_and_tuned_answers_differ_because_the_delta_is_applied(tiny_run):
+    run_dir, _ = tiny_run
+    result = generate.run(generate.parse_args(["--delta", str(run_dir / "delta.safetensors"), "-n", "4",
+                                               "--max-new-tokens", "6"]))
+    assert result["answers"]["BASE"] != result["answers"]["TUNED"]
+
+
+def test_a_single_prompt_is_streamed_and_not_repeated(tiny_run, capsys):
+    run_dir, _ = tiny_run
+    result = generate.run(generate.parse_args(["--delta", str(run_dir / "delta.safetensors"), "--prompt", "Add.",
+                                               "--max-new-tokens", "3"]))
+    out = capsys.readouterr().out
+    assert out.count(" BASE: ") == 1 and out.count("TUNED: ") == 1
+    assert result["checkable"] == 0  # a bare prompt has no expected answer to mark
+
+
+def test_sampling_with_the_same_seed_gives_the_same_answers(tiny_run):
+    run_dir, _ = tiny_run
+    args = ["--delta", str(run_dir / "delta.safetensors"), "-n", "3", "--max-new-tokens", "6", "--sample",
+            "--temperature", "1.5", "--seed", "7"]
+    assert generate.run(generate.parse_args(args))["answers"] == generate.run(generate.parse_args(args))["answers"]
+
+
+def test_prompts_come_from_a_text_file_one_per_line(tiny_run, tmp_path):
+    run_dir, _ = tiny_run
+    (tmp_path / "prompts.txt").write_text("Say hi.\n\nSort these numbers.\n")
+    result = generate.run(generate.parse_args(["--delta", str(run_dir / "delta.safetensors"), "--prompts-file",
+                                               str(tmp_path / "prompts.txt"), "--max-new-tokens", "2"]))
+    assert len(result["answers"]["BASE"]) == 2
+
+
+def test_a_delta_on_the_wrong_base_is_refused_naming_the_base_it_was_trained_on(tiny_run, tmp_path, capsys):
+    run_dir, model_dir = tiny_run
+    other = saved(tiny_bloom, tmp_path / "other")
+    assert generate.main(["--delta", str(run_dir / "delta.safetensors"), "--model", other, "-n", "1"]) == 2
+    assert f"this delta was trained on {model_dir!r}" in capsys.readouterr().err
+
+
+def test_with_no_delta_the_latest_run_is_used(tmp_path):
+    for name, age in (("older", 100), ("newer", 0)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "delta.safetensors").write_bytes(b"")
+        os.utime(tmp_path / name / "delta.safetensors", (time.time() - age,) * 2)
+    assert generate.latest_delta(tmp_path) == tmp_path / "newer" / "delta.safetensors"
+
+
+def test_no_run_at_all_is_a_clear_error(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert generate.main([]) == 2
+    assert "run `python train.py` first" in capsys.readouterr().err
