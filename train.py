@@ -8,8 +8,10 @@ Reads top to bottom: config -> device -> model -> biases -> data -> optimizer ->
 evaluate -> save. What each step does lives in bitfit/; this file is the order of things.
 """
 
+import dataclasses
 import json
 import os
+import shutil
 import sys
 import time
 from functools import partial
@@ -19,13 +21,15 @@ import torch
 
 from bitfit import models
 from bitfit.biases import add_missing_biases, count_trainable, describe, select_biases
+from bitfit.checkpoint import latest_checkpoint, load_checkpoint
 from bitfit.collate import pad_batch, pad_id
 from bitfit.config import TrainConfig, from_args
 from bitfit.data import encode, load_records
 from bitfit.delta import save_delta
-from bitfit.errors import BitfitError
+from bitfit.errors import BitfitError, Interrupted, NonFiniteError
 from bitfit.evaluate import exact_match, heldout_loss
 from bitfit.flat import FlatBiases
+from bitfit.interrupt import graceful_stop
 from bitfit.loop import fit, lr_factor, make_windows
 
 
@@ -64,14 +68,41 @@ def save_loss_curve(records: list[dict], path: Path) -> bool:
     return True
 
 
-def run(cfg: TrainConfig) -> dict:
-    started = time.perf_counter()
+def resumed_config(run_dir: str) -> TrainConfig:
+    """The config an interrupted run was started with, to continue it exactly."""
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        raise BitfitError(f"--resume {run_dir}: no config.json there, so no bitfit run to resume")
+    saved = TrainConfig.from_dict(json.loads(path.read_text()))
+    return dataclasses.replace(saved, resume=run_dir, out_dir=run_dir)
+
+
+def prepare_out_dir(cfg: TrainConfig) -> Path:
+    """The run's folder, refusing to mix two runs in one, with the resolved config saved in it."""
     out_dir = Path(cfg.out_dir or time.strftime("runs/%Y%m%d-%H%M%S"))
     if (out_dir / "delta.safetensors").exists() and not cfg.overwrite:
         raise BitfitError(f"{out_dir} already holds a finished run; pick another --out-dir or pass --overwrite")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if not cfg.resume and latest_checkpoint(out_dir) and not cfg.overwrite:
+        raise BitfitError(f"{out_dir} holds an interrupted run; continue it with: python train.py --resume {out_dir} "
+                          "(or pass --overwrite to start over)")
+    if cfg.overwrite and not cfg.resume:  # nothing of the old run may pass for part of the new one
+        for name in ("delta.safetensors", "results.json", "eval_before.json", "metrics.jsonl"):
+            (out_dir / name).unlink(missing_ok=True)
+        shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.json").write_text(cfg.to_json() + "\n")
+    except OSError as error:
+        raise BitfitError(f"cannot write to the output directory {out_dir}: {error.strerror}") from None
+    return out_dir
+
+
+def run(cfg: TrainConfig) -> dict:
+    started = time.perf_counter()
+    if cfg.resume:
+        cfg = resumed_config(cfg.resume)
+    out_dir = prepare_out_dir(cfg)
     print("config:", cfg.to_json())
-    (out_dir / "config.json").write_text(cfg.to_json() + "\n")
 
     # --- device, precision, seeds -------------------------------------------------------------------
     device = pick_device(cfg.device)
@@ -98,11 +129,14 @@ def run(cfg: TrainConfig) -> dict:
 
     # --- data ---------------------------------------------------------------------------------------
     collate = partial(pad_batch, pad_token_id=pad_id(tokenizer), padding_side=tokenizer.padding_side)
-    examples, dropped = encode(load_records(cfg.data, cfg.split), tokenizer, cfg.max_len, cfg.template)
+    records = load_records(cfg.data, cfg.split)
+    if not records:
+        raise BitfitError(f"{cfg.data} {cfg.split} holds no records")
+    examples, dropped = encode(records, tokenizer, cfg.max_len, cfg.template)
     if not examples:
         raise BitfitError(f"no usable examples in {cfg.data} {cfg.split}: {dropped} dropped because max_len "
                           f"{cfg.max_len} cut away their whole response")
-    windows = make_windows(examples, cfg.batch_size, cfg.grad_accum, cfg.epochs, cfg.seed)
+    windows = make_windows(len(examples), cfg.batch_size, cfg.grad_accum, cfg.epochs, cfg.seed)
     if cfg.max_steps:
         windows = windows[: cfg.max_steps]
     n_tokens = sum(len(e["input_ids"]) for e in examples)
@@ -119,22 +153,41 @@ def run(cfg: TrainConfig) -> dict:
     # --- optimizer: AdamW over ONE tensor, the flat bias buffer -------------------------------------
     optimizer = torch.optim.AdamW([flat.param], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
                                   weight_decay=cfg.weight_decay, fused=device.type in ("cuda", "cpu"))
+    checkpoint = latest_checkpoint(out_dir) if cfg.resume else None
+    if cfg.resume and checkpoint is None:
+        raise BitfitError(f"--resume {out_dir}: no checkpoint there to continue from")
+    start = load_checkpoint(checkpoint, flat, optimizer) if checkpoint else (0, 0, None)
+    for group in optimizer.param_groups:
+        group["initial_lr"] = cfg.lr
+    # The schedule is a pure function of the step: a resumed run starts it at its checkpoint's step.
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, partial(lr_factor, total=len(windows), warmup=cfg.warmup_steps, schedule=cfg.schedule))
+        optimizer, partial(lr_factor, total=len(windows), warmup=cfg.warmup_steps, schedule=cfg.schedule),
+        last_epoch=start[0] - 1)
 
     # --- evaluate, train, evaluate ------------------------------------------------------------------
     results: dict = {"trainable": trainable, "total": total, "examples": len(examples), "dropped": dropped,
                      "steps": len(windows), "device": str(device)}
-    if eval_records:
+    before_path = out_dir / "eval_before.json"  # kept, so a resumed run reports the untrained model
+    if eval_records and checkpoint and before_path.is_file():
+        results["before"] = json.loads(before_path.read_text())
+    elif eval_records:
         results["before"] = evaluate(model, tokenizer, eval_records, eval_examples, collate, cfg, device)
+        before_path.write_text(json.dumps(results["before"], indent=2) + "\n")
+    if eval_records:
         print(f"before training: held-out loss {results['before']['loss']:.4f}, exact match "
               f"{100 * results['before']['exact_match']:.1f}% ({len(eval_records)} examples of {eval_source} {cfg.eval_split})")
 
+    # metrics.jsonl holds exactly the steps done: all of them for a resumed run's checkpoint, none for a new run.
     metrics_path = out_dir / "metrics.jsonl"
-    metrics_path.unlink(missing_ok=True)
+    done = metrics_path.read_text().splitlines()[: start[0]] if checkpoint and metrics_path.is_file() else []
+    metrics_path.write_text("".join(line + "\n" for line in done))
+    if checkpoint:
+        print(f"resuming from {checkpoint}: step {start[0]}, micro-batch {start[1]}")
     train_start = time.perf_counter()
-    records = fit(model, flat, optimizer, scheduler, windows, collate, device=device, bf16=cfg.bf16,
-                  grad_clip=cfg.grad_clip, log_every=cfg.log_every, metrics_path=metrics_path)
+    with graceful_stop() as stop_asked:
+        records = fit(model, flat, optimizer, scheduler, windows, examples, collate, cfg, device, out_dir,
+                      stop_asked, start)
+    records = [json.loads(line) for line in done] + records
     results["train_seconds"] = time.perf_counter() - train_start
     flat.check()
     delta_path = out_dir / "delta.safetensors"  # saved first: what training made must not wait on evaluation
@@ -161,11 +214,21 @@ def run(cfg: TrainConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit codes: 0 done, 2 a problem with the input, 3 a non-finite loss or gradient, 130 interrupted."""
     try:
         run(from_args(argv))
     except BitfitError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except NonFiniteError as error:
+        print(f"error: non-finite values, run stopped: {error}", file=sys.stderr)
+        return 3
+    except Interrupted as error:
+        print(f"interrupted: {error}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("interrupted twice: stopped at once, without a checkpoint", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -67,7 +67,11 @@ class TrainConfig:
     log_every: int = _option(10, "print a log line every N optimizer steps")
     max_new_tokens: int = _option(16, "tokens generated per held-out prompt when measuring exact match")
     out_dir: str = _option("", "where the delta, config, metrics and evaluation go; '' means runs/<date-time>")
-    overwrite: bool = _option(False, "write into --out-dir even if it already holds a finished run")
+    overwrite: bool = _option(False, "write into --out-dir even if it already holds a run, finished or not")
+    save_every: int = _option(0, "write a checkpoint every N optimizer steps (0 = only when interrupted)")
+    keep_checkpoints: int = _option(2, "how many of the newest checkpoints to keep")
+    resume: str = _option("", "continue the interrupted run in this folder from its newest checkpoint, "
+                              "with the config it was started with (other flags are ignored)")
 
     def __post_init__(self) -> None:
         if self.lr is None:  # resolved here, so the printed and saved config holds the lr actually used
@@ -76,10 +80,10 @@ class TrainConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise BitfitError(f"--{name.replace('_', '-')} must be one of {allowed}, not {getattr(self, name)!r}")
-        for name in ("max_len", "batch_size", "grad_accum", "epochs", "log_every", "max_new_tokens"):
+        for name in ("max_len", "batch_size", "grad_accum", "epochs", "log_every", "max_new_tokens", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise BitfitError(f"--{name.replace('_', '-')} must be at least 1, not {getattr(self, name)}")
-        for name in ("lr", "eps", "weight_decay", "grad_clip", "warmup_steps", "max_steps"):
+        for name in ("lr", "eps", "weight_decay", "grad_clip", "warmup_steps", "max_steps", "save_every"):
             if getattr(self, name) < 0:
                 raise BitfitError(f"--{name.replace('_', '-')} must not be negative, not {getattr(self, name)}")
         if self.bf16_weights and not self.bf16:

@@ -13,7 +13,7 @@ from .errors import BitfitError
 from .tasks import builtin_records
 
 IGNORE_INDEX = -100  # the label cross-entropy skips: prompt positions and padding
-Example = dict[str, list[int]]  # input_ids, attention_mask, labels (equal lengths)
+Example = dict  # input_ids, attention_mask, labels (lists of equal length), row (index of its record)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -188,7 +188,7 @@ def encode(
     response_ids = tokenizer(responses, add_special_tokens=False)["input_ids"]
 
     examples, dropped = [], 0
-    for prompt, response in zip(prompt_ids, response_ids):
+    for row, (prompt, response) in enumerate(zip(prompt_ids, response_ids)):
         if template == "alpaca" or tokenizer.eos_token_id not in response:
             response = response + [tokenizer.eos_token_id]
         input_ids = (prompt + response)[:max_len]
@@ -196,5 +196,6 @@ def encode(
         if all(label == IGNORE_INDEX for label in labels):
             dropped += 1
             continue
-        examples.append({"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels})
+        # "row" names the record an example came from, for error messages; the collator ignores it.
+        examples.append({"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels, "row": row})
     return examples, dropped

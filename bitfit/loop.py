@@ -20,22 +20,26 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from .checkpoint import latest_checkpoint, save_checkpoint
+from .config import TrainConfig
 from .data import IGNORE_INDEX, Example
+from .errors import Interrupted, NonFiniteError
 from .flat import FlatBiases
 
-Window = list[list[Example]]  # the micro-batches of one optimizer step
+Window = list[list[int]]  # the micro-batches of one optimizer step, as indices into the examples
 
 
-def make_windows(examples: list[Example], batch_size: int, grad_accum: int, epochs: int, seed: int) -> list[Window]:
-    """Every epoch: shuffle (seeded), cut into micro-batches, group grad_accum micro-batches per window.
-
-    A last, shorter window of an epoch is kept: its loss is normalized by its own token count.
+def make_windows(n_examples: int, batch_size: int, grad_accum: int, epochs: int, seed: int) -> list[Window]:
+    """Every epoch: shuffle the example indices (seeded), cut them into micro-batches, group grad_accum
+    micro-batches per window. The order is a pure function of the seed, so a resumed run finds its
+    place from the step number alone. A last, shorter window of an epoch is kept: its loss is
+    normalized by its own token count.
     """
     windows = []
     for epoch in range(epochs):
-        order = list(range(len(examples)))
+        order = list(range(n_examples))
         random.Random(seed * 1_000_003 + epoch).shuffle(order)
-        micro = [[examples[i] for i in order[s : s + batch_size]] for s in range(0, len(order), batch_size)]
+        micro = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
         windows += [micro[s : s + grad_accum] for s in range(0, len(micro), grad_accum)]
     return windows
 
@@ -96,45 +100,69 @@ def fit(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     windows: list[Window],
+    examples: list[Example],
     collate: Callable[[list[Example]], dict[str, torch.Tensor]],
-    *,
+    cfg: TrainConfig,
     device: torch.device,
-    bf16: bool,
-    grad_clip: float,
-    log_every: int,
-    metrics_path: Path,
+    run_dir: Path,
+    stop_asked: Callable[[], bool],
+    start: tuple[int, int, torch.Tensor | None] = (0, 0, None),
 ) -> list[dict]:
-    """Train over `windows`; write one JSON line per optimizer step to `metrics_path`; return the records."""
+    """Train over `windows` from `start` (step, micro-batch, loss so far in that window: a checkpoint's
+    position); append one JSON line per optimizer step to run_dir/metrics.jsonl; return the records.
+
+    Raises Interrupted (after writing a checkpoint) when `stop_asked()` turns true, and NonFiniteError
+    before applying a step whose loss or gradient is NaN or inf.
+    """
     model.train()
+    first_step, first_micro, carried_loss = start
     records, since_log, tokens_since_log = [], time.perf_counter(), 0
-    with open(metrics_path, "a") as metrics, tqdm(windows, desc="training", unit="step", dynamic_ncols=True) as bar:
-        for step, window in enumerate(bar, start=1):
-            batches = [collate(micro) for micro in window]
+    with open(run_dir / "metrics.jsonl", "a") as metrics, \
+            tqdm(total=len(windows), initial=first_step, desc="training", unit="step", dynamic_ncols=True) as bar:
+        for step in range(first_step + 1, len(windows) + 1):
+            window = windows[step - 1]
+            batches = [collate([examples[i] for i in micro]) for micro in window]
             n_labels = sum(label_tokens(batch) for batch in batches)  # of the whole window, before any backward
-            loss = torch.zeros((), device=device)
-            for batch in batches:
+            resuming = step == first_step + 1 and first_micro > 0
+            loss = carried_loss if resuming else torch.zeros((), device=device)
+            for micro in range(first_micro if resuming else 0, len(batches)):
+                batch = batches[micro]
                 tokens_since_log += int(batch["attention_mask"].sum())  # counted on the host: no GPU sync
                 batch = {key: tensor.to(device, non_blocking=True) for key, tensor in batch.items()}
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
                     micro_loss = loss_sum(model, batch) / n_labels
                 micro_loss.backward()  # accumulates in place into the flat gradient buffer
                 loss += micro_loss.detach()
+                if stop_asked():
+                    path = save_checkpoint(run_dir, step - 1, micro + 1, flat, optimizer, loss, cfg.keep_checkpoints)
+                    raise Interrupted(f"stopped at step {step - 1}, micro-batch {micro + 1} of {len(batches)}; "
+                                      f"checkpoint {path}; resume with: python train.py --resume {run_dir}")
 
             # One tensor each: the norm, the clip and the AdamW step all see just the flat buffers.
-            grad_norm = torch.nn.utils.clip_grad_norm_([flat.param], grad_clip if grad_clip > 0 else math.inf)
-            lr = optimizer.param_groups[0]["lr"]
+            grad_norm = torch.nn.utils.clip_grad_norm_([flat.param], cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+            record = {"step": step, "loss": loss.item(), "lr": optimizer.param_groups[0]["lr"],
+                      "grad_norm": grad_norm.item(), "label_tokens": n_labels}
+            if not (math.isfinite(record["loss"]) and math.isfinite(record["grad_norm"])):
+                last_good = latest_checkpoint(run_dir)
+                rows = sorted(examples[i]["row"] for micro in window for i in micro)
+                raise NonFiniteError(f"step {step}: loss {record['loss']}, gradient norm {record['grad_norm']}; the "
+                                     f"window held training records {rows}; the step was not applied and no delta was "
+                                     f"written; last good checkpoint: {last_good or 'none (see --save-every)'}")
             optimizer.step()
             scheduler.step()
             flat.zero_grad()
 
-            record = {"step": step, "loss": loss.item(), "lr": lr, "grad_norm": grad_norm.item(), "label_tokens": n_labels}
             records.append(record)
             metrics.write(json.dumps(record) + "\n")
+            metrics.flush()
+            bar.update()
             bar.set_postfix(loss=f"{record['loss']:.4f}")
-            if step % log_every == 0 or step == len(windows):
+            if step % cfg.log_every == 0 or step == len(windows):
                 elapsed, since_log = time.perf_counter() - since_log, time.perf_counter()
-                bar.write(f"step {step:>5}/{len(windows)} | loss {record['loss']:.4f} | lr {lr:.2e} | "
+                bar.write(f"step {step:>5}/{len(windows)} | loss {record['loss']:.4f} | lr {record['lr']:.2e} | "
                           f"grad norm {record['grad_norm']:.3f} | {tokens_since_log / elapsed:,.0f} tok/s | "
                           f"peak mem {peak_memory_gb(device):.2f} GB")
                 tokens_since_log = 0
+            if cfg.save_every and step % cfg.save_every == 0:
+                save_checkpoint(run_dir, step, 0, flat, optimizer, torch.zeros((), device=device), cfg.keep_checkpoints)
     return records

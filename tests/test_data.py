@@ -33,7 +33,8 @@ def test_examples_equal_the_seed_tokenization():
     tokenizer = tiny_tokenizer()
     examples, dropped = encode(RECORDS, tokenizer)
     assert dropped == 0
-    assert examples == [seed_process(record, tokenizer) for record in RECORDS]
+    assert [{k: v for k, v in e.items() if k != "row"} for e in examples] == [seed_process(r, tokenizer) for r in RECORDS]
+    assert [e["row"] for e in examples] == [0, 1, 2]
 
 
 def test_prompt_positions_are_labelled_minus_100_and_the_response_ends_with_eos():
@@ -59,7 +60,7 @@ def test_an_example_whose_response_is_cut_away_is_dropped_and_counted():
     long_prompt = {"instruction": "Sort these numbers. " * 20, "input": "3 1", "output": "1 3"}
     examples, dropped = encode([long_prompt, *RECORDS], tokenizer, max_len=24)
     assert dropped == 1
-    assert len(examples) == len(RECORDS)
+    assert [e["row"] for e in examples] == [1, 2, 3]  # row 0 dropped, the others keep their record's index
     assert all(any(label != IGNORE_INDEX for label in example["labels"]) for example in examples)
 
 

@@ -122,13 +122,12 @@ def test_the_lr_schedule_is_transformers_schedule_step_for_step(schedule):
 
 
 def test_windows_cover_every_example_once_per_epoch_in_a_seeded_order():
-    examples = [{"input_ids": [i]} for i in range(20)]
-    windows = make_windows(examples, batch_size=2, grad_accum=4, epochs=2, seed=0)
+    windows = make_windows(20, batch_size=2, grad_accum=4, epochs=2, seed=0)
     assert [len(w) for w in windows] == [4, 4, 2, 4, 4, 2]  # 10 micro-batches an epoch; the short window kept
-    seen = [e["input_ids"][0] for w in windows for micro in w for e in micro]
+    seen = [i for w in windows for micro in w for i in micro]
     assert sorted(seen[:20]) == sorted(seen[20:]) == list(range(20))
     assert seen[:20] != list(range(20)) and seen[:20] != seen[20:]  # shuffled, differently each epoch
-    assert make_windows(examples, 2, 4, 2, seed=0) == windows
+    assert make_windows(20, 2, 4, 2, seed=0) == windows
 
 
 def test_config_rejects_unknown_keys_and_bad_values():
