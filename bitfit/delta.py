@@ -75,11 +75,15 @@ def read_delta(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """The tensors and metadata of a delta file."""
     if not Path(path).is_file():
         raise BitfitError(f"delta file not found: {path}")
-    with safe_open(path, framework="pt") as file:
-        metadata = file.metadata() or {}
-        if metadata.get("format") != FORMAT:
-            raise BitfitError(f"{path} is not a bitfit delta (format {metadata.get('format')!r}, expected {FORMAT!r})")
-        return {name: file.get_tensor(name) for name in file.keys()}, metadata
+    try:
+        with safe_open(path, framework="pt") as file:
+            metadata = file.metadata() or {}
+            tensors = {name: file.get_tensor(name) for name in file.keys()}
+    except Exception as error:  # safetensors raises its own error type for corrupt and truncated files
+        raise BitfitError(f"{path} is not a readable safetensors file, corrupt or truncated ({error})") from None
+    if metadata.get("format") != FORMAT:
+        raise BitfitError(f"{path} is not a bitfit delta (format {metadata.get('format')!r}, expected {FORMAT!r})")
+    return tensors, metadata
 
 
 def apply_delta(model: nn.Module, path: str) -> dict[str, str]:
