@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from bitfit import models
+from bitfit import distributed, models
 from bitfit.biases import add_missing_biases, count_trainable, describe, select_biases
 from bitfit.checkpoint import latest_checkpoint, load_checkpoint
 from bitfit.collate import pad_batch, pad_id
@@ -33,9 +33,10 @@ from bitfit.interrupt import graceful_stop
 from bitfit.loop import fit, lr_factor, make_windows
 
 
-def pick_device(name: str) -> torch.device:
+def pick_device(name: str, local_rank: int = 0) -> torch.device:
+    """'auto': this process's GPU (its torchrun local rank) if there is CUDA, else the CPU."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise BitfitError(f"--device {name}: this machine has no CUDA device")
@@ -77,14 +78,18 @@ def resumed_config(run_dir: str) -> TrainConfig:
     return dataclasses.replace(saved, resume=run_dir, out_dir=run_dir)
 
 
-def prepare_out_dir(cfg: TrainConfig) -> Path:
-    """The run's folder, refusing to mix two runs in one, with the resolved config saved in it."""
-    out_dir = Path(cfg.out_dir or time.strftime("runs/%Y%m%d-%H%M%S"))
+def prepare_out_dir(cfg: TrainConfig, write: bool = True) -> Path:
+    """The run's folder, refusing to mix two runs in one, with the resolved config saved in it.
+
+    Every rank checks (so all refuse together); only the one that `write`s changes anything."""
+    out_dir = Path(cfg.out_dir)
     if (out_dir / "delta.safetensors").exists() and not cfg.overwrite:
         raise BitfitError(f"{out_dir} already holds a finished run; pick another --out-dir or pass --overwrite")
     if not cfg.resume and latest_checkpoint(out_dir) and not cfg.overwrite:
         raise BitfitError(f"{out_dir} holds an interrupted run; continue it with: python train.py --resume {out_dir} "
                           "(or pass --overwrite to start over)")
+    if not write:
+        return out_dir
     if cfg.overwrite and not cfg.resume:  # nothing of the old run may pass for part of the new one
         for name in ("delta.safetensors", "results.json", "eval_before.json", "metrics.jsonl"):
             (out_dir / name).unlink(missing_ok=True)
@@ -99,30 +104,35 @@ def prepare_out_dir(cfg: TrainConfig) -> Path:
 
 def run(cfg: TrainConfig) -> dict:
     started = time.perf_counter()
+    rank, world, local_rank = distributed.init()  # (0, 1, 0) unless launched by torchrun
+    main_rank = rank == 0
+    log = print if main_rank else (lambda *args, **kwargs: None)  # rank 0 speaks for all
     if cfg.resume:
         cfg = resumed_config(cfg.resume)
-    out_dir = prepare_out_dir(cfg)
-    print("config:", cfg.to_json())
+    cfg = dataclasses.replace(cfg, out_dir=distributed.share(cfg.out_dir or time.strftime("runs/%Y%m%d-%H%M%S")))
+    out_dir = prepare_out_dir(cfg, write=main_rank)
+    distributed.barrier()
+    log("config:", cfg.to_json())
 
     # --- device, precision, seeds -------------------------------------------------------------------
-    device = pick_device(cfg.device)
+    device = pick_device(cfg.device, local_rank)
     torch.manual_seed(cfg.seed)
     if cfg.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it for determinism
         torch.use_deterministic_algorithms(True)
     weights_dtype = torch.bfloat16 if cfg.bf16_weights else torch.float32
-    print(f"device: {device} | frozen weights {weights_dtype} | biases and optimizer state float32 | "
+    log(f"device: {device} | frozen weights {weights_dtype} | biases and optimizer state float32 | "
           f"bf16 autocast {'on' if cfg.bf16 else 'off'}")
 
     # --- model and biases ---------------------------------------------------------------------------
     model, tokenizer = models.load(cfg.model, device, weights_dtype, cfg.trust_remote_code)
     added = add_missing_biases(model) if cfg.add_biases else []
     if added:
-        print(f"added {len(added)} zero biases to bias-free linear layers inside the blocks")
+        log(f"added {len(added)} zero biases to bias-free linear layers inside the blocks")
     selection = select_biases(model, cfg.biases)
     flat = FlatBiases(model, selection)  # after the model is on its device and in its dtype
     trainable, total = count_trainable(model, selection)
-    print(describe(trainable, total))
+    log(describe(trainable, total))
     if flat.mask is not None and cfg.weight_decay > 0:
         raise BitfitError("--weight-decay would shrink the frozen key/value entries of fused q/k/v biases under "
                           "--biases reduced; use --weight-decay 0 (the BitFit paper's setting)")
@@ -139,10 +149,15 @@ def run(cfg: TrainConfig) -> dict:
     windows = make_windows(len(examples), cfg.batch_size, cfg.grad_accum, cfg.epochs, cfg.seed)
     if cfg.max_steps:
         windows = windows[: cfg.max_steps]
+    if world > 1:  # each rank takes every world-th micro-batch of every window: disjoint shards
+        windows = [window[rank::world] for window in windows]
+        log(f"data parallel: {world} processes, {cfg.grad_accum} micro-batches per window split between them"
+            + (f" (more processes than micro-batches: {world - cfg.grad_accum} idle; raise --grad-accum)"
+               if world > cfg.grad_accum else ""))
     n_tokens = sum(len(e["input_ids"]) for e in examples)
-    print(f"data: {len(examples)} examples from {cfg.data} {cfg.split}, {dropped} dropped (response cut away by "
+    log(f"data: {len(examples)} examples from {cfg.data} {cfg.split}, {dropped} dropped (response cut away by "
           f"max_len {cfg.max_len}), {n_tokens / len(examples):.1f} tokens on average")
-    print(f"steps: {len(windows)} optimizer steps of {cfg.grad_accum} micro-batches x {cfg.batch_size} examples "
+    log(f"steps: {len(windows)} optimizer steps of {cfg.grad_accum} micro-batches x {cfg.batch_size} examples "
           f"({cfg.grad_accum * cfg.batch_size} per step), {cfg.epochs} epoch(s)"
           + (f", capped by --max-steps {cfg.max_steps}" if cfg.max_steps else ""))
 
@@ -157,6 +172,9 @@ def run(cfg: TrainConfig) -> dict:
     if cfg.resume and checkpoint is None:
         raise BitfitError(f"--resume {out_dir}: no checkpoint there to continue from")
     start = load_checkpoint(checkpoint, flat, optimizer) if checkpoint else (0, 0, None)
+    if world > 1 and start[1] > 0:
+        raise BitfitError(f"{checkpoint} stopped mid-window in a single process; resume it in a single process "
+                          "(python train.py --resume), or from a --save-every checkpoint")
     for group in optimizer.param_groups:
         group["initial_lr"] = cfg.lr
     # The schedule is a pure function of the step: a resumed run starts it at its checkpoint's step.
@@ -168,21 +186,23 @@ def run(cfg: TrainConfig) -> dict:
     results: dict = {"trainable": trainable, "total": total, "examples": len(examples), "dropped": dropped,
                      "steps": len(windows), "device": str(device)}
     before_path = out_dir / "eval_before.json"  # kept, so a resumed run reports the untrained model
+    eval_records = eval_records if main_rank else []
     if eval_records and checkpoint and before_path.is_file():
         results["before"] = json.loads(before_path.read_text())
     elif eval_records:
         results["before"] = evaluate(model, tokenizer, eval_records, eval_examples, collate, cfg, device)
         before_path.write_text(json.dumps(results["before"], indent=2) + "\n")
     if eval_records:
-        print(f"before training: held-out loss {results['before']['loss']:.4f}, exact match "
+        log(f"before training: held-out loss {results['before']['loss']:.4f}, exact match "
               f"{100 * results['before']['exact_match']:.1f}% ({len(eval_records)} examples of {eval_source} {cfg.eval_split})")
 
     # metrics.jsonl holds exactly the steps done: all of them for a resumed run's checkpoint, none for a new run.
     metrics_path = out_dir / "metrics.jsonl"
     done = metrics_path.read_text().splitlines()[: start[0]] if checkpoint and metrics_path.is_file() else []
-    metrics_path.write_text("".join(line + "\n" for line in done))
+    if main_rank:
+        metrics_path.write_text("".join(line + "\n" for line in done))
     if checkpoint:
-        print(f"resuming from {checkpoint}: step {start[0]}, micro-batch {start[1]}")
+        log(f"resuming from {checkpoint}: step {start[0]}, micro-batch {start[1]}")
     train_start = time.perf_counter()
     with graceful_stop() as stop_asked:
         records = fit(model, flat, optimizer, scheduler, windows, examples, collate, cfg, device, out_dir,
@@ -190,26 +210,28 @@ def run(cfg: TrainConfig) -> dict:
     records = [json.loads(line) for line in done] + records
     results["train_seconds"] = time.perf_counter() - train_start
     flat.check()
+    if not main_rank:  # rank 0 evaluates and writes; the others are done
+        return results
     delta_path = out_dir / "delta.safetensors"  # saved first: what training made must not wait on evaluation
     save_delta(str(delta_path), model, flat, base_model=cfg.model, added=added, selection=cfg.biases)
 
     if eval_records:
         results["after"] = evaluate(model, tokenizer, eval_records, eval_examples, collate, cfg, device)
         gain = 100 * (results["after"]["exact_match"] - results["before"]["exact_match"])
-        print(f"after training:  held-out loss {results['after']['loss']:.4f}, exact match "
+        log(f"after training:  held-out loss {results['after']['loss']:.4f}, exact match "
               f"{100 * results['after']['exact_match']:.1f}% ({gain:+.1f} points)")
         for sample in results["after"]["samples"][:3]:
-            print(f"  {sample['prompt']!r} -> {sample['generated'].strip()!r} (expected {sample['expected']!r})")
+            log(f"  {sample['prompt']!r} -> {sample['generated'].strip()!r} (expected {sample['expected']!r})")
 
     # --- save: the delta, and everything needed to read the run -------------------------------------
     results["total_seconds"] = time.perf_counter() - started
     (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     model_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
-    print(f"saved the bias delta to {delta_path} ({delta_path.stat().st_size / 2**10:,.0f} KiB; "
+    log(f"saved the bias delta to {delta_path} ({delta_path.stat().st_size / 2**10:,.0f} KiB; "
           f"the full model is {model_mb:,.0f} MiB)")
     if save_loss_curve(records, out_dir / "loss.png"):
-        print(f"loss curve: {out_dir / 'loss.png'}")
-    print(f"done in {results['total_seconds']:.0f} s ({results['train_seconds']:.0f} s training)")
+        log(f"loss curve: {out_dir / 'loss.png'}")
+    log(f"done in {results['total_seconds']:.0f} s ({results['train_seconds']:.0f} s training)")
     return results
 
 
@@ -229,6 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted twice: stopped at once, without a checkpoint", file=sys.stderr)
         return 130
+    finally:
+        distributed.finish()
     return 0
 
 

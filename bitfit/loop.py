@@ -9,6 +9,7 @@ accumulating 8 micro-batches of 1 gives the same gradient as one batch of the sa
 import inspect
 import json
 import math
+import os
 import random
 import resource
 import time
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from . import distributed
 from .checkpoint import latest_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .data import IGNORE_INDEX, Example
@@ -115,14 +117,17 @@ def fit(
     before applying a step whose loss or gradient is NaN or inf.
     """
     model.train()
+    main = distributed.is_main()  # under torchrun, rank 0 alone logs and writes
     first_step, first_micro, carried_loss = start
     records, since_log, tokens_since_log = [], time.perf_counter(), 0
-    with open(run_dir / "metrics.jsonl", "a") as metrics, \
-            tqdm(total=len(windows), initial=first_step, desc="training", unit="step", dynamic_ncols=True) as bar:
+    with open(run_dir / "metrics.jsonl" if main else os.devnull, "a") as metrics, \
+            tqdm(total=len(windows), initial=first_step, desc="training", unit="step", dynamic_ncols=True,
+                 disable=not main) as bar:
         for step in range(first_step + 1, len(windows) + 1):
-            window = windows[step - 1]
+            window = windows[step - 1]  # under torchrun: this rank's share of the window's micro-batches
             batches = [collate([examples[i] for i in micro]) for micro in window]
-            n_labels = sum(label_tokens(batch) for batch in batches)  # of the whole window, before any backward
+            # Label tokens of the whole window (all ranks), known before any backward.
+            n_labels = int(distributed.sum_(torch.tensor(sum(label_tokens(b) for b in batches), device=device)))
             resuming = step == first_step + 1 and first_micro > 0
             loss = carried_loss if resuming else torch.zeros((), device=device)
             for micro in range(first_micro if resuming else 0, len(batches)):
@@ -133,11 +138,14 @@ def fit(
                     micro_loss = loss_sum(model, batch) / n_labels
                 micro_loss.backward()  # accumulates in place into the flat gradient buffer
                 loss += micro_loss.detach()
-                if stop_asked():
+                if stop_asked() and not distributed.active():  # under torchrun, ranks agree at the window's end
                     path = save_checkpoint(run_dir, step - 1, micro + 1, flat, optimizer, loss, cfg.keep_checkpoints)
                     raise Interrupted(f"stopped at step {step - 1}, micro-batch {micro + 1} of {len(batches)}; "
                                       f"checkpoint {path}; resume with: python train.py --resume {run_dir}")
 
+            # ONE all-reduce of the whole flat gradient (and one of the loss scalar for the log) under torchrun.
+            distributed.sum_(flat.grads)
+            distributed.sum_(loss)
             # One tensor each: the norm, the clip and the AdamW step all see just the flat buffers.
             grad_norm = torch.nn.utils.clip_grad_norm_([flat.param], cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
             record = {"step": step, "loss": loss.item(), "lr": optimizer.param_groups[0]["lr"],
@@ -157,12 +165,17 @@ def fit(
             metrics.flush()
             bar.update()
             bar.set_postfix(loss=f"{record['loss']:.4f}")
-            if step % cfg.log_every == 0 or step == len(windows):
+            if main and (step % cfg.log_every == 0 or step == len(windows)):
                 elapsed, since_log = time.perf_counter() - since_log, time.perf_counter()
                 bar.write(f"step {step:>5}/{len(windows)} | loss {record['loss']:.4f} | lr {record['lr']:.2e} | "
                           f"grad norm {record['grad_norm']:.3f} | {tokens_since_log / elapsed:,.0f} tok/s | "
                           f"peak mem {peak_memory_gb(device):.2f} GB")
                 tokens_since_log = 0
-            if cfg.save_every and step % cfg.save_every == 0:
+            stopping = distributed.active() and distributed.any_rank(stop_asked(), device)
+            if main and (stopping or (cfg.save_every and step % cfg.save_every == 0)):
                 save_checkpoint(run_dir, step, 0, flat, optimizer, torch.zeros((), device=device), cfg.keep_checkpoints)
+            if stopping:
+                distributed.barrier()  # the checkpoint is whole before any rank exits
+                raise Interrupted(f"stopped after step {step}; checkpoint {latest_checkpoint(run_dir)}; "
+                                  f"resume with: torchrun ... train.py --resume {run_dir}")
     return records

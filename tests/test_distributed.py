@@ -1,0 +1,79 @@
+"""torchrun data parallelism over the flat bias buffer, on this CPU with the gloo backend."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+import train
+from bitfit.delta import read_delta
+from test_train import saved
+from tiny import tiny_llama
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def losses(run_dir: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def torchrun(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "train.py", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_two_gloo_processes_give_the_biases_and_loss_log_of_one_process(tmp_path):
+    model_dir = saved(tiny_llama, tmp_path / "model")
+    # 44 examples: 5 full windows of 8 and a last window of 4, so ranks also share a short window.
+    # Key biases are left out: softmax ignores a shift shared by all keys, so their exact gradient is
+    # zero and the computed one is rounding noise, which AdamW scales up to lr-sized steps; two summation
+    # orders never agree on noise. Every other bias must agree.
+    args = ["--model", model_dir, "--split", "train[:44]", "--eval-split", "heldout[:2]", "--max-new-tokens", "2",
+            "--lr", "1e-2", "--biases", "^(?!.*k_proj)"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each torchrun worker runs: matmuls round alike whatever the thread count
+    try:
+        assert train.main([*args, "--out-dir", str(tmp_path / "one")]) == 0
+    finally:
+        torch.set_num_threads(threads)
+
+    launched = torchrun(*args, "--out-dir", str(tmp_path / "two"))
+    assert launched.returncode == 0, launched.stderr[-3000:]
+    assert launched.stdout.count("saved the bias delta") == 1  # rank 0 alone speaks and writes
+    assert "data parallel: 2 processes" in launched.stdout
+
+    one, two = read_delta(str(tmp_path / "one" / "delta.safetensors"))[0], read_delta(str(tmp_path / "two" / "delta.safetensors"))[0]
+    assert one.keys() == two.keys()
+    # The gradient sums in another order (two partial sums, then the all-reduce), so the biases agree to
+    # float32 rounding, not bitwise: relative L2 error of the whole delta under 1e-6.
+    flat_one, flat_two = (torch.cat([d[name].reshape(-1) for name in sorted(d)]) for d in (one, two))
+    assert torch.linalg.vector_norm(flat_one - flat_two) / torch.linalg.vector_norm(flat_one) < 1e-6
+    assert not torch.equal(flat_one, torch.zeros_like(flat_one))
+    log_one, log_two = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert len(log_one) == len(log_two) == 6
+    assert all(abs(a - b) <= 1e-6 * abs(a) for a, b in zip(log_one, log_two)), (log_one, log_two)
+    assert torch.isfinite(torch.tensor(log_two)).all()
+
+
+def test_a_torchrun_run_resumed_from_a_checkpoint_ends_bitwise_identical(tmp_path):
+    model_dir = saved(tiny_llama, tmp_path / "model")
+    args = ["--model", model_dir, "--split", "train[:48]", "--eval-split", "heldout[:2]", "--max-new-tokens", "2",
+            "--lr", "1e-2", "--save-every", "2", "--keep-checkpoints", "3"]
+    assert torchrun(*args, "--out-dir", str(tmp_path / "run")).returncode == 0
+    straight = read_delta(str(tmp_path / "run" / "delta.safetensors"))[0], losses(tmp_path / "run")
+
+    # A crash after step 5: the last checkpoint is step 4, and the run never finished.
+    for name in ("delta.safetensors", "results.json"):
+        (tmp_path / "run" / name).unlink()
+    shutil.rmtree(tmp_path / "run" / "checkpoints" / "step-000006-00")
+    resumed = torchrun("--resume", str(tmp_path / "run"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from" in resumed.stdout and "step 4, micro-batch 0" in resumed.stdout
+    delta, log = read_delta(str(tmp_path / "run" / "delta.safetensors"))[0], losses(tmp_path / "run")
+    assert log == straight[1]
+    assert all(torch.equal(delta[name], straight[0][name]) for name in delta)
