@@ -30,7 +30,7 @@ from bitfit.errors import BitfitError, Interrupted, NonFiniteError
 from bitfit.evaluate import exact_match, heldout_loss
 from bitfit.flat import FlatBiases
 from bitfit.interrupt import graceful_stop
-from bitfit.loop import fit, lr_factor, make_windows
+from bitfit.loop import fit, lr_factor, make_windows, regroup
 
 
 def pick_device(name: str, local_rank: int = 0) -> torch.device:
@@ -149,6 +149,9 @@ def run(cfg: TrainConfig) -> dict:
     windows = make_windows(len(examples), cfg.batch_size, cfg.grad_accum, cfg.epochs, cfg.seed)
     if cfg.max_steps:
         windows = windows[: cfg.max_steps]
+    if cfg.pass_size:
+        lengths = [len(e["input_ids"]) for e in examples]
+        windows = [regroup(window, cfg.pass_size, lengths) for window in windows]  # before sharding: ranks split passes
     if world > 1:  # each rank takes every world-th micro-batch of every window: disjoint shards
         windows = [window[rank::world] for window in windows]
         log(f"data parallel: {world} processes, {cfg.grad_accum} micro-batches per window split between them"
@@ -161,7 +164,7 @@ def run(cfg: TrainConfig) -> dict:
           f"({cfg.grad_accum * cfg.batch_size} per step), {cfg.epochs} epoch(s)"
           + (f", capped by --max-steps {cfg.max_steps}" if cfg.max_steps else ""))
 
-    eval_source = cfg.eval_data or ("builtin" if cfg.data == "builtin" else "")
+    eval_source = {"": "builtin" if cfg.data == "builtin" else "", "none": ""}.get(cfg.eval_data, cfg.eval_data)
     eval_records = load_records(eval_source, cfg.eval_split) if eval_source else []
     eval_examples = encode(eval_records, tokenizer, cfg.max_len, cfg.template)[0]
 

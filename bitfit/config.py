@@ -36,13 +36,16 @@ class TrainConfig:
                                    "a save_to_disk folder, or a hub dataset name")
     split: str = _option("train", "split of --data, with an optional slice: train, train[:1000], train[10%%:]")
     eval_data: str = _option("", "data for held-out loss and exact match before and after training; "
-                                 "'' means the built-in held-out split when --data is builtin, else no evaluation")
+                                 "'' means the built-in held-out split when --data is builtin, else none; 'none': no evaluation")
     eval_split: str = _option("heldout[:100]", "split of the evaluation data")
     template: str = _option("alpaca", "'alpaca' (the seeds' 'Human: ... Assistant: ' prompt) or 'chat' "
                                       "(the tokenizer's chat template)")
     max_len: int = _option(256, "examples are cut to this many tokens (the seeds' MAX_LEN)")
     # --- optimization (defaults from the BitFit paper's code) ---
     batch_size: int = _option(1, "examples per micro-batch (forward/backward pass)")
+    pass_size: int = _option(0, "examples per forward pass: 0 = --batch-size (the seeds' micro-batch); larger runs "
+                                "several micro-batches of a window in one padded pass, longest first: the same "
+                                "gradient, faster on short sequences, more activation memory")
     grad_accum: int = _option(8, "micro-batches per optimizer step; the loss is normalized by the label tokens "
                                  "of the whole window")
     lr: float | None = _option(None, "peak learning rate of AdamW; if not given, 1e-3 (the BitFit paper's code), "
@@ -83,7 +86,7 @@ class TrainConfig:
         for name in ("max_len", "batch_size", "grad_accum", "epochs", "log_every", "max_new_tokens", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise BitfitError(f"--{name.replace('_', '-')} must be at least 1, not {getattr(self, name)}")
-        for name in ("lr", "eps", "weight_decay", "grad_clip", "warmup_steps", "max_steps", "save_every"):
+        for name in ("lr", "eps", "weight_decay", "grad_clip", "warmup_steps", "max_steps", "save_every", "pass_size"):
             if getattr(self, name) < 0:
                 raise BitfitError(f"--{name.replace('_', '-')} must not be negative, not {getattr(self, name)}")
         if self.bf16_weights and not self.bf16:

@@ -13,7 +13,7 @@ from bitfit.data import encode
 from bitfit.delta import apply_delta, read_delta
 from bitfit.errors import BitfitError
 from bitfit.flat import FlatBiases
-from bitfit.loop import label_tokens, loss_sum, lr_factor, make_windows
+from bitfit.loop import label_tokens, loss_sum, lr_factor, make_windows, regroup
 from bitfit.tasks import builtin_records
 from tiny import tiny_bloom, tiny_llama, tiny_tokenizer
 
@@ -152,3 +152,22 @@ def test_lr_is_the_papers_1e_3_unless_training_on_the_builtin_task():
     assert TrainConfig(data="yahma/alpaca-cleaned").lr == 1e-3
     assert TrainConfig().lr == 5e-3
     assert TrainConfig(lr=2e-4).lr == 2e-4
+
+
+def test_regrouping_a_window_into_passes_keeps_every_example_once_longest_first():
+    lengths = [5, 9, 2, 7, 9, 1, 4, 3]
+    window = [[0], [1], [2], [3], [4], [5], [6], [7]]
+    passes = regroup(window, pass_size=3, lengths=lengths)
+    assert [len(p) for p in passes] == [3, 3, 2]
+    assert sorted(i for p in passes for i in p) == list(range(8))
+    assert [lengths[i] for p in passes for i in p] == sorted(lengths, reverse=True)
+
+
+def test_a_run_in_passes_of_8_trains_like_micro_batches_of_1(tmp_path):
+    model_dir = saved(tiny_llama, tmp_path / "model")
+    args = ["--model", model_dir, "--split", "train[:24]", "--eval-data", "none", "--lr", "1e-2"]
+    assert train.main([*args, "--out-dir", str(tmp_path / "one")]) == 0
+    assert train.main([*args, "--pass-size", "8", "--out-dir", str(tmp_path / "eight")]) == 0
+    one, eight = read_delta(str(tmp_path / "one" / "delta.safetensors"))[0], read_delta(str(tmp_path / "eight" / "delta.safetensors"))[0]
+    flat_one, flat_eight = (torch.cat([d[k].reshape(-1) for k in sorted(d) if "k_proj" not in k]) for d in (one, eight))
+    assert torch.linalg.vector_norm(flat_one - flat_eight) / torch.linalg.vector_norm(flat_one) < 1e-5
