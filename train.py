@@ -69,8 +69,13 @@ def save_loss_curve(records: list[dict], path: Path) -> bool:
     return True
 
 
-def resumed_config(run_dir: str) -> TrainConfig:
-    """The config an interrupted run was started with, to continue it exactly."""
+def resumed_config(given: TrainConfig) -> TrainConfig:
+    """The config an interrupted run was started with, to continue it exactly; says which flags it ignores."""
+    run_dir = given.resume
+    ignored = [f.name for f in dataclasses.fields(TrainConfig)
+               if getattr(given, f.name) != getattr(TrainConfig(resume=run_dir), f.name)]
+    if ignored:
+        print(f"--resume continues with the run's own config; ignoring {', '.join('--' + n.replace('_', '-') for n in ignored)}")
     path = Path(run_dir) / "config.json"
     if not path.is_file():
         raise BitfitError(f"--resume {run_dir}: no config.json there, so no bitfit run to resume")
@@ -108,7 +113,7 @@ def run(cfg: TrainConfig) -> dict:
     main_rank = rank == 0
     log = print if main_rank else (lambda *args, **kwargs: None)  # rank 0 speaks for all
     if cfg.resume:
-        cfg = resumed_config(cfg.resume)
+        cfg = resumed_config(cfg)
     cfg = dataclasses.replace(cfg, out_dir=distributed.share(cfg.out_dir or time.strftime("runs/%Y%m%d-%H%M%S")))
     out_dir = prepare_out_dir(cfg, write=main_rank)
     distributed.barrier()

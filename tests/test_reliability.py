@@ -133,10 +133,12 @@ def test_resume_needs_a_checkpoint_and_a_fresh_run_will_not_reuse_an_interrupted
     assert f"continue it with: python train.py --resume {tmp_path / 'run'}" in capsys.readouterr().err
 
 
-def test_a_resumed_run_reports_the_evaluation_of_the_untrained_model(model_dir, tmp_path, monkeypatch):
+def test_a_resumed_run_keeps_its_config_and_reports_the_evaluation_of_the_untrained_model(model_dir, tmp_path, monkeypatch, capsys):
     signal_at_collate(monkeypatch, IN_STEP_3, [signal.SIGINT])
     assert train.main(["--model", model_dir, *ARGS, "--out-dir", str(tmp_path / "run")]) == 130
     before = json.loads((tmp_path / "run" / "eval_before.json").read_text())
     monkeypatch.undo()
-    assert train.main(["--resume", str(tmp_path / "run")]) == 0
+    assert train.main(["--resume", str(tmp_path / "run"), "--lr", "0.5"]) == 0
+    assert "ignoring --lr" in capsys.readouterr().out
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["lr"] == 1e-2
     assert json.loads((tmp_path / "run" / "results.json").read_text())["before"] == before
