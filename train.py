@@ -218,7 +218,8 @@ def run(cfg: TrainConfig) -> dict:
     records = [json.loads(line) for line in done] + records
     results["train_seconds"] = time.perf_counter() - train_start
     flat.check()
-    if not main_rank:  # rank 0 evaluates and writes; the others are done
+    if not main_rank:  # rank 0 evaluates and writes; the others wait for it, so no process group
+        distributed.barrier()  # is torn down while a peer still uses it (gloo aborts then)
         return results
     delta_path = out_dir / "delta.safetensors"  # saved first: what training made must not wait on evaluation
     save_delta(str(delta_path), model, flat, base_model=cfg.model, added=added, selection=cfg.biases)
@@ -240,6 +241,7 @@ def run(cfg: TrainConfig) -> dict:
     if save_loss_curve(records, out_dir / "loss.png"):
         log(f"loss curve: {out_dir / 'loss.png'}")
     log(f"done in {results['total_seconds']:.0f} s ({results['train_seconds']:.0f} s training)")
+    distributed.barrier()  # the other ranks wait here for the delta and results to be written
     return results
 
 
