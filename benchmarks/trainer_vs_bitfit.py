@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import torch
+from transformers import AutoConfig, AutoTokenizer
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -85,7 +86,7 @@ def side_bitfit(jsonl: str, steps: int, pass_size: int) -> dict:
                           out_dir=out, log_every=10**6)
         results = train.run(cfg)
         losses = [json.loads(line)["loss"] for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
-    _, tokenizer = models.load(models.EMBEDDED, torch.device("cpu"))
+    tokenizer = AutoTokenizer.from_pretrained(models.resolve(models.EMBEDDED))  # the model itself is not needed again
     rows = ordered_examples(jsonl, tokenizer, steps)
     return {"seconds": results["train_seconds"], "losses": losses, "peak_rss_gb": peak_rss_gb(), **token_counts(rows)}
 
@@ -105,10 +106,10 @@ def matmul_peak_flops(size: int = 2048, repeats: int = 10) -> float:
     return 2 * size**3 * repeats / (time.perf_counter() - start)
 
 
-def bitfit_flops(rows: list[dict] | None, tokens: int, label_tokens: int) -> float:
+def bitfit_flops(tokens: int, label_tokens: int) -> float:
     """4 x matmul params x tokens: forward (2) + backward to the activations (2); frozen weights need no
     weight gradient. The LM head counts only at the label positions, where bitfit computes it."""
-    config = load_model()[0].config
+    config = AutoConfig.from_pretrained(models.resolve(models.EMBEDDED))
     h, i, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
     kv = config.num_key_value_heads * (h // config.num_attention_heads)
     block_params = layers * (h * h * 2 + 2 * h * kv + 3 * h * i)  # q, o; k, v; gate, up, down
@@ -124,7 +125,7 @@ def optimizer_step_benchmark(repeats: int = 200) -> dict:
             BloomConfig(vocab_size=250880, hidden_size=1536, n_layer=24, n_head=16)).named_parameters() if n.endswith(".bias")]
     tensors = [torch.nn.Parameter(torch.randn(shape)) for shape in shapes]
     for t in tensors:
-        t.grad = torch.randn(shape := t.shape)
+        t.grad = torch.randn(t.shape)
     flat = torch.nn.Parameter(torch.cat([t.detach().reshape(-1) for t in tensors]))
     flat.grad = torch.randn(flat.shape)
     timings = {}
@@ -170,7 +171,7 @@ def main() -> None:
 
     peak = matmul_peak_flops()
     hf, bf = results["hf"], results["bitfit"]
-    mfu = bitfit_flops(None, bf["tokens"], bf["label_tokens"]) / bf["seconds"] / peak
+    mfu = bitfit_flops(bf["tokens"], bf["label_tokens"]) / bf["seconds"] / peak
     print(f"\nmachine: {torch.get_num_threads()} torch threads, torch {torch.__version__}; {args.steps} steps of "
           f"1 x {ACCUM}; bitfit pass size {args.pass_size or 1}")
     print("| | HF Trainer recipe | bitfit | bitfit / Trainer |\n| --- | --- | --- | --- |")

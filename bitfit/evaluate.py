@@ -5,7 +5,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from .collate import pad_batch
+from .collate import pad_batch, pad_id
 from .data import Example, check_record, prompt_text
 from .loop import label_tokens, loss_sum
 from .tasks import is_correct
@@ -51,7 +51,7 @@ def answers(
     to `model.generate`)."""
     was_training = model.training
     model.eval()
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_id(tokenizer)
     ids = tokenizer(prompts, add_special_tokens=template == "alpaca")["input_ids"]
     texts = []
     for start in range(0, len(ids), batch_size):

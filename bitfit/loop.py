@@ -6,6 +6,7 @@ Trainer did until late 2024) over-weights the tokens of short examples; with thi
 accumulating 8 micro-batches of 1 gives the same gradient as one batch of the same 8 examples.
 """
 
+import functools
 import inspect
 import json
 import math
@@ -79,6 +80,12 @@ def label_tokens(batch: dict[str, torch.Tensor]) -> int:
     return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
 
+@functools.cache
+def _forward_accepts(model_class: type) -> frozenset[str]:
+    """The keyword arguments a model class's forward takes (looked up once per class, not per micro-batch)."""
+    return frozenset(inspect.signature(model_class.forward).parameters)
+
+
 def loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Sum of the next-token cross-entropies (fp32) at the labelled positions of a padded batch.
 
@@ -89,7 +96,7 @@ def loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """
     targets = batch["labels"][:, 1:]
     keep = (targets != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)
-    accepts = inspect.signature(model.forward).parameters
+    accepts = _forward_accepts(type(model))
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
     if "position_ids" in accepts:
         inputs["position_ids"] = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
