@@ -77,13 +77,13 @@ def side_hf(jsonl: str, steps: int) -> dict:
     return {"seconds": seconds, "losses": losses, "peak_rss_gb": peak_rss_gb(), **token_counts(rows)}
 
 
-def side_bitfit(jsonl: str, steps: int, pass_size: int) -> dict:
+def side_bitfit(jsonl: str, steps: int, pass_size: int, pack: bool) -> dict:
     import train
     from bitfit.config import TrainConfig
 
     with tempfile.TemporaryDirectory() as out:
         cfg = TrainConfig(data=jsonl, eval_data="none", lr=LR, max_steps=steps, seed=SEED, pass_size=pass_size,
-                          out_dir=out, log_every=10**6)
+                          pack=pack, out_dir=out, log_every=10**6)
         results = train.run(cfg)
         losses = [json.loads(line)["loss"] for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
     tokenizer = AutoTokenizer.from_pretrained(models.resolve(models.EMBEDDED))  # the model itself is not needed again
@@ -146,13 +146,15 @@ def main() -> None:
     cli = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     cli.add_argument("--steps", type=int, default=20, help="optimizer steps each side trains")
     cli.add_argument("--pass-size", type=int, default=8, help="bitfit's examples per forward pass (0 = 1, the seeds')")
+    cli.add_argument("--pack", action=argparse.BooleanOptionalAction, default=True,
+                     help="bitfit lays each pass's examples end to end in one row (--no-pack: padded rows)")
     cli.add_argument("--side", choices=["hf", "bitfit"], help="internal: run one side in this process")
     cli.add_argument("--jsonl", help="internal: the shared data file")
     cli.add_argument("--out", help="internal: where one side writes its result")
     args = cli.parse_args()
 
     if args.side:  # one side, in its own process
-        result = side_hf(args.jsonl, args.steps) if args.side == "hf" else side_bitfit(args.jsonl, args.steps, args.pass_size)
+        result = side_hf(args.jsonl, args.steps) if args.side == "hf" else side_bitfit(args.jsonl, args.steps, args.pass_size, args.pack)
         Path(args.out).write_text(json.dumps(result))
         return
 
@@ -166,14 +168,14 @@ def main() -> None:
     for side in ("hf", "bitfit"):
         out = work / f"{side}.json"
         subprocess.run([sys.executable, __file__, "--side", side, "--jsonl", str(jsonl), "--steps", str(args.steps),
-                        "--pass-size", str(args.pass_size), "--out", str(out)], check=True)
+                        "--pass-size", str(args.pass_size), "--pack" if args.pack else "--no-pack", "--out", str(out)], check=True)
         results[side] = json.loads(out.read_text())
 
     peak = matmul_peak_flops()
     hf, bf = results["hf"], results["bitfit"]
     mfu = bitfit_flops(bf["tokens"], bf["label_tokens"]) / bf["seconds"] / peak
     print(f"\nmachine: {torch.get_num_threads()} torch threads, torch {torch.__version__}; {args.steps} steps of "
-          f"1 x {ACCUM}; bitfit pass size {args.pass_size or 1}")
+          f"1 x {ACCUM}; bitfit: passes of {args.pass_size or 1}, {'packed' if args.pack else 'padded'}")
     print("| | HF Trainer recipe | bitfit | bitfit / Trainer |\n| --- | --- | --- | --- |")
     for label, key, fmt in (("tokens/s", "tokens", "{:,.0f}"), ("label tokens/s", "label_tokens", "{:,.0f}")):
         a, b = hf[key] / hf["seconds"], bf[key] / bf["seconds"]

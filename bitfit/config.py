@@ -46,6 +46,9 @@ class TrainConfig:
     pass_size: int = _option(0, "examples per forward pass: 0 = --batch-size (the seeds' micro-batch); larger runs "
                                 "several micro-batches of a window in one padded pass, longest first: the same "
                                 "gradient, faster on short sequences, more activation memory")
+    pack: bool = _option(False, "lay each pass's examples end to end in ONE row instead of padding them: no compute "
+                                "spent on padding; position ids restarting per example keep them apart (checked "
+                                "against padding before training; needs position ids, so not BLOOM)")
     grad_accum: int = _option(8, "micro-batches per optimizer step; the loss is normalized by the label tokens "
                                  "of the whole window")
     lr: float | None = _option(None, "peak learning rate of AdamW; if not given, 1e-3 (the BitFit paper's code), "

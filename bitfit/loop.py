@@ -24,9 +24,10 @@ from tqdm import tqdm
 
 from . import distributed
 from .checkpoint import latest_checkpoint, save_checkpoint
+from .collate import pack_batch
 from .config import TrainConfig
 from .data import IGNORE_INDEX, Example
-from .errors import Interrupted, NonFiniteError
+from .errors import BitfitError, Interrupted, NonFiniteError
 from .flat import FlatBiases
 
 Window = list[list[int]]  # the micro-batches of one optimizer step, as indices into the examples
@@ -80,6 +81,11 @@ def label_tokens(batch: dict[str, torch.Tensor]) -> int:
     return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
 
+def input_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Real (not padding) tokens of a padded or packed batch."""
+    return int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
+
+
 @functools.cache
 def _forward_accepts(model_class: type) -> frozenset[str]:
     """The keyword arguments a model class's forward takes (looked up once per class, not per micro-batch)."""
@@ -92,20 +98,44 @@ def loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     Logits are computed only at positions followed by a label: the LM head's matmul and the
     (tokens x vocab) logits tensor, often the largest activation, shrink to the response tokens.
     Positions count from each sequence's first real token, so a left-padded sequence sees the same
-    positions as an unpadded one (BLOOM's ALiBi does this by itself and takes no position_ids).
+    positions as an unpadded one (BLOOM's ALiBi does this by itself and takes no position_ids). A
+    packed batch brings its own position ids, which also keep its sequences apart.
     """
     targets = batch["labels"][:, 1:]
     keep = (targets != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)
     accepts = _forward_accepts(type(model))
-    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
-    if "position_ids" in accepts:
-        inputs["position_ids"] = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+    inputs = {"input_ids": batch["input_ids"], "use_cache": False}
+    if "position_ids" in batch:  # a packed row (collate.pack_batch): no padding, so no attention mask
+        inputs["position_ids"] = batch["position_ids"]
+    else:
+        inputs["attention_mask"] = batch["attention_mask"]
+        if "position_ids" in accepts:
+            inputs["position_ids"] = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
     if "logits_to_keep" in accepts:
         logits = model(**inputs, logits_to_keep=keep).logits
     else:
         logits = model(**inputs).logits[:, keep]
     return F.cross_entropy(logits.flatten(0, 1).float(), targets[:, keep].flatten(),
                            ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+@torch.no_grad()
+def packing_gap(model: nn.Module, examples: list[Example], pad: Callable[[list[Example]], dict[str, torch.Tensor]]) -> float:
+    """Relative difference between the loss of `examples` packed in one row and padded in rows.
+
+    Near 0 (float rounding) when the model keeps packed sequences apart; far from 0 when its attention
+    lets one example see another, which would silently train on a different problem.
+    """
+    if "position_ids" not in _forward_accepts(type(model)):
+        raise BitfitError(f"--pack needs a model whose forward takes position_ids; {type(model).__name__} does not "
+                          "(BLOOM's ALiBi attention, for one); leave --pack off")
+    was_training = model.training
+    model.eval()  # no dropout: both layouts must see the same function
+    device = next(model.parameters()).device
+    padded, packed = (loss_sum(model, {key: tensor.to(device) for key, tensor in collate(examples).items()})
+                      for collate in (pad, pack_batch))
+    model.train(was_training)
+    return float((packed - padded).abs() / padded.abs().clamp(min=1e-12))
 
 
 def peak_memory_gb(device: torch.device) -> float:
@@ -151,7 +181,7 @@ def fit(
             loss = carried_loss if resuming else torch.zeros((), device=device)
             for micro in range(first_micro if resuming else 0, len(batches)):
                 batch = batches[micro]
-                tokens_since_log += int(batch["attention_mask"].sum())  # counted on the host: no GPU sync
+                tokens_since_log += input_tokens(batch)  # counted on the host: no GPU sync
                 batch = {key: tensor.to(device, non_blocking=True) for key, tensor in batch.items()}
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
                     micro_loss = loss_sum(model, batch) / n_labels

@@ -1,5 +1,6 @@
 import json
 import math
+from functools import partial
 
 import pytest
 import torch
@@ -7,13 +8,14 @@ from transformers import get_scheduler
 
 import train
 from bitfit.biases import add_missing_biases, select_biases
-from bitfit.collate import pad_batch
+from bitfit import loop
+from bitfit.collate import pack_batch, pad_batch
 from bitfit.config import TrainConfig, parser
 from bitfit.data import encode
 from bitfit.delta import apply_delta, read_delta
 from bitfit.errors import BitfitError
 from bitfit.flat import FlatBiases
-from bitfit.loop import label_tokens, loss_sum, lr_factor, make_windows, regroup
+from bitfit.loop import input_tokens, label_tokens, loss_sum, lr_factor, make_windows, regroup
 from bitfit.tasks import builtin_records
 from tiny import tiny_bloom, tiny_llama, tiny_tokenizer
 
@@ -74,6 +76,43 @@ def test_accumulating_8_micro_batches_of_1_equals_one_padded_batch_of_8(make_mod
     accumulated = flat_gradient([[example] for example in examples])
     one_batch = flat_gradient([examples])
     torch.testing.assert_close(accumulated, one_batch, rtol=0, atol=1e-6)
+
+
+def test_a_packed_row_gives_the_loss_and_gradient_of_the_padded_batch():
+    tokenizer = tiny_tokenizer()
+    examples, _ = encode(builtin_records("train")[:8], tokenizer)
+
+    def loss_and_gradient(batch):
+        model = tiny_llama()
+        add_missing_biases(model)
+        flat = FlatBiases(model, select_biases(model))
+        loss = loss_sum(model, batch) / label_tokens(batch)  # the window's token-mean, as in training
+        loss.backward()
+        return loss.detach(), flat.grads.clone()
+
+    padded = pad_batch(examples, tokenizer.pad_token_id, "right")
+    packed = pack_batch(examples)
+    assert label_tokens(packed) == label_tokens(padded)
+    assert input_tokens(packed) == input_tokens(padded) < padded["input_ids"].numel()
+    (loss_padded, grad_padded), (loss_packed, grad_packed) = loss_and_gradient(padded), loss_and_gradient(packed)
+    torch.testing.assert_close(loss_packed, loss_padded, rtol=1e-6, atol=0)
+    torch.testing.assert_close(grad_packed, grad_padded, rtol=0, atol=1e-6)
+
+
+def test_the_packing_check_catches_examples_that_see_each_other(monkeypatch):
+    tokenizer = tiny_tokenizer()
+    examples, _ = encode(builtin_records("train")[:8], tokenizer)
+    pad = partial(pad_batch, pad_token_id=tokenizer.pad_token_id, padding_side="right")
+    model = tiny_llama()
+    assert loop.packing_gap(model, examples, pad) < 1e-6
+
+    def leaky_pack(examples):  # one unbroken run of positions: plain causal attention across the whole row
+        batch = pack_batch(examples)
+        batch["position_ids"] = torch.arange(batch["input_ids"].shape[1]).unsqueeze(0)
+        return batch
+
+    monkeypatch.setattr(loop, "pack_batch", leaky_pack)
+    assert loop.packing_gap(model, examples, pad) > 10 * train.PACKING_TOLERANCE
 
 
 @pytest.mark.parametrize("make_model", [tiny_bloom, tiny_llama])
@@ -163,11 +202,13 @@ def test_regrouping_a_window_into_passes_keeps_every_example_once_longest_first(
     assert [lengths[i] for p in passes for i in p] == sorted(lengths, reverse=True)
 
 
-def test_a_run_in_passes_of_8_trains_like_micro_batches_of_1(tmp_path):
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_a_run_in_passes_of_8_trains_like_micro_batches_of_1(packed, tmp_path):
     model_dir = saved(tiny_llama, tmp_path / "model")
     args = ["--model", model_dir, "--split", "train[:24]", "--eval-data", "none", "--lr", "1e-2"]
     assert train.main([*args, "--out-dir", str(tmp_path / "one")]) == 0
-    assert train.main([*args, "--pass-size", "8", "--out-dir", str(tmp_path / "eight")]) == 0
+    assert train.main([*args, "--pass-size", "8", *(["--pack"] if packed else []),
+                       "--out-dir", str(tmp_path / "eight")]) == 0
     one, eight = read_delta(str(tmp_path / "one" / "delta.safetensors"))[0], read_delta(str(tmp_path / "eight" / "delta.safetensors"))[0]
     flat_one, flat_eight = (torch.cat([d[k].reshape(-1) for k in sorted(d) if "k_proj" not in k]) for d in (one, eight))
     assert torch.linalg.vector_norm(flat_one - flat_eight) / torch.linalg.vector_norm(flat_one) < 1e-5
