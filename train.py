@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from bitfit import distributed, models
+from bitfit.attention import use_per_example_attention
 from bitfit.biases import add_missing_biases, count_trainable, describe, select_biases
 from bitfit.checkpoint import latest_checkpoint, load_checkpoint
 from bitfit.collate import pack_batch, pad_batch, pad_id
@@ -156,7 +157,10 @@ def run(cfg: TrainConfig) -> dict:
     if not examples:
         raise BitfitError(f"no usable examples in {cfg.data} {cfg.split}: {dropped} dropped because max_len "
                           f"{cfg.max_len} cut away their whole response")
-    if cfg.pack:  # trust, but verify: a model that lets packed examples see each other would train on garbage
+    if cfg.pack:
+        if use_per_example_attention(model):
+            log("attention: each packed example computed on its own (bitfit.attention), not as a masked square")
+        # trust, but verify: a model that lets packed examples see each other would train on garbage
         gap = packing_gap(model, examples[:8], pad)
         if gap > PACKING_TOLERANCE:
             raise BitfitError(f"--pack: this model's attention does not keep packed examples apart (their loss differs "
