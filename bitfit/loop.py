@@ -93,7 +93,7 @@ def _forward_accepts(model_class: type) -> frozenset[str]:
 
 
 def loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Sum of the next-token cross-entropies (fp32) at the labelled positions of a padded batch.
+    """Sum of the next-token cross-entropies (fp32) at the labelled positions of a padded batch or packed row.
 
     Logits are computed only at positions followed by a label: the LM head's matmul and the
     (tokens x vocab) logits tensor, often the largest activation, shrink to the response tokens.

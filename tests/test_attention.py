@@ -2,24 +2,17 @@ import torch
 
 from bitfit import attention
 from bitfit.attention import NAME, segment_lengths, use_per_example_attention
-from bitfit.biases import add_missing_biases, select_biases
 from bitfit.collate import pack_batch, pad_batch
 from bitfit.data import encode
-from bitfit.flat import FlatBiases
-from bitfit.loop import label_tokens, loss_sum
 from bitfit.tasks import builtin_records
-from tiny import tiny_llama, tiny_tokenizer
+from tiny import tiny_llama, tiny_tokenizer, window_loss_and_gradient
 
 
 def loss_and_gradient(batch, per_example: bool):
     model = tiny_llama()
-    add_missing_biases(model)
-    flat = FlatBiases(model, select_biases(model))
     if per_example:
         assert use_per_example_attention(model)
-    loss = loss_sum(model, batch) / label_tokens(batch)
-    loss.backward()
-    return loss.detach(), flat.grads.clone()
+    return window_loss_and_gradient(model, batch)
 
 
 def record_splits(monkeypatch) -> list[list[int]]:

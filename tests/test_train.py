@@ -17,7 +17,7 @@ from bitfit.errors import BitfitError
 from bitfit.flat import FlatBiases
 from bitfit.loop import input_tokens, label_tokens, loss_sum, lr_factor, make_windows, regroup
 from bitfit.tasks import builtin_records
-from tiny import tiny_bloom, tiny_llama, tiny_tokenizer
+from tiny import tiny_bloom, tiny_llama, tiny_tokenizer, window_loss_and_gradient
 
 
 def saved(make_model, folder, padding_side="right"):
@@ -81,20 +81,12 @@ def test_accumulating_8_micro_batches_of_1_equals_one_padded_batch_of_8(make_mod
 def test_a_packed_row_gives_the_loss_and_gradient_of_the_padded_batch():
     tokenizer = tiny_tokenizer()
     examples, _ = encode(builtin_records("train")[:8], tokenizer)
-
-    def loss_and_gradient(batch):
-        model = tiny_llama()
-        add_missing_biases(model)
-        flat = FlatBiases(model, select_biases(model))
-        loss = loss_sum(model, batch) / label_tokens(batch)  # the window's token-mean, as in training
-        loss.backward()
-        return loss.detach(), flat.grads.clone()
-
     padded = pad_batch(examples, tokenizer.pad_token_id, "right")
     packed = pack_batch(examples)
     assert label_tokens(packed) == label_tokens(padded)
     assert input_tokens(packed) == input_tokens(padded) < padded["input_ids"].numel()
-    (loss_padded, grad_padded), (loss_packed, grad_packed) = loss_and_gradient(padded), loss_and_gradient(packed)
+    (loss_padded, grad_padded), (loss_packed, grad_packed) = (window_loss_and_gradient(tiny_llama(), batch)
+                                                              for batch in (padded, packed))
     torch.testing.assert_close(loss_packed, loss_padded, rtol=1e-6, atol=0)
     torch.testing.assert_close(grad_packed, grad_padded, rtol=0, atol=1e-6)
 

@@ -1,4 +1,5 @@
-"""Tiny models and a tiny tokenizer built from configs: no download, random weights, milliseconds."""
+"""Tiny models and a tiny tokenizer built from configs: no download, random weights, milliseconds;
+and the one-window loss and bias gradient that several tests compare between layouts."""
 
 import functools
 
@@ -6,6 +7,9 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import BloomConfig, BloomForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from bitfit.biases import add_missing_biases, select_biases
+from bitfit.flat import FlatBiases
+from bitfit.loop import label_tokens, loss_sum
 from bitfit.tasks import builtin_records
 
 # A chat template of the usual shape: role markers, each turn closed by the eos token.
@@ -55,3 +59,13 @@ def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
                          num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
                          initializer_range=0.2)
     return LlamaForCausalLM(config).eval()
+
+
+def window_loss_and_gradient(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """`batch` as one training window: its token-mean loss, and the gradient of every bias (zero biases
+    added where the model has none) as the one flat buffer the optimizer steps."""
+    add_missing_biases(model)
+    flat = FlatBiases(model, select_biases(model))
+    loss = loss_sum(model, batch) / label_tokens(batch)
+    loss.backward()
+    return loss.detach(), flat.grads.clone()
