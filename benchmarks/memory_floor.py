@@ -17,11 +17,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bitfit import models  # noqa: E402
-from bitfit.biases import add_missing_biases, select_biases  # noqa: E402
 from bitfit.collate import pack_batch  # noqa: E402
 from bitfit.data import encode, load_records  # noqa: E402
 from bitfit.loop import label_tokens, loss_sum  # noqa: E402
+from trainer_vs_bitfit import load_model  # noqa: E402  (the same model set-up as the Trainer comparison)
 
 
 def rss_gib() -> float:
@@ -57,9 +56,7 @@ def main() -> None:
     subprocess.run([sys.executable, "-c", "from bitfit import models; models.resolve(models.EMBEDDED)"],
                    cwd=Path(__file__).resolve().parent.parent, check=True)
     runtime = rss_gib()
-    model, tokenizer = models.load(models.EMBEDDED, torch.device("cpu"))
-    add_missing_biases(model)
-    select_biases(model)
+    model, tokenizer = load_model()
     with torch.no_grad():
         sum(float(p.sum()) for p in model.parameters())  # reads every weight: all their pages are now resident
     weights = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30

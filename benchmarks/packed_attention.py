@@ -18,12 +18,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bitfit import models  # noqa: E402
 from bitfit.attention import use_per_example_attention  # noqa: E402
-from bitfit.biases import add_missing_biases, select_biases  # noqa: E402
 from bitfit.collate import pack_batch  # noqa: E402
 from bitfit.data import encode, load_records  # noqa: E402
 from bitfit.loop import loss_sum  # noqa: E402
+from trainer_vs_bitfit import load_model  # noqa: E402  (the same model set-up as the Trainer comparison)
 
 
 def timed_passes(model, batches) -> tuple[float, torch.Tensor]:
@@ -44,9 +43,7 @@ def main() -> None:
     cli.add_argument("--rounds", type=int, default=5, help="alternating rounds of the two attentions")
     args = cli.parse_args()
 
-    model, tokenizer = models.load(models.EMBEDDED, torch.device("cpu"))
-    add_missing_biases(model)
-    select_biases(model)
+    model, tokenizer = load_model()
     examples, _ = encode(load_records("builtin", "train"), tokenizer)
     batches = [pack_batch(examples[start : start + 8]) for start in range(0, 8 * (args.passes + 2), 8)]
     warmup, batches = batches[:2], batches[2:]
