@@ -23,7 +23,6 @@ from bitfit.delta import apply_delta, read_delta
 from bitfit.errors import BitfitError
 from bitfit.evaluate import answers
 from bitfit.tasks import is_correct
-from train import pick_device
 
 
 def latest_delta(runs: Path = Path("runs")) -> Path:
@@ -76,7 +75,7 @@ def run(args: argparse.Namespace) -> dict:
     metadata = read_delta(str(delta))[1]
     run_config = delta.parent / "config.json"
     template = args.template or (json.loads(run_config.read_text())["template"] if run_config.is_file() else "alpaca")
-    device = pick_device(args.device)
+    device = models.pick_device(args.device)
     model, tokenizer = models.load(args.model or metadata["base_model"], device, torch.float32, args.trust_remote_code)
 
     records = read_prompts(args)

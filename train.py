@@ -1,11 +1,12 @@
 """Fine-tune only the biases of a pretrained causal LM (BitFit), with a hand-written loop.
 
-    python train.py                       # offline: SmolLM2-135M-Instruct on the built-in task, ~4 min on a CPU
+    python train.py                       # offline: SmolLM2-135M-Instruct on the built-in task (README: time)
     python train.py --model bigscience/bloomz-1b1 --data yahma/alpaca-cleaned --split "train[:1000]"
     python train.py --help                # every flag, with its default
 
-Reads top to bottom: config -> device -> model -> biases -> data -> optimizer -> evaluate -> train ->
-evaluate -> save. What each step does lives in bitfit/; this file is the order of things.
+`run()` is the table of contents: run folder -> device -> model and biases -> data and layout ->
+optimizer and resume -> evaluate -> train -> save -> evaluate. Each stage is a small function below;
+the work itself lives in bitfit/ (the step a reader learns BitFit from is bitfit/loop.py: train_step).
 """
 
 import dataclasses
@@ -19,11 +20,10 @@ from pathlib import Path
 
 import torch
 
-from bitfit import distributed, models
-from bitfit.attention import use_per_example_attention
+from bitfit import distributed, layout, models, packing
 from bitfit.biases import add_missing_biases, count_trainable, describe, select_biases
 from bitfit.checkpoint import latest_checkpoint, load_checkpoint
-from bitfit.collate import pack_batch, pad_batch, pad_id
+from bitfit.collate import pad_batch, pad_id
 from bitfit.config import TrainConfig, from_args
 from bitfit.data import encode, load_records
 from bitfit.delta import save_delta
@@ -31,29 +31,210 @@ from bitfit.errors import BitfitError, Interrupted, NonFiniteError
 from bitfit.evaluate import exact_match, heldout_loss
 from bitfit.flat import FlatBiases
 from bitfit.interrupt import graceful_stop
-from bitfit.loop import fit, lr_factor, make_windows, packing_gap, regroup
-
-# Packed and padded losses differ by float rounding: 1e-7 (fp32, SmolLM2 and a tiny Llama), 2e-5 (a tiny Llama
-# in bf16). Examples that see each other differ by far more: 0.3 on SmolLM2 with one unbroken position run.
-PACKING_TOLERANCE = 1e-3
+from bitfit.loop import fit, lr_factor
 
 
-def pick_device(name: str, local_rank: int = 0) -> torch.device:
-    """'auto': this process's GPU (its torchrun local rank) if there is CUDA, else the CPU."""
-    if name == "auto":
-        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise BitfitError(f"--device {name}: this machine has no CUDA device")
+def run(cfg: TrainConfig) -> dict:
+    started = time.perf_counter()
+    rank, world, local_rank = distributed.init()  # (0, 1, 0) unless launched by torchrun
+    log = print if rank == 0 else (lambda *args, **kwargs: None)  # rank 0 speaks for all
+    cfg, out_dir = setup_run_dir(cfg, write=rank == 0)
+    log("config:", cfg.to_json())
+    device = setup_device(cfg, local_rank, log)
+
+    model, tokenizer, flat, added = setup_model(cfg, device, log)
+    examples, plan, collate, data_facts = setup_data_and_layout(cfg, model, tokenizer, world, rank, log)
+    held_out = setup_evaluation(cfg, tokenizer) if rank == 0 else None
+    optimizer, scheduler, first_step = setup_optimizer(cfg, flat, out_dir, len(plan), device, log)
+    results = {"trainable": flat.num_trainable, "total": sum(p.numel() for p in model.parameters()),
+               **data_facts, "device": str(device)}
+    if held_out:
+        results["before"] = evaluate_untrained(model, tokenizer, held_out, cfg, device, out_dir, first_step, log)
+
+    train_start = time.perf_counter()
+    with graceful_stop(announce=rank == 0) as stop:
+        fit(model, flat, optimizer, scheduler, plan, examples, collate, cfg, out_dir, stop, first_step)
+    results["train_seconds"] = time.perf_counter() - train_start
+    flat.check()  # every bias still a view of the buffer the optimizer stepped
+    if rank == 0:
+        save_results(model, tokenizer, flat, added, held_out, cfg, device, out_dir, results, started, log)
+    distributed.barrier()  # no process tears down the group while rank 0 still evaluates and writes (gloo aborts then)
+    return results
+
+
+# --- run folder -------------------------------------------------------------------------------------
+
+def resumed_config(given: TrainConfig) -> TrainConfig:
+    """The config an interrupted run was started with, to continue it exactly; says which flags it ignores."""
+    run_dir = given.resume
+    ignored = [f.name for f in dataclasses.fields(TrainConfig)
+               if getattr(given, f.name) != getattr(TrainConfig(resume=run_dir), f.name)]
+    if ignored:
+        print(f"--resume continues with the run's own config; ignoring {', '.join('--' + n.replace('_', '-') for n in ignored)}")
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        raise BitfitError(f"--resume {run_dir}: no config.json there, so no bitfit run to resume")
+    saved = TrainConfig.from_dict(json.loads(path.read_text()))
+    return dataclasses.replace(saved, resume=run_dir, out_dir=run_dir)
+
+
+def setup_run_dir(cfg: TrainConfig, write: bool) -> tuple[TrainConfig, Path]:
+    """The resolved config and the run's folder, refusing to mix two runs in one, with the config saved in it.
+
+    Every process checks (so all refuse together); only the one that `write`s changes anything."""
+    if cfg.resume:
+        cfg = resumed_config(cfg)
+    cfg = dataclasses.replace(cfg, out_dir=distributed.share(cfg.out_dir or time.strftime("runs/%Y%m%d-%H%M%S")))
+    out_dir = Path(cfg.out_dir)
+    if (out_dir / "delta.safetensors").exists() and not cfg.overwrite:
+        raise BitfitError(f"{out_dir} already holds a finished run; pick another --out-dir or pass --overwrite")
+    if not cfg.resume and latest_checkpoint(out_dir) and not cfg.overwrite:
+        raise BitfitError(f"{out_dir} holds an interrupted run; continue it with: python train.py --resume {out_dir} "
+                          "(or pass --overwrite to start over)")
+    if write:
+        if cfg.overwrite and not cfg.resume:  # nothing of the old run may pass for part of the new one
+            for name in ("delta.safetensors", "results.json", "eval_before.json", "metrics.jsonl"):
+                (out_dir / name).unlink(missing_ok=True)
+            shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            (out_dir / "config.json").write_text(cfg.to_json() + "\n")
+        except OSError as error:
+            raise BitfitError(f"cannot write to the output directory {out_dir}: {error.strerror}") from None
+    distributed.barrier()
+    return cfg, out_dir
+
+
+# --- device, model and biases -----------------------------------------------------------------------
+
+def setup_device(cfg: TrainConfig, local_rank: int, log) -> torch.device:
+    device = models.pick_device(cfg.device, local_rank)
+    torch.manual_seed(cfg.seed)
+    if cfg.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it for determinism
+        torch.use_deterministic_algorithms(True)
+    log(f"device: {device} | frozen weights {'bfloat16' if cfg.bf16_weights else 'float32'} | biases and optimizer "
+        f"state float32 | bf16 autocast {'on' if cfg.bf16 else 'off'}")
     return device
 
 
-def evaluate(model, tokenizer, records, examples, collate, cfg: TrainConfig, device) -> dict:
+def setup_model(cfg: TrainConfig, device: torch.device, log) -> tuple:
+    """(model, tokenizer, flat biases, names of the biases bitfit added): the model frozen but for the
+    selected biases, each of them a view into the one flat fp32 buffer the optimizer steps."""
+    weights_dtype = torch.bfloat16 if cfg.bf16_weights else torch.float32
+    model, tokenizer = models.load(cfg.model, device, weights_dtype, cfg.trust_remote_code)
+    added = add_missing_biases(model) if cfg.add_biases else []
+    if added:
+        log(f"added {len(added)} zero biases to bias-free linear layers inside the blocks")
+    selection = select_biases(model, cfg.biases)  # THE decision of what trains (bitfit.biases.trains)
+    flat = FlatBiases(model, selection)  # after the model is on its device and in its dtype
+    log(describe(*count_trainable(model, selection)))
+    if flat.mask is not None and cfg.weight_decay > 0:
+        raise BitfitError("--weight-decay would shrink the frozen key/value entries of fused q/k/v biases under "
+                          "--biases reduced; use --weight-decay 0 (the BitFit paper's setting)")
+    return model, tokenizer, flat, added
+
+
+# --- data and layout --------------------------------------------------------------------------------
+
+def choose_layout(requested: str, model, examples: list, pad, bf16: bool) -> tuple[str, str]:
+    """The layout to train with, and why: 'auto' is packed when the model can keep packed examples
+    apart (bitfit.packing checks it on the first 8 examples), else padded."""
+    if requested not in ("auto", "packed"):
+        return requested, "as asked"
+    why_not = packing.enable(model, examples[:8], pad, bf16)
+    if why_not is None:
+        return "packed", "checked: 8 examples packed and padded give the same loss"
+    if requested == "packed":
+        raise BitfitError(f"--layout packed: {why_not}; use --layout padded (the same gradient)")
+    return "padded", f"not packed: {why_not}"
+
+
+def setup_data_and_layout(cfg: TrainConfig, model, tokenizer, world: int, rank: int, log) -> tuple:
+    """(examples, this process's passes of every step, the collator that makes a pass a batch, and the facts
+    for results.json: examples kept and dropped, steps, layout)."""
+    records = load_records(cfg.data, cfg.split)
+    if not records:
+        raise BitfitError(f"{cfg.data} {cfg.split} holds no records")
+    examples, dropped = encode(records, tokenizer, cfg.max_len, cfg.template)
+    if not examples:
+        raise BitfitError(f"no usable examples in {cfg.data} {cfg.split}: {dropped} dropped because max_len "
+                          f"{cfg.max_len} cut away their whole response")
+    lengths = [len(e["input_ids"]) for e in examples]
+    log(f"data: {len(examples)} examples from {cfg.data} {cfg.split}, {dropped} dropped (response cut away by "
+        f"max_len {cfg.max_len}), {sum(lengths) / len(lengths):.1f} tokens on average")
+
+    pad = partial(pad_batch, pad_token_id=pad_id(tokenizer), padding_side=tokenizer.padding_side)
+    kind, why = choose_layout(cfg.layout, model, examples, pad, cfg.bf16)
+    steps = layout.draw_steps(len(examples), cfg.batch_size * cfg.grad_accum, cfg.epochs, cfg.seed)
+    steps = steps[: cfg.max_steps or None]
+    plan = layout.plan(steps, lengths, kind, cfg.max_pass_tokens, cfg.batch_size, world, rank)
+    log(layout.describe(steps, lengths, kind, cfg.max_pass_tokens, cfg.batch_size, world) + f" ({why})")
+    log(f"steps: {len(steps)} optimizer steps, {cfg.epochs} epoch(s)"
+        + (f", capped by --max-steps {cfg.max_steps}" if cfg.max_steps else ""))
+    facts = {"examples": len(examples), "dropped": dropped, "steps": len(steps), "layout": kind}
+    return examples, plan, packing.pack_batch if kind == "packed" else pad, facts
+
+
+def setup_evaluation(cfg: TrainConfig, tokenizer) -> dict | None:
+    """The held-out records and examples to evaluate on before and after training, or None."""
+    source = {"": "builtin" if cfg.data == "builtin" else "", "none": ""}.get(cfg.eval_data, cfg.eval_data)
+    if not source:
+        return None
+    records = load_records(source, cfg.eval_split)
+    return {"records": records, "examples": encode(records, tokenizer, cfg.max_len, cfg.template)[0],
+            "name": f"{source} {cfg.eval_split}"}
+
+
+# --- optimizer and resume ---------------------------------------------------------------------------
+
+def setup_optimizer(cfg: TrainConfig, flat: FlatBiases, out_dir: Path, n_steps: int, device, log) -> tuple:
+    """(AdamW over the ONE flat bias tensor, its lr schedule, the step to start after): 0 for a new run,
+    the checkpoint's step for a resumed one, whose metrics.jsonl is cut back to the steps it holds."""
+    optimizer = torch.optim.AdamW([flat.param], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+                                  weight_decay=cfg.weight_decay, fused=device.type in ("cuda", "cpu"))
+    first_step = 0
+    if cfg.resume:
+        checkpoint = latest_checkpoint(out_dir)
+        if checkpoint is None:
+            raise BitfitError(f"--resume {out_dir}: no checkpoint there to continue from")
+        first_step = load_checkpoint(checkpoint, flat, optimizer)
+        log(f"resuming from {checkpoint}: after step {first_step}")
+    metrics = out_dir / "metrics.jsonl"  # it holds exactly the steps done: none, or the checkpoint's
+    done = metrics.read_text().splitlines()[:first_step] if first_step and metrics.is_file() else []
+    if distributed.is_main():
+        metrics.write_text("".join(line + "\n" for line in done))
+    for group in optimizer.param_groups:
+        group["initial_lr"] = cfg.lr
+    # The schedule is a pure function of the step: a resumed run starts it at its checkpoint's step.
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, partial(lr_factor, total=n_steps, warmup=cfg.warmup_steps, schedule=cfg.schedule),
+        last_epoch=first_step - 1)
+    return optimizer, scheduler, first_step
+
+
+# --- evaluate and save ------------------------------------------------------------------------------
+
+def evaluate(model, tokenizer, held_out: dict, cfg: TrainConfig, device) -> dict:
     """Held-out loss and exact match, timed."""
     start = time.perf_counter()
-    loss = heldout_loss(model, examples, collate, device, cfg.bf16)
-    result = exact_match(model, tokenizer, records, cfg.template, device, cfg.bf16, cfg.max_new_tokens)
+    pad = partial(pad_batch, pad_token_id=pad_id(tokenizer), padding_side=tokenizer.padding_side)
+    loss = heldout_loss(model, held_out["examples"], pad, device, cfg.bf16)
+    result = exact_match(model, tokenizer, held_out["records"], cfg.template, device, cfg.bf16, cfg.max_new_tokens)
     return {"loss": loss, **result, "seconds": time.perf_counter() - start}
+
+
+def evaluate_untrained(model, tokenizer, held_out: dict, cfg: TrainConfig, device, out_dir: Path, first_step: int, log) -> dict:
+    """The evaluation before training; kept in eval_before.json, so a resumed run reports the untrained model."""
+    path = out_dir / "eval_before.json"
+    if first_step and path.is_file():
+        before = json.loads(path.read_text())
+    else:
+        before = evaluate(model, tokenizer, held_out, cfg, device)
+        path.write_text(json.dumps(before, indent=2) + "\n")
+    log(f"before training: held-out loss {before['loss']:.4f}, exact match {100 * before['exact_match']:.1f}% "
+        f"({len(held_out['records'])} examples of {held_out['name']})")
+    return before
 
 
 def save_loss_curve(records: list[dict], path: Path) -> bool:
@@ -74,191 +255,28 @@ def save_loss_curve(records: list[dict], path: Path) -> bool:
     return True
 
 
-def resumed_config(given: TrainConfig) -> TrainConfig:
-    """The config an interrupted run was started with, to continue it exactly; says which flags it ignores."""
-    run_dir = given.resume
-    ignored = [f.name for f in dataclasses.fields(TrainConfig)
-               if getattr(given, f.name) != getattr(TrainConfig(resume=run_dir), f.name)]
-    if ignored:
-        print(f"--resume continues with the run's own config; ignoring {', '.join('--' + n.replace('_', '-') for n in ignored)}")
-    path = Path(run_dir) / "config.json"
-    if not path.is_file():
-        raise BitfitError(f"--resume {run_dir}: no config.json there, so no bitfit run to resume")
-    saved = TrainConfig.from_dict(json.loads(path.read_text()))
-    return dataclasses.replace(saved, resume=run_dir, out_dir=run_dir)
-
-
-def prepare_out_dir(cfg: TrainConfig, write: bool = True) -> Path:
-    """The run's folder, refusing to mix two runs in one, with the resolved config saved in it.
-
-    Every rank checks (so all refuse together); only the one that `write`s changes anything."""
-    out_dir = Path(cfg.out_dir)
-    if (out_dir / "delta.safetensors").exists() and not cfg.overwrite:
-        raise BitfitError(f"{out_dir} already holds a finished run; pick another --out-dir or pass --overwrite")
-    if not cfg.resume and latest_checkpoint(out_dir) and not cfg.overwrite:
-        raise BitfitError(f"{out_dir} holds an interrupted run; continue it with: python train.py --resume {out_dir} "
-                          "(or pass --overwrite to start over)")
-    if not write:
-        return out_dir
-    if cfg.overwrite and not cfg.resume:  # nothing of the old run may pass for part of the new one
-        for name in ("delta.safetensors", "results.json", "eval_before.json", "metrics.jsonl"):
-            (out_dir / name).unlink(missing_ok=True)
-        shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.json").write_text(cfg.to_json() + "\n")
-    except OSError as error:
-        raise BitfitError(f"cannot write to the output directory {out_dir}: {error.strerror}") from None
-    return out_dir
-
-
-def run(cfg: TrainConfig) -> dict:
-    started = time.perf_counter()
-    rank, world, local_rank = distributed.init()  # (0, 1, 0) unless launched by torchrun
-    main_rank = rank == 0
-    log = print if main_rank else (lambda *args, **kwargs: None)  # rank 0 speaks for all
-    if cfg.resume:
-        cfg = resumed_config(cfg)
-    cfg = dataclasses.replace(cfg, out_dir=distributed.share(cfg.out_dir or time.strftime("runs/%Y%m%d-%H%M%S")))
-    out_dir = prepare_out_dir(cfg, write=main_rank)
-    distributed.barrier()
-    log("config:", cfg.to_json())
-
-    # --- device, precision, seeds -------------------------------------------------------------------
-    device = pick_device(cfg.device, local_rank)
-    torch.manual_seed(cfg.seed)
-    if cfg.deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it for determinism
-        torch.use_deterministic_algorithms(True)
-    weights_dtype = torch.bfloat16 if cfg.bf16_weights else torch.float32
-    log(f"device: {device} | frozen weights {weights_dtype} | biases and optimizer state float32 | "
-          f"bf16 autocast {'on' if cfg.bf16 else 'off'}")
-
-    # --- model and biases ---------------------------------------------------------------------------
-    model, tokenizer = models.load(cfg.model, device, weights_dtype, cfg.trust_remote_code)
-    added = add_missing_biases(model) if cfg.add_biases else []
-    if added:
-        log(f"added {len(added)} zero biases to bias-free linear layers inside the blocks")
-    selection = select_biases(model, cfg.biases)
-    flat = FlatBiases(model, selection)  # after the model is on its device and in its dtype
-    trainable, total = count_trainable(model, selection)
-    log(describe(trainable, total))
-    if flat.mask is not None and cfg.weight_decay > 0:
-        raise BitfitError("--weight-decay would shrink the frozen key/value entries of fused q/k/v biases under "
-                          "--biases reduced; use --weight-decay 0 (the BitFit paper's setting)")
-
-    # --- data ---------------------------------------------------------------------------------------
-    pad = partial(pad_batch, pad_token_id=pad_id(tokenizer), padding_side=tokenizer.padding_side)
-    collate = pack_batch if cfg.pack else pad
-    records = load_records(cfg.data, cfg.split)
-    if not records:
-        raise BitfitError(f"{cfg.data} {cfg.split} holds no records")
-    examples, dropped = encode(records, tokenizer, cfg.max_len, cfg.template)
-    if not examples:
-        raise BitfitError(f"no usable examples in {cfg.data} {cfg.split}: {dropped} dropped because max_len "
-                          f"{cfg.max_len} cut away their whole response")
-    if cfg.pack:
-        if use_per_example_attention(model):
-            log("attention: each packed example computed on its own (bitfit.attention), not as a masked square")
-        # trust, but verify: a model that lets packed examples see each other would train on garbage
-        gap = packing_gap(model, examples[:8], pad)
-        if gap > PACKING_TOLERANCE:
-            raise BitfitError(f"--pack: this model's attention does not keep packed examples apart (their loss differs "
-                              f"from the padded one by {gap:.1e}, relative); leave --pack off")
-        log(f"packing checked: {min(8, len(examples))} examples packed in one row and padded give the same loss "
-            f"to {gap:.1e} (relative)")
-    windows = make_windows(len(examples), cfg.batch_size, cfg.grad_accum, cfg.epochs, cfg.seed)
-    if cfg.max_steps:
-        windows = windows[: cfg.max_steps]
-    if cfg.pass_size:
-        lengths = [len(e["input_ids"]) for e in examples]
-        windows = [regroup(window, cfg.pass_size, lengths) for window in windows]  # before sharding: ranks split passes
-    if world > 1:  # each rank takes every world-th micro-batch of every window: disjoint shards
-        windows = [window[rank::world] for window in windows]
-        log(f"data parallel: {world} processes, {cfg.grad_accum} micro-batches per window split between them"
-            + (f" (more processes than micro-batches: {world - cfg.grad_accum} idle; raise --grad-accum)"
-               if world > cfg.grad_accum else ""))
-    n_tokens = sum(len(e["input_ids"]) for e in examples)
-    log(f"data: {len(examples)} examples from {cfg.data} {cfg.split}, {dropped} dropped (response cut away by "
-          f"max_len {cfg.max_len}), {n_tokens / len(examples):.1f} tokens on average")
-    log(f"steps: {len(windows)} optimizer steps of {cfg.grad_accum} micro-batches x {cfg.batch_size} examples "
-          f"({cfg.grad_accum * cfg.batch_size} per step), {cfg.epochs} epoch(s)"
-          + (f", capped by --max-steps {cfg.max_steps}" if cfg.max_steps else ""))
-
-    eval_source = {"": "builtin" if cfg.data == "builtin" else "", "none": ""}.get(cfg.eval_data, cfg.eval_data)
-    eval_records = load_records(eval_source, cfg.eval_split) if eval_source else []
-    eval_examples = encode(eval_records, tokenizer, cfg.max_len, cfg.template)[0]
-
-    # --- optimizer: AdamW over ONE tensor, the flat bias buffer -------------------------------------
-    optimizer = torch.optim.AdamW([flat.param], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
-                                  weight_decay=cfg.weight_decay, fused=device.type in ("cuda", "cpu"))
-    checkpoint = latest_checkpoint(out_dir) if cfg.resume else None
-    if cfg.resume and checkpoint is None:
-        raise BitfitError(f"--resume {out_dir}: no checkpoint there to continue from")
-    start = load_checkpoint(checkpoint, flat, optimizer) if checkpoint else (0, 0, None)
-    if world > 1 and start[1] > 0:
-        raise BitfitError(f"{checkpoint} stopped mid-window in a single process; resume it in a single process "
-                          "(python train.py --resume), or from a --save-every checkpoint")
-    for group in optimizer.param_groups:
-        group["initial_lr"] = cfg.lr
-    # The schedule is a pure function of the step: a resumed run starts it at its checkpoint's step.
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, partial(lr_factor, total=len(windows), warmup=cfg.warmup_steps, schedule=cfg.schedule),
-        last_epoch=start[0] - 1)
-
-    # --- evaluate, train, evaluate ------------------------------------------------------------------
-    results: dict = {"trainable": trainable, "total": total, "examples": len(examples), "dropped": dropped,
-                     "steps": len(windows), "device": str(device)}
-    before_path = out_dir / "eval_before.json"  # kept, so a resumed run reports the untrained model
-    eval_records = eval_records if main_rank else []
-    if eval_records and checkpoint and before_path.is_file():
-        results["before"] = json.loads(before_path.read_text())
-    elif eval_records:
-        results["before"] = evaluate(model, tokenizer, eval_records, eval_examples, collate, cfg, device)
-        before_path.write_text(json.dumps(results["before"], indent=2) + "\n")
-    if eval_records:
-        log(f"before training: held-out loss {results['before']['loss']:.4f}, exact match "
-              f"{100 * results['before']['exact_match']:.1f}% ({len(eval_records)} examples of {eval_source} {cfg.eval_split})")
-
-    # metrics.jsonl holds exactly the steps done: all of them for a resumed run's checkpoint, none for a new run.
-    metrics_path = out_dir / "metrics.jsonl"
-    done = metrics_path.read_text().splitlines()[: start[0]] if checkpoint and metrics_path.is_file() else []
-    if main_rank:
-        metrics_path.write_text("".join(line + "\n" for line in done))
-    if checkpoint:
-        log(f"resuming from {checkpoint}: step {start[0]}, micro-batch {start[1]}")
-    train_start = time.perf_counter()
-    with graceful_stop() as stop_asked:
-        records = fit(model, flat, optimizer, scheduler, windows, examples, collate, cfg, device, out_dir,
-                      stop_asked, start)
-    records = [json.loads(line) for line in done] + records
-    results["train_seconds"] = time.perf_counter() - train_start
-    flat.check()
-    if not main_rank:  # rank 0 evaluates and writes; the others wait for it, so no process group
-        distributed.barrier()  # is torn down while a peer still uses it (gloo aborts then)
-        return results
-    delta_path = out_dir / "delta.safetensors"  # saved first: what training made must not wait on evaluation
+def save_results(model, tokenizer, flat, added, held_out, cfg: TrainConfig, device, out_dir: Path, results: dict,
+                 started: float, log) -> None:
+    """The delta first (what training made must not wait on evaluation), then the evaluation after
+    training, results.json and the loss curve."""
+    delta_path = out_dir / "delta.safetensors"
     save_delta(str(delta_path), model, flat, base_model=cfg.model, added=added, selection=cfg.biases)
-
-    if eval_records:
-        results["after"] = evaluate(model, tokenizer, eval_records, eval_examples, collate, cfg, device)
+    if held_out:
+        results["after"] = evaluate(model, tokenizer, held_out, cfg, device)
         gain = 100 * (results["after"]["exact_match"] - results["before"]["exact_match"])
         log(f"after training:  held-out loss {results['after']['loss']:.4f}, exact match "
-              f"{100 * results['after']['exact_match']:.1f}% ({gain:+.1f} points)")
+            f"{100 * results['after']['exact_match']:.1f}% ({gain:+.1f} points)")
         for sample in results["after"]["samples"][:3]:
             log(f"  {sample['prompt']!r} -> {sample['generated'].strip()!r} (expected {sample['expected']!r})")
-
-    # --- save: the delta, and everything needed to read the run -------------------------------------
     results["total_seconds"] = time.perf_counter() - started
     (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     model_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
     log(f"saved the bias delta to {delta_path} ({delta_path.stat().st_size / 2**10:,.0f} KiB; "
-          f"the full model is {model_mb:,.0f} MiB)")
+        f"the full model is {model_mb:,.0f} MiB)")
+    records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
     if save_loss_curve(records, out_dir / "loss.png"):
         log(f"loss curve: {out_dir / 'loss.png'}")
     log(f"done in {results['total_seconds']:.0f} s ({results['train_seconds']:.0f} s training)")
-    distributed.barrier()  # the other ranks wait here for the delta and results to be written
-    return results
 
 
 def main(argv: list[str] | None = None) -> int:

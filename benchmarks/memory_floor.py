@@ -17,10 +17,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bitfit.collate import pack_batch  # noqa: E402
+from bitfit.packing import pack_batch  # noqa: E402
 from bitfit.data import encode, load_records  # noqa: E402
-from bitfit.loop import label_tokens, loss_sum  # noqa: E402
-from trainer_vs_bitfit import load_model  # noqa: E402  (the same model set-up as the Trainer comparison)
+from bitfit.loss import label_tokens, loss_sum  # noqa: E402
+from workload import load_model  # noqa: E402  (the model as train.py sets it up)
 
 
 def rss_gib() -> float:

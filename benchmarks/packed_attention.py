@@ -3,9 +3,9 @@
     python benchmarks/packed_attention.py
 
 On the embedded SmolLM2-135M with added biases: the forward and backward of packed passes of 8
-built-in examples (as `train.py --pass-size 8 --pack` runs them), timed under each attention in
+built-in examples (one step of `python train.py`, packed), timed under each attention in
 alternating rounds, so a change in the machine's load hits both. Also prints how far the losses of the
-two attentions are apart: float rounding only, as tests/test_attention.py asserts on a tiny model.
+two attentions are apart: float rounding only, as tests/test_packing.py asserts on a tiny model.
 """
 
 import argparse
@@ -18,11 +18,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bitfit.attention import use_per_example_attention  # noqa: E402
-from bitfit.collate import pack_batch  # noqa: E402
+from bitfit.packing import pack_batch, use_per_example_attention  # noqa: E402
 from bitfit.data import encode, load_records  # noqa: E402
-from bitfit.loop import loss_sum  # noqa: E402
-from trainer_vs_bitfit import load_model  # noqa: E402  (the same model set-up as the Trainer comparison)
+from bitfit.loss import loss_sum  # noqa: E402
+from workload import load_model  # noqa: E402  (the model as train.py sets it up)
 
 
 def timed_passes(model, batches) -> tuple[float, torch.Tensor]:

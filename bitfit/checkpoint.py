@@ -1,16 +1,16 @@
 """Checkpoints: everything needed to continue a run exactly where it stopped, written atomically.
 
-A checkpoint is a folder `checkpoints/step-000050-03/` (optimizer step 50, 3 micro-batches into the next
-window) holding two files, neither of them pickle:
-    state.safetensors  the flat biases, the flat gradient (non-zero mid-window), AdamW's exp_avg,
-                       exp_avg_sq and step, the loss accumulated in the window, torch's RNG states
-    state.json         the step, the micro-batch, the bitfit version
-The data position is the step and micro-batch: the order of examples is a pure function of the seed.
-The LR schedule position is the step: the schedule is a pure function of it.
+A run stops only between optimizer steps, so a checkpoint is a folder `checkpoints/step-000050/` (after
+optimizer step 50) holding two files, neither of them pickle:
+    state.safetensors  the flat biases, AdamW's exp_avg, exp_avg_sq and step, torch's RNG states
+    state.json         the step, the bitfit version
+The gradient is zero between steps, so it is not saved. The data position is the step: the order of
+examples and the layout are pure functions of the seed. So is the LR schedule.
 """
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -22,6 +22,7 @@ from .errors import BitfitError
 from .flat import FlatBiases
 
 STATE = "state.safetensors"
+NAME = re.compile(r"^step-(\d+)$")
 
 
 def _fsync(path: Path) -> None:
@@ -32,47 +33,51 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def save_checkpoint(run_dir: Path, step: int, micro: int, flat: FlatBiases, optimizer: torch.optim.Optimizer,
-                    window_loss: torch.Tensor, keep: int) -> Path:
-    """Write a checkpoint and keep only the newest `keep`. Returns its folder.
+def checkpoints(run_dir: Path) -> list[Path]:
+    """A run's complete checkpoints, oldest first (ordered by step number, not by name)."""
+    found = [(int(match[1]), path) for path in (run_dir / "checkpoints").glob("step-*") if (match := NAME.match(path.name))]
+    return [path for _, path in sorted(found)]
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint of a run, or None."""
+    found = checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def save_checkpoint(run_dir: Path, step: int, flat: FlatBiases, optimizer: torch.optim.Optimizer, keep: int) -> Path:
+    """Write the checkpoint after optimizer step `step` and keep only the newest `keep`. Returns its folder.
 
     Written into a hidden temporary folder, flushed to disk, then renamed: a crash mid-write leaves a
     temporary folder that is never read, never a checkpoint that looks whole but is not.
     """
     root = run_dir / "checkpoints"
-    final = root / f"step-{step:06d}-{micro:02d}"
+    final = root / f"step-{step:06d}"
     staging = root / f".writing-{final.name}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
 
     adam = optimizer.state.get(flat.param, {})
-    tensors = {"values": flat.values, "grads": flat.grads, "window_loss": window_loss.reshape(1),
-               "rng_cpu": torch.get_rng_state()}
+    tensors = {"values": flat.values, "rng_cpu": torch.get_rng_state()}
     if adam:
         tensors |= {"exp_avg": adam["exp_avg"], "exp_avg_sq": adam["exp_avg_sq"], "adam_step": adam["step"].reshape(1)}
     if torch.cuda.is_available():
         tensors |= {f"rng_cuda_{i}": state for i, state in enumerate(torch.cuda.get_rng_state_all())}
     save_file({name: t.detach().cpu().contiguous() for name, t in tensors.items()}, str(staging / STATE))
-    (staging / "state.json").write_text(json.dumps({"step": step, "micro": micro, "bitfit": __version__}) + "\n")
+    (staging / "state.json").write_text(json.dumps({"step": step, "bitfit": __version__}) + "\n")
     for file in staging.iterdir():
         _fsync(file)
 
     shutil.rmtree(final, ignore_errors=True)
     staging.rename(final)
     _fsync(root)  # the rename itself reaches the disk
-    for old in sorted(root.glob("step-*"))[:-keep]:
+    for old in checkpoints(run_dir)[:-keep]:
         shutil.rmtree(old)
     return final
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The newest complete checkpoint of a run, or None."""
-    found = sorted((run_dir / "checkpoints").glob("step-*"))
-    return found[-1] if found else None
-
-
-def load_checkpoint(path: Path, flat: FlatBiases, optimizer: torch.optim.Optimizer) -> tuple[int, int, torch.Tensor]:
-    """Restore the biases, gradient, AdamW state and RNG from a checkpoint; return (step, micro, window loss)."""
+def load_checkpoint(path: Path, flat: FlatBiases, optimizer: torch.optim.Optimizer) -> int:
+    """Restore the biases, AdamW state and RNG from a checkpoint; return its optimizer step."""
     try:
         meta = json.loads((path / "state.json").read_text())
         tensors = load_file(str(path / STATE))
@@ -83,7 +88,7 @@ def load_checkpoint(path: Path, flat: FlatBiases, optimizer: torch.optim.Optimiz
     device = flat.values.device
     with torch.no_grad():
         flat.values.copy_(tensors["values"])
-        flat.grads.copy_(tensors["grads"])
+    flat.zero_grad()
     if "exp_avg" in tensors:
         optimizer.state[flat.param] = {
             "step": tensors["adam_step"].reshape(()).to(device),
@@ -94,4 +99,4 @@ def load_checkpoint(path: Path, flat: FlatBiases, optimizer: torch.optim.Optimiz
     cuda_states = [tensors[name] for name in sorted(tensors) if name.startswith("rng_cuda_")]
     if cuda_states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(cuda_states)
-    return meta["step"], meta["micro"], tensors["window_loss"].reshape(()).to(device)
+    return meta["step"]

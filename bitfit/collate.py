@@ -1,8 +1,8 @@
-"""The collators: a list of examples of different lengths -> one batch, padded or packed.
+"""The padding collator: a list of examples of different lengths -> one batch of rows of one length.
 
-Padded: one row per example, the short ones filled up (the seeds' DataCollatorForSeq2Seq layout).
-Packed: all examples end to end in ONE row, no filling at all; position ids that restart at 0 for each
-example tell the model where one sequence ends and the next begins.
+One row per example, the short ones filled up: the seeds' DataCollatorForSeq2Seq layout, for training
+(the padded and seeds layouts), evaluation and generation. The packed layout's collator, which fills
+nothing, is in packing.py.
 """
 
 import torch
@@ -46,20 +46,3 @@ def pad_batch(
             rows.append(example[key] + padding if padding_side == "right" else padding + example[key])
         batch[key] = torch.tensor(rows, dtype=torch.long)
     return batch
-
-
-def pack_batch(examples: list[Example]) -> dict[str, torch.Tensor]:
-    """Lay the examples end to end in one row, with position ids restarting at 0 for each example.
-
-    Given position ids and no attention mask, transformers' mask builder reads each restart as a new
-    sequence and masks attention block-diagonally (causal within each example, nothing across), so an
-    example sees exactly what it sees alone, and no compute goes to padding. Each example's first label
-    becomes -100: alone, its first token is never a target (nothing precedes it); packed, it would be
-    predicted from the previous example's last token. `loop.packing_gap` checks a model keeps them apart.
-    """
-    row: dict[str, list[int]] = {"input_ids": [], "labels": [], "position_ids": []}
-    for example in examples:
-        row["input_ids"] += example["input_ids"]
-        row["labels"] += [IGNORE_INDEX] + example["labels"][1:]
-        row["position_ids"] += range(len(example["input_ids"]))
-    return {key: torch.tensor([values], dtype=torch.long) for key, values in row.items()}

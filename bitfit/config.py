@@ -11,6 +11,7 @@ import typing
 from dataclasses import dataclass, field
 
 from .errors import BitfitError
+from .layout import KINDS
 
 
 PAPER_LR = 1e-3  # the BitFit paper's code
@@ -19,6 +20,10 @@ BUILTIN_TASK_LR = 5e-3  # the offline default run: 100 steps must reach the READ
 
 def _option(default, help: str):
     return field(default=default, metadata={"help": help})
+
+
+def _default(name: str):
+    return TrainConfig.__dataclass_fields__[name].default
 
 
 @dataclass
@@ -42,15 +47,17 @@ class TrainConfig:
                                       "(the tokenizer's chat template)")
     max_len: int = _option(256, "examples are cut to this many tokens (the seeds' MAX_LEN)")
     # --- optimization (defaults from the BitFit paper's code) ---
-    batch_size: int = _option(1, "examples per micro-batch (forward/backward pass)")
-    pass_size: int = _option(0, "examples per forward pass: 0 = --batch-size (the seeds' micro-batch); larger runs "
-                                "several micro-batches of a window in one padded pass, longest first: the same "
-                                "gradient, faster on short sequences, more activation memory")
-    pack: bool = _option(False, "lay each pass's examples end to end in ONE row instead of padding them: no compute "
-                                "spent on padding; position ids restarting per example keep them apart (checked "
-                                "against padding before training; needs position ids, so not BLOOM)")
-    grad_accum: int = _option(8, "micro-batches per optimizer step; the loss is normalized by the label tokens "
-                                 "of the whole window")
+    batch_size: int = _option(1, "examples per micro-batch in the seeds' recipe; with --grad-accum it sets the examples "
+                                 "of an optimizer step (--batch-size x --grad-accum), in every layout")
+    grad_accum: int = _option(8, "micro-batches per optimizer step (the seeds' gradient accumulation); each step's loss "
+                                 "is normalized by the label tokens of all its examples")
+    layout: str = _option("auto", "how a step's examples go through the model: 'packed' (end to end in one row, no "
+                                  "padding), 'padded' (rows padded to the pass's longest), 'seeds' (micro-batches of "
+                                  "--batch-size, exactly the seeds' recipe) or 'auto' (packed where the model takes "
+                                  "position ids and the packing check passes, else padded); all give the same gradient")
+    max_pass_tokens: int = _option(256, "tokens in one forward pass at most (packed and padded layouts; padded tokens "
+                                        "count): bounds activation memory; an example longer than this gets a pass of "
+                                        "its own")
     lr: float | None = _option(None, "peak learning rate of AdamW; if not given, 1e-3 (the BitFit paper's code), "
                                      "or 5e-3 on the built-in task (tuned for the 5-minute CPU run, see README)")
     beta1: float = _option(0.9, "AdamW beta1")
@@ -82,16 +89,21 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.lr is None:  # resolved here, so the printed and saved config holds the lr actually used
             self.lr = BUILTIN_TASK_LR if self.data == "builtin" else PAPER_LR
-        choices = {"template": ("alpaca", "chat"), "schedule": ("linear", "cosine", "constant")}
+        choices = {"template": ("alpaca", "chat"), "schedule": ("linear", "cosine", "constant"),
+                   "layout": ("auto", *KINDS)}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise BitfitError(f"--{name.replace('_', '-')} must be one of {allowed}, not {getattr(self, name)!r}")
-        for name in ("max_len", "batch_size", "grad_accum", "epochs", "log_every", "max_new_tokens", "keep_checkpoints"):
+        for name in ("max_len", "batch_size", "grad_accum", "max_pass_tokens", "epochs", "log_every", "max_new_tokens",
+                     "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise BitfitError(f"--{name.replace('_', '-')} must be at least 1, not {getattr(self, name)}")
-        for name in ("lr", "eps", "weight_decay", "grad_clip", "warmup_steps", "max_steps", "save_every", "pass_size"):
+        for name in ("lr", "eps", "weight_decay", "grad_clip", "warmup_steps", "max_steps", "save_every"):
             if getattr(self, name) < 0:
                 raise BitfitError(f"--{name.replace('_', '-')} must not be negative, not {getattr(self, name)}")
+        if self.layout == "seeds" and self.max_pass_tokens != _default("max_pass_tokens"):
+            raise BitfitError("--max-pass-tokens has no effect with --layout seeds, whose passes are micro-batches of "
+                              "--batch-size; drop one of the two")
         if self.bf16_weights and not self.bf16:
             raise BitfitError("--bf16-weights needs --bf16: bf16 weights with fp32 activations cannot multiply")
 

@@ -2,12 +2,13 @@
 
     torchrun --nproc_per_node=N train.py ...
 
-Every rank loads the same model and data and walks the same windows (the order is a pure function of
-the seed); rank r takes micro-batches r, r+N, r+2N, ... of each window. Per window the ranks sum their
-label-token counts (so the loss is normalized by the whole window's tokens, exactly as in one process),
-then ONE all-reduce sums the flat gradient buffer (4 bytes per bias: 1.6 MB for bloomz-1b1), and every
-rank takes the same AdamW step. Rank 0 alone prints, evaluates, writes metrics, checkpoints and the delta.
-Without torchrun (no WORLD_SIZE, or 1) none of this runs and every helper is a no-op.
+Every process loads the same model and data and plans the same steps (the order is a pure function of
+the seed); each takes its share of every step's examples (bitfit.layout.share) and runs them in its own
+passes. After its passes, ONE all-reduce sums the flat gradient buffer (4 bytes per bias: 1.6 MB for
+bloomz-1b1) and one more sums three numbers (the loss, the label tokens, the input tokens), so the step
+is normalized by the whole step's label tokens exactly as in one process; every process then takes the
+same AdamW step. Rank 0 alone prints, evaluates, writes metrics, checkpoints and the delta. Without
+torchrun (no WORLD_SIZE, or 1) none of this runs and every helper is a no-op.
 """
 
 import os

@@ -7,7 +7,7 @@ from torch import nn
 
 from .collate import pad_batch, pad_id
 from .data import Example, check_record, prompt_text
-from .loop import label_tokens, loss_sum
+from .loss import label_tokens, loss_sum
 from .tasks import is_correct
 
 

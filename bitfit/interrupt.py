@@ -1,30 +1,40 @@
-"""Ctrl-C and SIGTERM: the first asks the loop to checkpoint and stop, the second stops at once."""
+"""Ctrl-C and SIGTERM: the first asks the loop to stop after the step it is on, the second stops at once."""
 
 import contextlib
 import signal
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
+
+
+class StopRequest:
+    """What the first Ctrl-C or SIGTERM leaves for the training loop: whether to stop, and at which step.
+
+    The loop sets `step` to the step it is working on, so the message can name it; it reads `asked`
+    between steps, never inside one, so a checkpoint only ever holds a finished step."""
+
+    def __init__(self) -> None:
+        self.asked = False
+        self.step = 0
 
 
 @contextlib.contextmanager
-def graceful_stop() -> Iterator[Callable[[], bool]]:
-    """Yield a function that says whether a stop was asked for; restore the old handlers afterwards.
-
-    The first Ctrl-C (SIGINT) or SIGTERM only sets a flag: the loop finishes its micro-step, writes a
-    checkpoint and stops. It also puts the default handlers back, so a second one exits at once.
-    """
-    asked: list[int] = []
+def graceful_stop(announce: bool = True) -> Iterator[StopRequest]:
+    """Handle the first Ctrl-C (SIGINT) or SIGTERM by setting `asked`, and say so at once (if `announce`:
+    under torchrun only rank 0 speaks). The default handlers come back at that moment, so a second one
+    exits at once; the old handlers come back when the block ends."""
+    stop = StopRequest()
 
     def ask(signum: int, frame) -> None:
-        asked.append(signum)
+        stop.asked = True
         signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        print(f"\n{signal.Signals(signum).name}: finishing this micro-step, then writing a checkpoint "
-              "(press Ctrl-C again to quit at once, without one)", file=sys.stderr, flush=True)
+        if announce:
+            print(f"\n{signal.Signals(signum).name}: finishing step {stop.step}, then writing a checkpoint "
+                  "(press Ctrl-C again to quit at once, without one)", file=sys.stderr, flush=True)
 
     previous = {signum: signal.signal(signum, ask) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
-        yield lambda: bool(asked)
+        yield stop
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)

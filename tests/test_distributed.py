@@ -29,7 +29,8 @@ def torchrun(*args: str) -> subprocess.CompletedProcess:
 
 def test_two_gloo_processes_give_the_biases_and_loss_log_of_one_process(tmp_path):
     model_dir = saved(tiny_llama, tmp_path / "model")
-    # 44 examples: 5 full windows of 8 and a last window of 4, so ranks also share a short window.
+    # 44 examples: 5 full steps of 8 and a last step of 4, so processes also share a short step. The
+    # default layout: packed, each process's 4 examples in one pass.
     # Key biases are left out: softmax ignores a shift shared by all keys, so their exact gradient is
     # zero and the computed one is rounding noise, which AdamW scales up to lr-sized steps; two summation
     # orders never agree on noise. Every other bias must agree.
@@ -45,7 +46,7 @@ def test_two_gloo_processes_give_the_biases_and_loss_log_of_one_process(tmp_path
     launched = torchrun(*args, "--out-dir", str(tmp_path / "two"))
     assert launched.returncode == 0, launched.stderr[-3000:]
     assert launched.stdout.count("saved the bias delta") == 1  # rank 0 alone speaks and writes
-    assert "data parallel: 2 processes" in launched.stdout
+    assert "| 2 processes, 4 examples each" in launched.stdout  # a step's 8 examples shared, none idle
 
     one, two = read_delta(str(tmp_path / "one" / "delta.safetensors"))[0], read_delta(str(tmp_path / "two" / "delta.safetensors"))[0]
     assert one.keys() == two.keys()
@@ -70,10 +71,30 @@ def test_a_torchrun_run_resumed_from_a_checkpoint_ends_bitwise_identical(tmp_pat
     # A crash after step 5: the last checkpoint is step 4, and the run never finished.
     for name in ("delta.safetensors", "results.json"):
         (tmp_path / "run" / name).unlink()
-    shutil.rmtree(tmp_path / "run" / "checkpoints" / "step-000006-00")
+    shutil.rmtree(tmp_path / "run" / "checkpoints" / "step-000006")
     resumed = torchrun("--resume", str(tmp_path / "run"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resuming from" in resumed.stdout and "step 4, micro-batch 0" in resumed.stdout
+    assert "resuming from" in resumed.stdout and "after step 4" in resumed.stdout
     delta, log = read_delta(str(tmp_path / "run" / "delta.safetensors"))[0], losses(tmp_path / "run")
     assert log == straight[1]
     assert all(torch.equal(delta[name], straight[0][name]) for name in delta)
+
+
+def test_a_run_checkpointed_under_torchrun_resumes_in_one_process(tmp_path):
+    # A step's examples do not depend on how many processes share them, so a checkpoint does not either.
+    model_dir = saved(tiny_llama, tmp_path / "model")
+    args = ["--model", model_dir, "--split", "train[:32]", "--eval-data", "none", "--lr", "1e-2",
+            "--biases", "^(?!.*k_proj)", "--save-every", "2"]
+    assert torchrun(*args, "--out-dir", str(tmp_path / "run")).returncode == 0
+    straight = losses(tmp_path / "run")
+    (tmp_path / "run" / "delta.safetensors").unlink()
+    shutil.rmtree(tmp_path / "run" / "checkpoints" / "step-000004")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert train.main(["--resume", str(tmp_path / "run")]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    resumed = losses(tmp_path / "run")
+    assert resumed[:2] == straight[:2] and len(resumed) == 4
+    assert all(abs(a - b) <= 1e-6 * abs(a) for a, b in zip(straight[2:], resumed[2:])), (straight, resumed)

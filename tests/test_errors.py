@@ -94,9 +94,14 @@ def test_an_output_directory_that_cannot_be_written_is_a_one_line_error(model_di
     fails_with(capsys, 2, "cannot write to the output directory")
 
 
-def test_pack_on_a_model_without_position_ids_is_a_one_line_error(model_dir, tmp_path, capsys):
-    assert run_on(model_dir, tmp_path, "--pack") == 2  # model_dir holds a BLOOM: ALiBi, no position ids
-    fails_with(capsys, 2, "--pack needs a model whose forward takes position_ids; BloomForCausalLM does not")
+def test_the_packed_layout_on_a_model_without_position_ids_is_a_one_line_error(model_dir, tmp_path, capsys):
+    assert run_on(model_dir, tmp_path, "--layout", "packed") == 2  # model_dir holds a BLOOM: ALiBi, no position ids
+    fails_with(capsys, 2, "--layout packed: BloomForCausalLM takes no position ids .*; use --layout padded")
+
+
+def test_a_bad_layout_is_a_one_line_error(model_dir, tmp_path, capsys):
+    assert run_on(model_dir, tmp_path, "--layout", "pack") == 2
+    fails_with(capsys, 2, "--layout must be one of")
 
 
 def test_an_unknown_bias_selection_is_a_one_line_error(model_dir, tmp_path, capsys):

@@ -17,9 +17,8 @@ from bitfit.delta import read_delta
 from test_train import saved
 from tiny import tiny_llama
 
-# 40 examples = 5 optimizer steps of 8; evaluation on 2 held-out questions (one collate call)
+# 40 examples = 5 optimizer steps of 8; evaluation on 2 held-out questions
 ARGS = ["--split", "train[:40]", "--eval-split", "heldout[:2]", "--max-new-tokens", "2", "--lr", "1e-2"]
-IN_STEP_3 = 1 + 8 + 8 + 1  # the collate call that starts step 3: evaluation, 8 per window, then 1
 
 
 @pytest.fixture(scope="module")
@@ -27,18 +26,18 @@ def model_dir(tmp_path_factory) -> str:
     return saved(tiny_llama, tmp_path_factory.mktemp("model") / "llama")
 
 
-def signal_at_collate(monkeypatch, call: int, signals: list[int]) -> None:
-    """Send `signals` to this process from the `call`-th collate: a real Ctrl-C / SIGTERM mid-run."""
-    real, calls = train.pad_batch, []
+def signal_in_step(monkeypatch, step: int, signals: list[int]) -> None:
+    """Send `signals` to this process as optimizer step `step` begins: a real Ctrl-C / SIGTERM mid-step."""
+    real, calls = bitfit.loop.train_step, []
 
-    def collate(*args, **kwargs):
+    def train_step(*args, **kwargs):
         calls.append(1)
-        if len(calls) == call:
+        if len(calls) == step:
             for signum in signals:
                 os.kill(os.getpid(), signum)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(train, "pad_batch", collate)
+    monkeypatch.setattr(bitfit.loop, "train_step", train_step)
 
 
 def outcome(run_dir: Path) -> tuple[dict, str]:
@@ -49,11 +48,13 @@ def outcome(run_dir: Path) -> tuple[dict, str]:
 def test_an_interrupted_and_resumed_run_ends_bitwise_identical_to_an_uninterrupted_one(signum, model_dir, tmp_path, monkeypatch, capsys):
     assert train.main(["--model", model_dir, *ARGS, "--out-dir", str(tmp_path / "straight")]) == 0
 
-    signal_at_collate(monkeypatch, IN_STEP_3, [signum])
+    signal_in_step(monkeypatch, 3, [signum])
     assert train.main(["--model", model_dir, *ARGS, "--out-dir", str(tmp_path / "stopped")]) == 130
     err = capsys.readouterr().err
+    assert f"{signal.Signals(signum).name}: finishing step 3, then writing a checkpoint" in err  # said at once
+    assert f"stopped after step 3; checkpoint {tmp_path / 'stopped' / 'checkpoints' / 'step-000003'}" in err
     assert f"resume with: python train.py --resume {tmp_path / 'stopped'}" in err
-    assert latest_checkpoint(tmp_path / "stopped").name == "step-000002-01"  # mid-window: 1 of 8 micro-batches done
+    assert len((tmp_path / "stopped" / "metrics.jsonl").read_text().splitlines()) == 3  # the step was finished
     assert not (tmp_path / "stopped" / "delta.safetensors").exists()
 
     monkeypatch.undo()
@@ -65,7 +66,7 @@ def test_an_interrupted_and_resumed_run_ends_bitwise_identical_to_an_uninterrupt
 
 
 def test_a_second_ctrl_c_exits_at_once_without_a_checkpoint(model_dir, tmp_path, monkeypatch, capsys):
-    signal_at_collate(monkeypatch, IN_STEP_3, [signal.SIGINT, signal.SIGINT])
+    signal_in_step(monkeypatch, 3, [signal.SIGINT, signal.SIGINT])
     assert train.main(["--model", model_dir, *ARGS, "--out-dir", str(tmp_path / "run")]) == 130
     assert "interrupted twice" in capsys.readouterr().err
     assert latest_checkpoint(tmp_path / "run") is None
@@ -81,8 +82,8 @@ def test_save_every_keeps_the_newest_k_checkpoints_with_fp32_optimizer_state(mod
     run_dir = tmp_path / "run"
     assert train.main(["--model", model_dir, *ARGS, "--save-every", "1", "--keep-checkpoints", "2",
                        "--bf16", "--out-dir", str(run_dir)]) == 0
-    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-000004-00", "step-000005-00"]
-    state = load_file(str(run_dir / "checkpoints" / "step-000005-00" / "state.safetensors"))
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-000004", "step-000005"]
+    state = load_file(str(run_dir / "checkpoints" / "step-000005" / "state.safetensors"))
     # bf16 autocast, yet AdamW's state is fp32: eps 1e-8 cannot underflow to 0 as it does in fp16/bf16
     assert state["exp_avg"].dtype == state["exp_avg_sq"].dtype == state["values"].dtype == torch.float32
     assert torch.isfinite(state["values"]).all()
@@ -99,7 +100,7 @@ def test_a_crash_while_writing_a_checkpoint_leaves_no_checkpoint_that_looks_whol
     with pytest.raises(OSError, match="disk full"):
         train.main(["--model", model_dir, *ARGS, "--save-every", "2", "--out-dir", str(tmp_path / "run")])
     assert latest_checkpoint(tmp_path / "run") is None
-    assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == [".writing-step-000002-00"]
+    assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == [".writing-step-000002"]
 
 
 def test_a_nan_loss_stops_the_run_naming_the_step_the_records_and_the_last_good_checkpoint(model_dir, tmp_path, monkeypatch, capsys):
@@ -111,22 +112,22 @@ def test_a_nan_loss_stops_the_run_naming_the_step_the_records_and_the_last_good_
         return loss * float("nan") if len(calls) == 2 * 8 + 1 else loss
 
     monkeypatch.setattr(bitfit.loop, "loss_sum", nan_in_step_3)
-    run_dir = tmp_path / "run"
-    assert train.main(["--model", model_dir, *ARGS, "--save-every", "2", "--out-dir", str(run_dir)]) == 3
+    run_dir = tmp_path / "run"  # the seeds' layout: one pass per example, 8 per step
+    assert train.main(["--model", model_dir, *ARGS, "--layout", "seeds", "--save-every", "2", "--out-dir", str(run_dir)]) == 3
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error: non-finite values, run stopped: step 3: loss nan")
-    assert "the window held training records [" in err
-    assert f"last good checkpoint: {run_dir / 'checkpoints' / 'step-000002-00'}" in err
+    assert "the step held training records [" in err
+    assert f"last good checkpoint: {run_dir / 'checkpoints' / 'step-000002'}" in err
     assert not (run_dir / "delta.safetensors").exists()  # nothing after the NaN is saved as if it were good
     assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 2
-    assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["step-000002-00"]
+    assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["step-000002"]
 
 
 def test_resume_needs_a_checkpoint_and_a_fresh_run_will_not_reuse_an_interrupted_folder(model_dir, tmp_path, monkeypatch, capsys):
     assert train.main(["--resume", str(tmp_path / "nothing")]) == 2
     assert "no config.json there" in capsys.readouterr().err
 
-    signal_at_collate(monkeypatch, IN_STEP_3, [signal.SIGINT])
+    signal_in_step(monkeypatch, 3, [signal.SIGINT])
     assert train.main(["--model", model_dir, *ARGS, "--out-dir", str(tmp_path / "run")]) == 130
     monkeypatch.undo()
     assert train.main(["--model", model_dir, *ARGS, "--out-dir", str(tmp_path / "run")]) == 2
@@ -134,7 +135,7 @@ def test_resume_needs_a_checkpoint_and_a_fresh_run_will_not_reuse_an_interrupted
 
 
 def test_a_resumed_run_keeps_its_config_and_reports_the_evaluation_of_the_untrained_model(model_dir, tmp_path, monkeypatch, capsys):
-    signal_at_collate(monkeypatch, IN_STEP_3, [signal.SIGINT])
+    signal_in_step(monkeypatch, 3, [signal.SIGINT])
     assert train.main(["--model", model_dir, *ARGS, "--out-dir", str(tmp_path / "run")]) == 130
     before = json.loads((tmp_path / "run" / "eval_before.json").read_text())
     monkeypatch.undo()
@@ -142,3 +143,9 @@ def test_a_resumed_run_keeps_its_config_and_reports_the_evaluation_of_the_untrai
     assert "ignoring --lr" in capsys.readouterr().out
     assert json.loads((tmp_path / "run" / "config.json").read_text())["lr"] == 1e-2
     assert json.loads((tmp_path / "run" / "results.json").read_text())["before"] == before
+
+
+def test_the_newest_checkpoint_is_found_by_step_number_not_by_name(tmp_path):
+    for name in ("step-999999", "step-1000000", ".writing-step-1000001", "step-000005-03"):
+        (tmp_path / "checkpoints" / name).mkdir(parents=True)
+    assert latest_checkpoint(tmp_path).name == "step-1000000"  # unfinished and foreign folders are not checkpoints

@@ -1,5 +1,5 @@
 """Tiny models and a tiny tokenizer built from configs: no download, random weights, milliseconds;
-and the one-window loss and bias gradient that several tests compare between layouts."""
+and the one-step loss and bias gradient that several tests compare between layouts."""
 
 import functools
 
@@ -9,7 +9,7 @@ from transformers import BloomConfig, BloomForCausalLM, LlamaConfig, LlamaForCau
 
 from bitfit.biases import add_missing_biases, select_biases
 from bitfit.flat import FlatBiases
-from bitfit.loop import label_tokens, loss_sum
+from bitfit.loss import label_tokens, loss_sum
 from bitfit.tasks import builtin_records
 
 # A chat template of the usual shape: role markers, each turn closed by the eos token.
@@ -61,8 +61,8 @@ def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
     return LlamaForCausalLM(config).eval()
 
 
-def window_loss_and_gradient(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """`batch` as one training window: its token-mean loss, and the gradient of every bias (zero biases
+def step_loss_and_gradient(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """`batch` as one optimizer step: its token-mean loss, and the gradient of every bias (zero biases
     added where the model has none) as the one flat buffer the optimizer steps."""
     add_missing_biases(model)
     flat = FlatBiases(model, select_biases(model))

@@ -1,24 +1,79 @@
+"""Packed rows: the collator, per-example attention, and the check that packed examples stay apart."""
+
+from functools import partial
+
 import torch
 
-from bitfit import attention
-from bitfit.attention import NAME, segment_lengths, use_per_example_attention
-from bitfit.collate import pack_batch, pad_batch
+from bitfit import packing
+from bitfit.collate import pad_batch
 from bitfit.data import encode
+from bitfit.loss import input_tokens, label_tokens
+from bitfit.packing import NAME, pack_batch, segment_lengths, use_per_example_attention
 from bitfit.tasks import builtin_records
-from tiny import tiny_llama, tiny_tokenizer, window_loss_and_gradient
+from tiny import tiny_bloom, tiny_llama, tiny_tokenizer, step_loss_and_gradient
+
+
+def test_pack_batch_lays_examples_end_to_end_with_positions_restarting_and_no_first_labels():
+    batch = pack_batch([{"input_ids": [5, 6, 7], "attention_mask": [1, 1, 1], "labels": [-100, 6, 7]},
+                        {"input_ids": [8, 9], "attention_mask": [1, 1], "labels": [8, 9]}])
+    assert set(batch) == {"input_ids", "labels", "position_ids"}  # no attention mask: nothing is padding
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1]]
+    # 8 would be predicted from 7, the end of another example: not a target, as it is not one alone either
+    assert batch["labels"].tolist() == [[-100, 6, 7, -100, 9]]
+
+
+def test_a_packed_row_gives_the_loss_and_gradient_of_the_padded_batch():
+    tokenizer = tiny_tokenizer()
+    examples, _ = encode(builtin_records("train")[:8], tokenizer)
+    padded = pad_batch(examples, tokenizer.pad_token_id, "right")
+    packed = pack_batch(examples)
+    assert label_tokens(packed) == label_tokens(padded)
+    assert input_tokens(packed) == input_tokens(padded) < padded["input_ids"].numel()
+    (loss_padded, grad_padded), (loss_packed, grad_packed) = (step_loss_and_gradient(tiny_llama(), batch)
+                                                              for batch in (padded, packed))
+    torch.testing.assert_close(loss_packed, loss_padded, rtol=1e-6, atol=0)
+    torch.testing.assert_close(grad_packed, grad_padded, rtol=0, atol=1e-6)
+
+
+def test_the_packing_check_passes_a_model_that_keeps_examples_apart_and_catches_one_that_does_not(monkeypatch):
+    tokenizer = tiny_tokenizer()
+    examples, _ = encode(builtin_records("train")[:8], tokenizer)
+    pad = partial(pad_batch, pad_token_id=tokenizer.pad_token_id, padding_side="right")
+    model = tiny_llama()
+    assert packing.enable(model, examples, pad) is None
+    assert model.config._attn_implementation == NAME
+
+    def leaky_pack(examples):  # one unbroken run of positions: plain causal attention across the whole row
+        batch = pack_batch(examples)
+        batch["position_ids"] = torch.arange(batch["input_ids"].shape[1]).unsqueeze(0)
+        return batch
+
+    monkeypatch.setattr(packing, "pack_batch", leaky_pack)
+    assert packing.packing_gap(model, examples, pad) > 10 * packing.PACKING_TOLERANCE
+    model = tiny_llama()
+    assert "does not keep packed examples apart" in packing.enable(model, examples, pad)
+    assert model.config._attn_implementation == "sdpa"  # refused: the model is left as it was
+
+
+def test_a_model_without_position_ids_cannot_be_packed():
+    tokenizer = tiny_tokenizer(padding_side="left")
+    examples, _ = encode(builtin_records("train")[:8], tokenizer)
+    pad = partial(pad_batch, pad_token_id=tokenizer.pad_token_id, padding_side="left")
+    assert "BloomForCausalLM takes no position ids" in packing.enable(tiny_bloom(), examples, pad)
 
 
 def loss_and_gradient(batch, per_example: bool):
     model = tiny_llama()
     if per_example:
         assert use_per_example_attention(model)
-    return window_loss_and_gradient(model, batch)
+    return step_loss_and_gradient(model, batch)
 
 
 def record_splits(monkeypatch) -> list[list[int]]:
     """The segment lengths of every split the per-example path makes: proof that it really ran."""
     splits = []
-    monkeypatch.setattr(attention, "segment_lengths", lambda ids: splits.append(segment_lengths(ids)) or splits[-1])
+    monkeypatch.setattr(packing, "segment_lengths", lambda ids: splits.append(segment_lengths(ids)) or splits[-1])
     return splits
 
 
