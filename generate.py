@@ -11,6 +11,7 @@ see the prompt template the run trained with (its config.json), so the compariso
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -18,7 +19,8 @@ import torch
 from transformers import TextStreamer
 
 from bitfit import models
-from bitfit.data import check_record, load_records, prompt_text
+from bitfit.cli import ArgumentParser, check_device
+from bitfit.data import load_records, questions, read_lines
 from bitfit.delta import apply_delta, read_delta
 from bitfit.errors import BitfitError
 from bitfit.evaluate import answers
@@ -33,27 +35,27 @@ def latest_delta(runs: Path = Path("runs")) -> Path:
     return deltas[-1]
 
 
-def read_prompts(args: argparse.Namespace) -> list[dict]:
-    """Records to ask about: --prompt texts, a --prompts-file, or else held-out built-in questions.
+def read_prompts(args: argparse.Namespace) -> tuple[list[dict], list[str]]:
+    """Records to ask about, and the place of each for error messages: --prompt texts, a --prompts-file,
+    or else held-out built-in questions.
 
-    A prompts file is one prompt per line (.txt) or Alpaca records (.json/.jsonl); records that carry
-    an `output` get their answers marked right or wrong.
+    A prompts file is one prompt per line (UTF-8 text) or records (.json/.jsonl, any shape train.py
+    reads); records that carry an answer get the model's answers marked right or wrong.
     """
     if args.prompt:
-        return [{"instruction": text} for text in args.prompt]
+        return [{"instruction": text} for text in args.prompt], [f"--prompt {n}" for n in range(1, len(args.prompt) + 1)]
     if args.prompts_file:
         path = Path(args.prompts_file)
-        if path.suffix in (".json", ".jsonl"):
+        if path.suffix.lower() in (".json", ".jsonl"):
             return load_records(str(path))
-        if not path.is_file():
-            raise BitfitError(f"prompts file not found: {path}")
-        return [{"instruction": line} for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        lines = [(number, line) for number, line in read_lines(path) if line.strip()]
+        return [{"instruction": line} for _, line in lines], [f"{path} line {number}" for number, _ in lines]
     return load_records("builtin", f"heldout[:{args.n}]")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    cli = argparse.ArgumentParser(description="Compare the base model's and the BitFit-tuned model's answers.",
-                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    cli = ArgumentParser(description="Compare the base model's and the BitFit-tuned model's answers.",
+                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     cli.add_argument("--delta", default="", help="a delta.safetensors; '' means the latest run under runs/")
     cli.add_argument("--model", default="", help="the base model; '' means the one the delta was trained on")
     cli.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable); one prompt is streamed")
@@ -67,7 +69,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     cli.add_argument("--seed", type=int, default=0, help="seed for sampling; base and tuned get the same")
     cli.add_argument("--device", default="auto", help="'auto' (CUDA if available), 'cpu', 'cuda' or 'cuda:N'")
     cli.add_argument("--trust-remote-code", action="store_true", help="let transformers run code shipped with the model")
-    return cli.parse_args(argv)
+    cli.add_argument("--trust-pickle-weights", action="store_true",
+                     help="load weights stored as pickle (.bin/.pt), which can run any code they contain")
+    return check_args(cli.parse_args(argv))
+
+
+def check_args(args: argparse.Namespace) -> argparse.Namespace:
+    """`args` if every value means something; else a BitfitError naming the flag, before any model is loaded."""
+    if args.max_new_tokens < 1:
+        raise BitfitError(f"--max-new-tokens must be at least 1, not {args.max_new_tokens}")
+    if args.n < 1:
+        raise BitfitError(f"-n must be at least 1, not {args.n}")
+    if args.template not in ("", "alpaca", "chat"):
+        raise BitfitError(f"--template must be 'alpaca', 'chat' or '' (the run's template), not {args.template!r}")
+    # Greedy decoding ignores the temperature, and a temperature of 0 commonly means greedy: checked with --sample.
+    if args.sample and not (math.isfinite(args.temperature) and args.temperature > 0):
+        raise BitfitError(f"--temperature must be a finite number above 0 with --sample, not {args.temperature}")
+    if not 0 < args.top_p <= 1:  # also refuses nan, which compares False with everything
+        raise BitfitError(f"--top-p must be above 0 and at most 1, not {args.top_p}")
+    check_device(args.device)
+    return args
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -76,11 +97,12 @@ def run(args: argparse.Namespace) -> dict:
     run_config = delta.parent / "config.json"
     template = args.template or (json.loads(run_config.read_text())["template"] if run_config.is_file() else "alpaca")
     device = models.pick_device(args.device)
-    model, tokenizer = models.load(args.model or metadata["base_model"], device, torch.float32, args.trust_remote_code)
+    model, tokenizer = models.load(args.model or metadata["base_model"], device, torch.float32, args.trust_remote_code,
+                                   args.trust_pickle_weights)
 
-    records = read_prompts(args)
-    fields = [check_record(i, {"input": "", "output": "", **row}) for i, row in enumerate(records)]
-    prompts = [prompt_text(tokenizer, template, instruction, input) for instruction, input, _ in fields]
+    records, places = read_prompts(args)
+    asked = questions(records, tokenizer, template, places)  # (prompt ids, question, expected answer or '')
+    prompts = [ids for ids, _, _ in asked]
     generation = {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p} if args.sample else {"do_sample": False}
     stream = len(prompts) == 1
     print(f"delta {delta} (trained on {metadata['base_model']!r}), template {template!r}, "
@@ -94,21 +116,21 @@ def run(args: argparse.Namespace) -> dict:
         if stream:
             print(f"{side:>5}: ", end="", flush=True)
             generation["streamer"] = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-        said[side] = answers(model, tokenizer, prompts, template, device, False, args.max_new_tokens, generation=generation)
+        said[side] = answers(model, tokenizer, prompts, device, False, args.max_new_tokens, generation=generation)
 
     correct = {"BASE": 0, "TUNED": 0}
-    for number, (row, (instruction, input, expected)) in enumerate(zip(records, fields), start=1):
-        checkable = bool(row.get("output"))
+    for number, (_, question, expected) in enumerate(asked, start=1):
+        checkable = bool(expected)
         if not stream:
-            question = "\n".join([instruction, input]).strip().replace("\n", " | ")
-            print(f"\n[{number}] {question}" + (f"   (expected: {expected})" if checkable else ""))
+            shown = question.strip().replace("\n", " | ")
+            print(f"\n[{number}] {shown}" + (f"   (expected: {expected})" if checkable else ""))
         for side in ("BASE", "TUNED"):
             right = checkable and is_correct(said[side][number - 1], expected)
             correct[side] += right
             mark = ("  [right]" if right else "  [wrong]") if checkable else ""
             if not stream:
                 print(f"  {side:>5}: {said[side][number - 1].strip()!r}{mark}")
-    checkable = sum(bool(row.get("output")) for row in records)
+    checkable = sum(bool(expected) for _, _, expected in asked)
     if checkable:
         print(f"\ncorrect: base {correct['BASE']}/{checkable}, tuned {correct['TUNED']}/{checkable}")
     return {"answers": said, "correct": correct, "checkable": checkable}

@@ -10,9 +10,9 @@ the work itself lives in bitfit/ (the step a reader learns BitFit from is bitfit
 """
 
 import dataclasses
+import hashlib
 import json
 import os
-import shutil
 import sys
 import time
 from functools import partial
@@ -20,15 +20,16 @@ from pathlib import Path
 
 import torch
 
-from bitfit import distributed, layout, models, packing
+from bitfit import distributed, layout, models, packing, run_folder
 from bitfit.biases import add_missing_biases, count_trainable, describe, select_biases
 from bitfit.checkpoint import latest_checkpoint, load_checkpoint
 from bitfit.collate import pad_batch, pad_id
 from bitfit.config import TrainConfig, from_args
-from bitfit.data import encode, load_records
-from bitfit.delta import save_delta
+from bitfit.data import load_examples
+from bitfit.delta import base_fingerprint, save_delta
 from bitfit.errors import BitfitError, Interrupted, NonFiniteError
 from bitfit.evaluate import exact_match, heldout_loss
+from bitfit.files import write_atomically
 from bitfit.flat import FlatBiases
 from bitfit.interrupt import graceful_stop
 from bitfit.loop import fit, lr_factor
@@ -38,27 +39,34 @@ def run(cfg: TrainConfig) -> dict:
     started = time.perf_counter()
     rank, world, local_rank = distributed.init()  # (0, 1, 0) unless launched by torchrun
     log = print if rank == 0 else (lambda *args, **kwargs: None)  # rank 0 speaks for all
-    cfg, out_dir = setup_run_dir(cfg, write=rank == 0)
-    log("config:", cfg.to_json())
-    device = setup_device(cfg, local_rank, log)
+    with graceful_stop(announce=rank == 0) as stop:  # Ctrl-C / SIGTERM, until the delta is on disk (bitfit.interrupt)
+        cfg, out_dir = setup_run_dir(cfg)
+        log("config:", cfg.to_json())
+        device = setup_device(cfg, local_rank, log)
 
-    model, tokenizer, flat, added = setup_model(cfg, device, log)
-    examples, plan, collate, data_facts = setup_data_and_layout(cfg, model, tokenizer, world, rank, log)
-    held_out = setup_evaluation(cfg, tokenizer) if rank == 0 else None
-    optimizer, scheduler, first_step = setup_optimizer(cfg, flat, out_dir, len(plan), device, log)
-    results = {"trainable": flat.num_trainable, "total": sum(p.numel() for p in model.parameters()),
-               **data_facts, "device": str(device)}
-    if held_out:
-        results["before"] = evaluate_untrained(model, tokenizer, held_out, cfg, device, out_dir, first_step, log)
+        model, tokenizer, flat, added = setup_model(cfg, device, log)
+        examples, plan, collate, data_facts = setup_data_and_layout(cfg, model, tokenizer, world, rank, log)
+        check_inputs(cfg, model, flat, added, examples, out_dir)
+        held_out = setup_evaluation(cfg, tokenizer) if rank == 0 else None
+        optimizer, scheduler, first_step = setup_optimizer(cfg, flat, out_dir, len(plan), device, log)
+        results = {"trainable": flat.num_trainable, "total": sum(p.numel() for p in model.parameters()),
+                   **data_facts, "device": str(device)}
+        if held_out:
+            results["before"] = evaluate_untrained(model, tokenizer, held_out, cfg, device, out_dir, first_step, log)
 
-    train_start = time.perf_counter()
-    with graceful_stop(announce=rank == 0) as stop:
+        train_start = time.perf_counter()
         fit(model, flat, optimizer, scheduler, plan, examples, collate, cfg, out_dir, stop, first_step)
-    results["train_seconds"] = time.perf_counter() - train_start
-    flat.check()  # every bias still a view of the buffer the optimizer stepped
-    if rank == 0:
-        save_results(model, tokenizer, flat, added, held_out, cfg, device, out_dir, results, started, log)
-    distributed.barrier()  # no process tears down the group while rank 0 still evaluates and writes (gloo aborts then)
+        results["train_seconds"] = time.perf_counter() - train_start
+        stop.at_once, stop.finishing = None, "writing the delta, then stopping"
+        flat.check()  # every bias still a view of the buffer the optimizer stepped
+        if rank == 0:
+            save_delta(str(out_dir / "delta.safetensors"), model, flat, base_model=cfg.model, added=added, selection=cfg.biases)
+        stop.at_once = f"after the delta was saved to {out_dir / 'delta.safetensors'}; the evaluation after training was skipped"
+        if stop.asked:
+            raise Interrupted(f"{stop.at_once}")
+        if rank == 0:
+            save_results(model, tokenizer, held_out, cfg, device, out_dir, results, started, log)
+        distributed.barrier()  # no process tears down the group while rank 0 still evaluates and writes (gloo aborts then)
     return results
 
 
@@ -66,43 +74,50 @@ def run(cfg: TrainConfig) -> dict:
 
 def resumed_config(given: TrainConfig) -> TrainConfig:
     """The config an interrupted run was started with, to continue it exactly; says which flags it ignores."""
-    run_dir = given.resume
+    run_dir = Path(given.resume)
+    if not run_folder.is_run_folder(run_dir) or not (run_dir / "config.json").is_file():
+        raise BitfitError(f"--resume {run_dir}: not a bitfit run folder (no {run_folder.MARKER} and config.json there)")
     ignored = [f.name for f in dataclasses.fields(TrainConfig)
-               if getattr(given, f.name) != getattr(TrainConfig(resume=run_dir), f.name)]
+               if getattr(given, f.name) != getattr(TrainConfig(resume=given.resume), f.name)]
     if ignored:
         print(f"--resume continues with the run's own config; ignoring {', '.join('--' + n.replace('_', '-') for n in ignored)}")
-    path = Path(run_dir) / "config.json"
-    if not path.is_file():
-        raise BitfitError(f"--resume {run_dir}: no config.json there, so no bitfit run to resume")
-    saved = TrainConfig.from_dict(json.loads(path.read_text()))
-    return dataclasses.replace(saved, resume=run_dir, out_dir=run_dir)
+    saved = TrainConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
+    return dataclasses.replace(saved, resume=given.resume, out_dir=given.resume)
 
 
-def setup_run_dir(cfg: TrainConfig, write: bool) -> tuple[TrainConfig, Path]:
-    """The resolved config and the run's folder, refusing to mix two runs in one, with the config saved in it.
-
-    Every process checks (so all refuse together); only the one that `write`s changes anything."""
-    if cfg.resume:
-        cfg = resumed_config(cfg)
-    cfg = dataclasses.replace(cfg, out_dir=distributed.share(cfg.out_dir or time.strftime("runs/%Y%m%d-%H%M%S")))
-    out_dir = Path(cfg.out_dir)
+def claim_run_dir(cfg: TrainConfig) -> Path:
+    """The run's folder (bitfit.run_folder: new, empty or bitfit's own, locked), refusing to mix two runs in one."""
+    out_dir = run_folder.claim(cfg.out_dir)
     if (out_dir / "delta.safetensors").exists() and not cfg.overwrite:
+        if cfg.resume:
+            raise BitfitError(f"{out_dir} is a finished run, nothing to resume; its delta is {out_dir / 'delta.safetensors'}")
         raise BitfitError(f"{out_dir} already holds a finished run; pick another --out-dir or pass --overwrite")
     if not cfg.resume and latest_checkpoint(out_dir) and not cfg.overwrite:
         raise BitfitError(f"{out_dir} holds an interrupted run; continue it with: python train.py --resume {out_dir} "
                           "(or pass --overwrite to start over)")
-    if write:
-        if cfg.overwrite and not cfg.resume:  # nothing of the old run may pass for part of the new one
-            for name in ("delta.safetensors", "results.json", "eval_before.json", "metrics.jsonl"):
-                (out_dir / name).unlink(missing_ok=True)
-            shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
+    if cfg.overwrite and not cfg.resume:  # nothing of the old run may pass for part of the new one
+        run_folder.clear(out_dir)
+    return out_dir
+
+
+def setup_run_dir(cfg: TrainConfig) -> tuple[TrainConfig, Path]:
+    """The resolved config and the run's folder, with the config saved in it. Under torchrun rank 0 claims
+    the folder and tells the others its name, or the error that every process then stops with."""
+    if cfg.resume:
+        cfg = resumed_config(cfg)
+    claimed, error = "", ""
+    if distributed.is_main():
         try:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            (out_dir / "config.json").write_text(cfg.to_json() + "\n")
-        except OSError as error:
-            raise BitfitError(f"cannot write to the output directory {out_dir}: {error.strerror}") from None
-    distributed.barrier()
-    return cfg, out_dir
+            claimed = str(claim_run_dir(cfg))
+            (Path(claimed) / "config.json").write_text(dataclasses.replace(cfg, out_dir=claimed).to_json() + "\n")
+        except BitfitError as failure:
+            error = str(failure)
+        except OSError as failure:
+            error = f"cannot write to the output folder {claimed}: {failure.strerror}"
+    claimed, error = distributed.share((claimed, error))
+    if error:
+        raise BitfitError(error)
+    return dataclasses.replace(cfg, out_dir=claimed), Path(claimed)
 
 
 # --- device, model and biases -----------------------------------------------------------------------
@@ -122,7 +137,7 @@ def setup_model(cfg: TrainConfig, device: torch.device, log) -> tuple:
     """(model, tokenizer, flat biases, names of the biases bitfit added): the model frozen but for the
     selected biases, each of them a view into the one flat fp32 buffer the optimizer steps."""
     weights_dtype = torch.bfloat16 if cfg.bf16_weights else torch.float32
-    model, tokenizer = models.load(cfg.model, device, weights_dtype, cfg.trust_remote_code)
+    model, tokenizer = models.load(cfg.model, device, weights_dtype, cfg.trust_remote_code, cfg.trust_pickle_weights)
     added = add_missing_biases(model) if cfg.add_biases else []
     if added:
         log(f"added {len(added)} zero biases to bias-free linear layers inside the blocks")
@@ -137,14 +152,15 @@ def setup_model(cfg: TrainConfig, device: torch.device, log) -> tuple:
 
 # --- data and layout --------------------------------------------------------------------------------
 
-def choose_layout(requested: str, model, examples: list, pad, bf16: bool) -> tuple[str, str]:
+def choose_layout(cfg: TrainConfig, model, examples: list, pad) -> tuple[str, str]:
     """The layout to train with, and why: 'auto' is packed when the model can keep packed examples
-    apart (bitfit.packing checks it on the first 8 examples), else padded."""
+    apart (bitfit.packing checks it on the first examples), else padded."""
+    requested = cfg.layout
     if requested not in ("auto", "packed"):
         return requested, "as asked"
-    why_not = packing.enable(model, examples[:8], pad, bf16)
+    why_not = packing.enable(model, examples, pad, cfg.max_pass_tokens, cfg.bf16)
     if why_not is None:
-        return "packed", "checked: 8 examples packed and padded give the same loss"
+        return "packed", "checked: a pass's examples packed and padded give the same loss"
     if requested == "packed":
         raise BitfitError(f"--layout packed: {why_not}; use --layout padded (the same gradient)")
     return "padded", f"not packed: {why_not}"
@@ -153,21 +169,14 @@ def choose_layout(requested: str, model, examples: list, pad, bf16: bool) -> tup
 def setup_data_and_layout(cfg: TrainConfig, model, tokenizer, world: int, rank: int, log) -> tuple:
     """(examples, this process's passes of every step, the collator that makes a pass a batch, and the facts
     for results.json: examples kept and dropped, steps, layout)."""
-    records = load_records(cfg.data, cfg.split)
-    if not records:
-        raise BitfitError(f"{cfg.data} {cfg.split} holds no records")
-    examples, dropped = encode(records, tokenizer, cfg.max_len, cfg.template)
-    if not examples:
-        raise BitfitError(f"no usable examples in {cfg.data} {cfg.split}: {dropped} dropped because max_len "
-                          f"{cfg.max_len} cut away their whole response")
+    _, examples, dropped = load_examples(cfg.data, cfg.split, tokenizer, cfg.max_len, cfg.template)
     lengths = [len(e["input_ids"]) for e in examples]
     log(f"data: {len(examples)} examples from {cfg.data} {cfg.split}, {dropped} dropped (response cut away by "
         f"max_len {cfg.max_len}), {sum(lengths) / len(lengths):.1f} tokens on average")
 
     pad = partial(pad_batch, pad_token_id=pad_id(tokenizer), padding_side=tokenizer.padding_side)
-    kind, why = choose_layout(cfg.layout, model, examples, pad, cfg.bf16)
-    steps = layout.draw_steps(len(examples), cfg.batch_size * cfg.grad_accum, cfg.epochs, cfg.seed)
-    steps = steps[: cfg.max_steps or None]
+    kind, why = choose_layout(cfg, model, examples, pad)
+    steps = layout.draw_steps(len(examples), cfg.batch_size * cfg.grad_accum, cfg.epochs, cfg.seed, cfg.max_steps)
     plan = layout.plan(steps, lengths, kind, cfg.max_pass_tokens, cfg.batch_size, world, rank)
     log(layout.describe(steps, lengths, kind, cfg.max_pass_tokens, cfg.batch_size, world) + f" ({why})")
     log(f"steps: {len(steps)} optimizer steps, {cfg.epochs} epoch(s)"
@@ -181,9 +190,24 @@ def setup_evaluation(cfg: TrainConfig, tokenizer) -> dict | None:
     source = {"": "builtin" if cfg.data == "builtin" else "", "none": ""}.get(cfg.eval_data, cfg.eval_data)
     if not source:
         return None
-    records = load_records(source, cfg.eval_split)
-    return {"records": records, "examples": encode(records, tokenizer, cfg.max_len, cfg.template)[0],
-            "name": f"{source} {cfg.eval_split}"}
+    records, examples, _ = load_examples(source, cfg.eval_split, tokenizer, cfg.max_len, cfg.template,
+                                         role="evaluation data")
+    return {"records": records, "examples": examples, "name": f"{source} {cfg.eval_split}"}
+
+
+def check_inputs(cfg: TrainConfig, model, flat: FlatBiases, added: list[str], examples: list, out_dir: Path) -> None:
+    """Record the model's and the data's hashes in the run, or refuse to resume on other ones. Rank 0
+    checks; every process stops if it refuses."""
+    error = ""
+    if distributed.is_main():
+        data = hashlib.sha256(json.dumps([[e["input_ids"], e["labels"]] for e in examples]).encode()).hexdigest()[:16]
+        inputs = {"model": base_fingerprint(model, flat, added), "training data": data}
+        try:
+            run_folder.same_inputs(out_dir, inputs, resuming=bool(cfg.resume))
+        except BitfitError as refused:
+            error = str(refused)
+    if error := distributed.share(error):
+        raise BitfitError(error)
 
 
 # --- optimizer and resume ---------------------------------------------------------------------------
@@ -231,7 +255,7 @@ def evaluate_untrained(model, tokenizer, held_out: dict, cfg: TrainConfig, devic
         before = json.loads(path.read_text())
     else:
         before = evaluate(model, tokenizer, held_out, cfg, device)
-        path.write_text(json.dumps(before, indent=2) + "\n")
+        write_atomically(path, (json.dumps(before, indent=2) + "\n").encode())
     log(f"before training: held-out loss {before['loss']:.4f}, exact match {100 * before['exact_match']:.1f}% "
         f"({len(held_out['records'])} examples of {held_out['name']})")
     return before
@@ -255,12 +279,11 @@ def save_loss_curve(records: list[dict], path: Path) -> bool:
     return True
 
 
-def save_results(model, tokenizer, flat, added, held_out, cfg: TrainConfig, device, out_dir: Path, results: dict,
-                 started: float, log) -> None:
-    """The delta first (what training made must not wait on evaluation), then the evaluation after
+def save_results(model, tokenizer, held_out, cfg: TrainConfig, device, out_dir: Path, results: dict, started: float,
+                 log) -> None:
+    """After the delta is saved (what training made must not wait on evaluation): the evaluation after
     training, results.json and the loss curve."""
     delta_path = out_dir / "delta.safetensors"
-    save_delta(str(delta_path), model, flat, base_model=cfg.model, added=added, selection=cfg.biases)
     if held_out:
         results["after"] = evaluate(model, tokenizer, held_out, cfg, device)
         gain = 100 * (results["after"]["exact_match"] - results["before"]["exact_match"])
@@ -269,7 +292,7 @@ def save_results(model, tokenizer, flat, added, held_out, cfg: TrainConfig, devi
         for sample in results["after"]["samples"][:3]:
             log(f"  {sample['prompt']!r} -> {sample['generated'].strip()!r} (expected {sample['expected']!r})")
     results["total_seconds"] = time.perf_counter() - started
-    (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    write_atomically(out_dir / "results.json", (json.dumps(results, indent=2) + "\n").encode())
     model_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
     log(f"saved the bias delta to {delta_path} ({delta_path.stat().st_size / 2**10:,.0f} KiB; "
         f"the full model is {model_mb:,.0f} MiB)")
@@ -296,6 +319,7 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted twice: stopped at once, without a checkpoint", file=sys.stderr)
         return 130
     finally:
+        run_folder.release()
         distributed.finish()
     return 0
 

@@ -2,47 +2,67 @@
 
     python benchmarks/memory_floor.py
 
-Measures, in this one process: the resident memory (RSS) of the PyTorch + transformers runtime before
-any model; the fp32 weights once every page of them has been read; the activations autograd keeps for
-the backward of one packed pass of 8 built-in examples (counted with saved-tensor hooks, weights left
-out); and how much rounding the frozen weight matrices to fp16 or bf16 moves the loss of 10 such passes,
-against the 1e-3 relative agreement with the fp32 Trainer that the benchmark asks for.
+Measures, in this one process, the resident memory (RSS, split into anonymous and file-backed pages):
+    runtime       torch + transformers + bitfit imported, before any model
+    model code    the modeling code imported and the model built on the meta device (no weights)
+    weights       loaded and every page read; transformers maps the safetensors file, so the weights
+                  are file-backed pages, read once and never copied
+    one pass      a packed pass of the built-in task's default step (8 examples): what autograd keeps
+                  for the backward, by kind (counted with saved-tensor hooks, parameters left out),
+                  what the RSS grows by, and what glibc keeps after the backward for the next pass
+Then how far rounding the frozen weight matrices to fp16 or bf16 moves the loss, against the 1e-3
+relative agreement with the fp32 recipe that the speed benchmark asks for.
 """
 
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bitfit.packing import pack_batch  # noqa: E402
 from bitfit.data import encode, load_records  # noqa: E402
 from bitfit.loss import label_tokens, loss_sum  # noqa: E402
+from bitfit.packing import pack_batch, use_per_example_attention  # noqa: E402
 from workload import load_model  # noqa: E402  (the model as train.py sets it up)
 
 
-def rss_gib() -> float:
-    """The resident set now (not the peak): /proc/self/status's VmRSS."""
-    line = next(line for line in open("/proc/self/status") if line.startswith("VmRSS"))
-    return int(line.split()[1]) / 2**20
+def rss() -> dict[str, float]:
+    """The resident set now, in GiB: total, anonymous, file-backed (/proc/self/status)."""
+    fields = {line.split(":")[0]: int(line.split()[1]) / 2**20 for line in open("/proc/self/status")
+              if line.startswith(("VmRSS", "RssAnon", "RssFile"))}
+    return {"total": fields["VmRSS"], "anon": fields["RssAnon"], "file": fields["RssFile"]}
 
 
-def saved_activation_bytes(model, batch) -> int:
-    """Bytes autograd keeps for the backward of one pass, not counting parameters (they exist anyway)."""
+def show(label: str, before: dict[str, float] | None = None) -> dict[str, float]:
+    now = rss()
+    grew = f" (+{now['total'] - before['total']:.2f})" if before else ""
+    print(f"{label:<58} {now['total']:.2f} GiB{grew}  [anonymous {now['anon']:.2f}, file-backed {now['file']:.2f}]")
+    return now
+
+
+def saved_by_kind(model, batch, hidden: int, intermediate: int, vocab: int) -> Counter:
+    """Bytes autograd keeps for the backward of one pass, by what they are (parameters left out)."""
     parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    kept: dict[int, int] = {}
+    kinds = {intermediate: "MLP (gate, SiLU(gate), up)", vocab: "logits at label positions",
+             hidden: "norm inputs", model.config.head_dim: "attention (q, k, v, output)"}
+    kept: dict[int, tuple[int, str]] = {}
 
     def pack(tensor):
         storage = tensor.untyped_storage()
         if storage.data_ptr() not in parameters:
-            kept[storage.data_ptr()] = storage.nbytes()
+            kind = kinds.get(tensor.shape[-1] if tensor.dim() else 0, "other")
+            kept[storage.data_ptr()] = (storage.nbytes(), kind)
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        loss_sum(model, batch)
-    return sum(kept.values())
+        loss = loss_sum(model, batch)
+    by_kind = Counter()
+    for size, kind in kept.values():
+        by_kind[kind] += size
+    return by_kind, loss
 
 
 @torch.no_grad()
@@ -55,23 +75,38 @@ def main() -> None:
     # cached load never allocates: do that once in a child process so it does not count here.
     subprocess.run([sys.executable, "-c", "from bitfit import models; models.resolve(models.EMBEDDED)"],
                    cwd=Path(__file__).resolve().parent.parent, check=True)
-    runtime = rss_gib()
+    runtime = show("runtime (torch + transformers + bitfit imported)")
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from bitfit import models
+
+    config = AutoConfig.from_pretrained(models.resolve(models.EMBEDDED))
+    with torch.device("meta"):
+        AutoModelForCausalLM.from_config(config)
+    code = show("model code imported, model built on the meta device", runtime)
     model, tokenizer = load_model()
     with torch.no_grad():
         sum(float(p.sum()) for p in model.parameters())  # reads every weight: all their pages are now resident
     weights = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30
-    print(f"runtime (torch + transformers + bitfit imported, no model): {runtime:.2f} GiB RSS")
-    print(f"after loading and reading the fp32 model:                   {rss_gib():.2f} GiB RSS "
-          f"(its parameters: {weights:.2f} GiB)")
-    examples, _ = encode(load_records("builtin", "train"), tokenizer)
+    loaded = show(f"weights loaded and read (their size: {weights:.2f} GiB)", code)
+
+    assert use_per_example_attention(model)
+    records, _ = load_records("builtin", "train")
+    examples, _ = encode(records, tokenizer)
+    batch = pack_batch(examples[:8])
+    tokens = batch["input_ids"].numel()
+    by_kind, loss = saved_by_kind(model, batch, config.hidden_size, config.intermediate_size, config.vocab_size)
+    forward = show(f"after the forward of one packed pass of 8 ({tokens} tokens)", loaded)
+    loss.backward()
+    del loss
+    show("after its backward (freed memory kept by glibc for the next pass)", forward)
+    total = sum(by_kind.values())
+    print(f"kept by autograd for the backward: {total / 2**30:.3f} GiB, {total / tokens / 2**20:.2f} MiB per token:")
+    for kind, size in by_kind.most_common():
+        print(f"  {kind:<30} {size / tokens / 2**10:7.0f} KiB per token ({100 * size / total:4.1f}%)")
+
     batches = [pack_batch(examples[start : start + 8]) for start in range(0, 80, 8)]
     fp32_losses = mean_losses(model, batches)
-
-    tokens = batches[0]["input_ids"].numel()
-    activations = saved_activation_bytes(model, batches[0])
-    print(f"activations kept for backward, one packed pass of 8 examples ({tokens} tokens): {activations / 2**30:.2f} GiB "
-          f"({activations / tokens / 2**20:.2f} MiB per token)")
-
     matrices = {name: p.detach().clone() for name, p in model.named_parameters() if p.dim() == 2}
     for dtype in (torch.float16, torch.bfloat16):
         with torch.no_grad():

@@ -43,7 +43,8 @@ def main() -> None:
     args = cli.parse_args()
 
     model, tokenizer = load_model()
-    examples, _ = encode(load_records("builtin", "train"), tokenizer)
+    records, _ = load_records("builtin", "train")
+    examples, _ = encode(records, tokenizer)
     batches = [pack_batch(examples[start : start + 8]) for start in range(0, 8 * (args.passes + 2), 8)]
     warmup, batches = batches[:2], batches[2:]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {args.passes} packed passes of 8 "

@@ -1,7 +1,7 @@
 """bitfit against the seeds' HF Trainer recipe, side by side, in one invocation on one machine.
 
     pip install -r benchmarks/requirements.txt      # the Trainer's extra need (accelerate)
-    python benchmarks/trainer_vs_bitfit.py          # both data sets, 20 steps each, bitfit's default flags
+    python benchmarks/trainer_vs_bitfit.py          # both data sets, 20 steps, 2 rounds, bitfit's default flags
     python benchmarks/trainer_vs_bitfit.py --bitfit-args "--layout seeds"    # another bitfit layout
 
 Two data sets: the built-in task's train split (26.5 tokens per example) and Alpaca-length records
@@ -13,7 +13,9 @@ examples in the same order, for the same steps of 1 x 8, with the same AdamW, lr
                        Trainer + DataCollatorForSeq2Seq, batch 1 x accumulation 8 (seed 001)
     bitfit             train.run() with train.py's DEFAULT flags (plus --bitfit-args, if given)
 
-Each side runs in its own process, so its peak RSS is its own. Reported per data set: tokens/s and
+Each side runs in its own process, so its peak RSS is its own, in rounds of alternating order (recipe,
+bitfit, bitfit, recipe, ...), so a machine that speeds up or slows down during the run hits both sides
+alike; rates pool all rounds, peak RSS is the highest of any round. Reported per data set: tokens/s and
 label tokens/s of the training loop, peak RSS, the per-step losses side by side, and the FLOP floor:
 what these steps cost at least (4 x matmul parameters per token: forward, and backward to the
 activations only, as frozen weights need no weight gradient; the LM head at label positions only;
@@ -23,7 +25,6 @@ each side's BitFit-MFU. Then one optimizer step over bloomz-1b1's 146 biases: fl
 
 import argparse
 import json
-import resource
 import shlex
 import subprocess
 import sys
@@ -38,6 +39,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bitfit import models  # noqa: E402
+from bitfit.loop import peak_memory_gb  # noqa: E402  (this process's own peak RSS)
 from bitfit.data import encode, load_records  # noqa: E402
 from bitfit.layout import draw_steps  # noqa: E402
 from workload import write_data  # noqa: E402
@@ -46,14 +48,11 @@ SEED, ACCUM = 0, 8
 DATA = {"builtin": 5e-3, "alpaca": 1e-3}  # data set -> lr: the built-in task's default, the BitFit paper's
 
 
-def peak_rss_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-
-
 def ordered_examples(jsonl: str, tokenizer, steps: int) -> list[dict]:
     """The examples of bitfit's first `steps` steps, in its order: the Trainer reads them sequentially,
     so both sides see the same 8 examples in each optimizer step."""
-    examples, _ = encode(load_records(jsonl), tokenizer)
+    records, places = load_records(jsonl)
+    examples, _ = encode(records, tokenizer, places=places)
     return [examples[i] for step in draw_steps(len(examples), ACCUM, 1, SEED)[:steps] for i in step]
 
 
@@ -90,7 +89,7 @@ def side_seeds(jsonl: str, steps: int, lr: float) -> dict:
         trainer.train()
         seconds = time.perf_counter() - start
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-    return {"seconds": seconds, "losses": losses, "peak_rss_gb": peak_rss_gb(), "trainable": trainable,
+    return {"seconds": seconds, "losses": losses, "peak_rss_gb": peak_memory_gb(torch.device("cpu")), "trainable": trainable,
             **token_counts(rows)}
 
 
@@ -105,7 +104,7 @@ def side_bitfit(jsonl: str, steps: int, lr: float, extra: str) -> dict:
         results = train.run(cfg)
         losses = [json.loads(line)["loss"] for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
     rows = ordered_examples(jsonl, AutoTokenizer.from_pretrained(models.resolve(models.EMBEDDED)), steps)
-    return {"seconds": results["train_seconds"], "losses": losses, "peak_rss_gb": peak_rss_gb(),
+    return {"seconds": results["train_seconds"], "losses": losses, "peak_rss_gb": peak_memory_gb(torch.device("cpu")),
             "trainable": results["trainable"], "layout": results["layout"], **token_counts(rows)}
 
 
@@ -158,11 +157,19 @@ def optimizer_step_benchmark(repeats: int = 200) -> dict:
     return {"tensors": len(tensors), "values": flat.numel(), "seconds_per_step": timings}
 
 
+def pooled(runs: list[dict]) -> dict:
+    """One side's rounds as one: times, tokens and label tokens summed, the highest peak RSS, the first
+    round's losses (every round trains the same steps from the same seed)."""
+    return {**runs[0], "seconds": sum(r["seconds"] for r in runs), "tokens": sum(r["tokens"] for r in runs),
+            "label_tokens": sum(r["label_tokens"] for r in runs), "peak_rss_gb": max(r["peak_rss_gb"] for r in runs),
+            "rounds": len(runs)}
+
+
 def report(name: str, seeds: dict, bitfit: dict, peak: float) -> dict:
     """Print one data set's comparison; return its summary numbers."""
-    tokens = bitfit["tokens"]
-    print(f"\n## {name}: {len(bitfit['losses'])} steps of 1 x {ACCUM}, {tokens / len(bitfit['losses']) / ACCUM:.0f} "
-          f"tokens per example; bitfit's layout: {bitfit['layout']}")
+    tokens, steps = bitfit["tokens"], len(bitfit["losses"]) * bitfit["rounds"]
+    print(f"\n## {name}: {len(bitfit['losses'])} steps of 1 x {ACCUM}, {bitfit['rounds']} round(s) per side, "
+          f"{tokens / steps / ACCUM:.0f} tokens per example; bitfit's layout: {bitfit['layout']}")
     print("| | seeds' recipe (HF Trainer) | bitfit | bitfit / recipe |\n| --- | --- | --- | --- |")
     for label, key in (("tokens/s", "tokens"), ("label tokens/s", "label_tokens")):
         a, b = seeds[key] / seeds["seconds"], bitfit[key] / bitfit["seconds"]
@@ -173,7 +180,7 @@ def report(name: str, seeds: dict, bitfit: dict, peak: float) -> dict:
     floor = floor_flops(tokens, bitfit["label_tokens"])
     ideal = floor / peak
     print(f"| BitFit-MFU | {100 * ideal / seeds['seconds']:.1f}% | {100 * ideal / bitfit['seconds']:.1f}% | |")
-    print(f"FLOP floor: {floor / 1e12:.2f} TFLOP for these steps ({tokens:,} tokens, {bitfit['label_tokens']:,} of them "
+    print(f"FLOP floor: {floor / 1e12:.2f} TFLOP for the {steps} steps ({tokens:,} tokens, {bitfit['label_tokens']:,} of them "
           f"labels) = {ideal:.1f} s at the measured peak of {peak / 1e9:.0f} GFLOP/s: an ideal run would be "
           f"{seeds['seconds'] / ideal:.2f}x the recipe's speed")
     gaps = [abs(a - b) / abs(a) for a, b in zip(seeds["losses"], bitfit["losses"])]
@@ -186,7 +193,8 @@ def report(name: str, seeds: dict, bitfit: dict, peak: float) -> dict:
 
 def main() -> None:
     cli = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    cli.add_argument("--steps", type=int, default=20, help="optimizer steps each side trains, per data set")
+    cli.add_argument("--steps", type=int, default=20, help="optimizer steps each side trains, per data set and round")
+    cli.add_argument("--rounds", type=int, default=2, help="runs of each side per data set, in alternating order")
     cli.add_argument("--data", choices=["both", *DATA], default="both", help="which data set(s)")
     cli.add_argument("--bitfit-args", default="", help="extra train.py flags for bitfit's side, e.g. '--layout seeds'")
     cli.add_argument("--side", choices=["seeds", "bitfit"], help="internal: run one side in this process")
@@ -208,12 +216,20 @@ def main() -> None:
           + (f" + {args.bitfit_args}" if args.bitfit_args else ""))
     results, summary = {}, {}
     for name in DATA if args.data == "both" else [args.data]:
-        for side in ("seeds", "bitfit"):
-            out = work / f"{name}-{side}.json"
-            subprocess.run([sys.executable, __file__, "--side", side, "--jsonl", str(paths[name]), "--lr", str(DATA[name]),
-                            "--steps", str(args.steps), "--bitfit-args", args.bitfit_args, "--out", str(out)],
-                           check=True, stdout=subprocess.DEVNULL)
-            results[f"{name}/{side}"] = json.loads(out.read_text())
+        runs: dict[str, list[dict]] = {"seeds": [], "bitfit": []}
+        for round_ in range(args.rounds):
+            for side in ("seeds", "bitfit") if round_ % 2 == 0 else ("bitfit", "seeds"):
+                out = work / f"{name}-{side}-{round_}.json"
+                log = work / f"{name}-{side}-{round_}.log"  # each side's own output, shown if it fails
+                with open(log, "w") as sink:
+                    done = subprocess.run([sys.executable, __file__, "--side", side, "--jsonl", str(paths[name]),
+                                           "--lr", str(DATA[name]), "--steps", str(args.steps), "--bitfit-args",
+                                           args.bitfit_args, "--out", str(out)], stdout=sink, stderr=subprocess.STDOUT)
+                if done.returncode != 0:
+                    sys.exit(f"the {side} side failed on {name}:\n{log.read_text()[-3000:]}")
+                runs[side].append(json.loads(out.read_text()))
+        for side, sides in runs.items():
+            results[f"{name}/{side}"] = pooled(sides)
         seeds, bitfit = results[f"{name}/seeds"], results[f"{name}/bitfit"]
         assert seeds["trainable"] == bitfit["trainable"], "both sides must train the same biases"
         summary[name] = report(name, seeds, bitfit, matmul_peak_flops())

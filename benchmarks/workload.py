@@ -77,7 +77,7 @@ def load_model() -> tuple:
 def write_data(folder: Path) -> dict[str, Path]:
     """The two data sets as Alpaca JSONL files in `folder`: the built-in train split, 1,000 Alpaca-length records."""
     tokenizer = AutoTokenizer.from_pretrained(models.resolve(models.EMBEDDED))
-    sets = {"builtin": [{k: r[k] for k in ("instruction", "input", "output")} for r in load_records("builtin", "train")],
+    sets = {"builtin": [{k: r[k] for k in ("instruction", "input", "output")} for r in load_records("builtin", "train")[0]],
             "alpaca": alpaca_like_records(tokenizer, 1000)}
     paths = {}
     for name, records in sets.items():

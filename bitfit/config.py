@@ -7,9 +7,11 @@ default run (`python train.py`); the seeds' recipes differ only in --model, --da
 import argparse
 import dataclasses
 import json
+import math
 import typing
 from dataclasses import dataclass, field
 
+from .cli import ArgumentParser, check_device
 from .errors import BitfitError
 from .layout import KINDS
 
@@ -22,10 +24,6 @@ def _option(default, help: str):
     return field(default=default, metadata={"help": help})
 
 
-def _default(name: str):
-    return TrainConfig.__dataclass_fields__[name].default
-
-
 @dataclass
 class TrainConfig:
     # --- model ---
@@ -36,13 +34,16 @@ class TrainConfig:
     biases: str = _option("all", "which biases train: 'all' (BitFit), 'reduced' (query + first MLP layer, the paper's "
                                  "reduced variant) or a regular expression over bias names")
     trust_remote_code: bool = _option(False, "let transformers run code shipped with the model (only for models you trust)")
+    trust_pickle_weights: bool = _option(False, "load weights stored as pickle (.bin/.pt), which can run any code they "
+                                                "contain; by default only safetensors are read")
     # --- data ---
     data: str = _option("builtin", "'builtin' (the built-in checkable task), a .json/.jsonl file of Alpaca records, "
                                    "a save_to_disk folder, or a hub dataset name")
     split: str = _option("train", "split of --data, with an optional slice: train, train[:1000], train[10%%:]")
     eval_data: str = _option("", "data for held-out loss and exact match before and after training; "
                                  "'' means the built-in held-out split when --data is builtin, else none; 'none': no evaluation")
-    eval_split: str = _option("heldout[:100]", "split of the evaluation data")
+    eval_split: str = _option("", "split of the evaluation data; '' means heldout[:100] of the built-in task, or all "
+                                  "of an evaluation file ('train', its one split)")
     template: str = _option("alpaca", "'alpaca' (the seeds' 'Human: ... Assistant: ' prompt) or 'chat' "
                                       "(the tokenizer's chat template)")
     max_len: int = _option(256, "examples are cut to this many tokens (the seeds' MAX_LEN)")
@@ -55,11 +56,12 @@ class TrainConfig:
                                   "padding), 'padded' (rows padded to the pass's longest), 'seeds' (micro-batches of "
                                   "--batch-size, exactly the seeds' recipe) or 'auto' (packed where the model takes "
                                   "position ids and the packing check passes, else padded); all give the same gradient")
-    max_pass_tokens: int = _option(256, "tokens in one forward pass at most (packed and padded layouts; padded tokens "
-                                        "count): bounds activation memory; an example longer than this gets a pass of "
-                                        "its own")
+    max_pass_tokens: int = _option(0, "tokens in one forward pass at most (packed and padded layouts; padding counts); "
+                                      "an example longer than this gets a pass of its own. 0 = --batch-size x --max-len, "
+                                      "the most one micro-batch of the seeds' recipe can hold, so no pass needs more "
+                                      "activation memory than the recipe's largest")
     lr: float | None = _option(None, "peak learning rate of AdamW; if not given, 1e-3 (the BitFit paper's code), "
-                                     "or 5e-3 on the built-in task (tuned for the 5-minute CPU run, see README)")
+                                     "or 5e-3 on the built-in task (tuned for its 100-step CPU run, see README)")
     beta1: float = _option(0.9, "AdamW beta1")
     beta2: float = _option(0.999, "AdamW beta2")
     eps: float = _option(1e-8, "AdamW epsilon (the optimizer state is fp32, so 1e-8 cannot underflow)")
@@ -89,21 +91,36 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.lr is None:  # resolved here, so the printed and saved config holds the lr actually used
             self.lr = BUILTIN_TASK_LR if self.data == "builtin" else PAPER_LR
+        if self.layout == "seeds" and self.max_pass_tokens:
+            raise BitfitError("--max-pass-tokens has no effect with --layout seeds, whose passes are micro-batches of "
+                              "--batch-size; drop one of the two")
         choices = {"template": ("alpaca", "chat"), "schedule": ("linear", "cosine", "constant"),
                    "layout": ("auto", *KINDS)}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise BitfitError(f"--{name.replace('_', '-')} must be one of {allowed}, not {getattr(self, name)!r}")
-        for name in ("max_len", "batch_size", "grad_accum", "max_pass_tokens", "epochs", "log_every", "max_new_tokens",
-                     "keep_checkpoints"):
+        for name in ("max_len", "batch_size", "grad_accum", "epochs", "log_every", "max_new_tokens", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise BitfitError(f"--{name.replace('_', '-')} must be at least 1, not {getattr(self, name)}")
-        for name in ("lr", "eps", "weight_decay", "grad_clip", "warmup_steps", "max_steps", "save_every"):
+        for name in ("lr", "beta1", "beta2", "eps", "weight_decay", "grad_clip"):  # NaN fails every comparison below
+            if not math.isfinite(getattr(self, name)):
+                raise BitfitError(f"--{name.replace('_', '-')} must be a finite number, not {getattr(self, name)}")
+        for name in ("eps", "weight_decay", "grad_clip", "warmup_steps", "max_steps", "save_every", "max_pass_tokens"):
             if getattr(self, name) < 0:
                 raise BitfitError(f"--{name.replace('_', '-')} must not be negative, not {getattr(self, name)}")
-        if self.layout == "seeds" and self.max_pass_tokens != _default("max_pass_tokens"):
-            raise BitfitError("--max-pass-tokens has no effect with --layout seeds, whose passes are micro-batches of "
-                              "--batch-size; drop one of the two")
+        if self.lr <= 0 or self.eps <= 0:
+            raise BitfitError(f"--lr and --eps must be positive, not {self.lr} and {self.eps} (eps divides AdamW's step)")
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise BitfitError(f"--{name} must be in [0, 1), not {getattr(self, name)}")
+        if not 0 <= self.seed < 2**63:
+            raise BitfitError(f"--seed must be in [0, 2**63), not {self.seed}")
+        check_device(self.device)
+        if not self.eval_split:  # resolved, like the lr: the built-in task's held-out split, or all of a file
+            builtin = self.eval_data == "builtin" or (not self.eval_data and self.data == "builtin")
+            self.eval_split = "heldout[:100]" if builtin else "train"
+        if not self.max_pass_tokens and self.layout != "seeds":  # resolved, like the lr, after it was checked
+            self.max_pass_tokens = self.batch_size * self.max_len
         if self.bf16_weights and not self.bf16:
             raise BitfitError("--bf16-weights needs --bf16: bf16 weights with fp32 activations cannot multiply")
 
@@ -122,7 +139,7 @@ class TrainConfig:
 
 def parser() -> argparse.ArgumentParser:
     """The command line of train.py: one flag per config field, its help and default from the field."""
-    cli = argparse.ArgumentParser(
+    cli = ArgumentParser(  # its errors are one `error:` line, like every other bad input
         description="Fine-tune only the biases of a pretrained causal LM (BitFit).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )

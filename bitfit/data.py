@@ -1,172 +1,378 @@
-"""Alpaca records in, token ids with -100 prompt labels out.
+"""Rows in, token ids with -100 prompt labels out.
 
-Records come from the built-in task, a local .json/.jsonl file, a `Dataset.save_to_disk` folder or a
-hub dataset. Every record is checked before it is tokenized, so a bad row stops the run at load time
-with its index, never as a NaN or a crash deep inside the training loop.
+Sources (`load_records`): the built-in task, a local .json file (a list of rows) or .jsonl file (one row
+a line), a folder written by `Dataset.save_to_disk`, or a hub dataset. Every row comes with its place,
+so an error names what a user can open and look at:
+    data.jsonl line 12        a JSONL line, counted from 1 as editors count
+    data.json element 3       an element of a JSON list, counted from 0 as Python counts
+    saved train row 7         a dataset row (save_to_disk, hub, built-in), counted from 0
+A split picks and slices, the same way for every source: NAME or NAME[START:END], a bound being a number
+or a percentage (train, train[:1000], train[10%:-5]). A file or a saved single Dataset has one split,
+'train'; a saved DatasetDict and a hub dataset have theirs.
+
+Row shapes (`check_record`), the three that instruction data comes in:
+    instruction, input, output   Alpaca: the prompt template's question, the output learned
+    messages                     chat: [{role, content}, ...] through the tokenizer's chat template,
+                                 every assistant turn learned, the other turns not
+    prompt, completion           plain text (TRL's convention): the prompt verbatim, the completion learned
+
+Examples (`encode`, `load_examples`): every row is checked before it is tokenized, so a bad row stops the
+run at load time, naming its place, never as a NaN or a crash deep inside the training loop. Only what
+fits in `max_len` tokens is tokenized, so a row with a 50 MB field costs what a short one does.
+Asking (`questions`): the prompt ids a model continues to answer a row, for evaluation and generate.py.
 """
 
 import json
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
+from . import hub
 from .errors import BitfitError
 from .tasks import builtin_records
 
 IGNORE_INDEX = -100  # the label cross-entropy skips: prompt positions and padding
 Example = dict  # input_ids, attention_mask, labels (lists of equal length), row (index of its record)
+Piece = tuple[str, bool]  # a stretch of an example's text, and whether the model learns it (keeps its labels)
+Question = tuple[list[int], str, str]  # prompt ids, the question in words, the answer the row expects ('' if none)
+
+DATA_FILE_SUFFIXES = (".json", ".jsonl")
+SHAPES = "instruction/input/output (Alpaca), messages (chat) or prompt/completion"
+FIELDS = {"alpaca": ("instruction", "input", "output"), "chat": ("messages",), "text": ("prompt", "completion")}
+
+# Before tokenizing, a text is cut to max_len * CHARS_PER_TOKEN characters: more than any tokenizer's
+# tokens average, so the cut text almost always still holds its first max_len tokens...
+CHARS_PER_TOKEN = 32
+# ...and the cut changes only the tokens next to it, so when at least MARGIN tokens follow the first
+# max_len, those are the whole text's. Where fewer follow, a longer cut is tokenized, up to the whole text.
+MARGIN = 16
 
 
 # ---------------------------------------------------------------------------------------------------
 # Loading records
 # ---------------------------------------------------------------------------------------------------
 
-_SPLIT = re.compile(r"^(\w+)(?:\[(-?\d*%?):(-?\d*%?)\])?$")
+_SPLIT = re.compile(r"^(\w+)(?:\[(-?\d+%?)?:(-?\d+%?)?\])?$")  # a bound: digits, a sign, a percent sign
 
 
 def parse_split(expression: str) -> tuple[str, slice]:
-    """ "train[:1000]" -> ("train", slice(None, 1000)); bounds may be percentages ("train[10%:]")."""
+    """ "train[:1000]" -> ("train", slice(None, "1000")); bounds may be percentages ("train[10%:]")."""
     match = _SPLIT.match(expression.replace(" ", ""))
     if not match:
-        raise BitfitError(f"split {expression!r} is not of the form NAME or NAME[START:END], e.g. train[:1000]")
+        raise BitfitError(f"split {expression!r} is not of the form NAME or NAME[START:END] (a bound is a number "
+                          "or a percentage), e.g. train, train[:1000], train[10%:20%]")
     name, start, end = match.groups()
-    return name, slice(start or None, end or None)
+    return name, slice(start, end)
 
 
-def _take(rows: list, bounds: slice) -> list:
+def select(n: int, bounds: slice) -> range:
+    """The indices that `bounds` (from parse_split) takes out of n rows: range(n)[start:end], percentages of n."""
+
     def index(bound: str | None) -> int | None:
         if bound is None:
             return None
-        if bound.endswith("%"):
-            return round(len(rows) * int(bound[:-1]) / 100)
-        return int(bound)
+        return round(n * int(bound[:-1]) / 100) if bound.endswith("%") else int(bound)
 
-    return rows[index(bounds.start) : index(bounds.stop)]
+    return range(n)[index(bounds.start) : index(bounds.stop)]
 
 
-def _read_json_file(path: Path) -> list:
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".jsonl":
-        rows = []
-        for number, line in enumerate(text.splitlines(), start=1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as error:
-                    raise BitfitError(f"{path}: line {number} is not valid JSON ({error.msg})") from None
-        return rows
+def read_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(number from 1, text) of each line of a UTF-8 text file, read one line at a time.
+
+    Lines end at "\\n" (a "\\r" before it goes too) and nowhere else: str.splitlines() would also split
+    inside a JSON string at U+2028 or U+0085, which are text. A UTF-8 byte order mark at the start is
+    skipped, as editors on Windows write one. Bytes that are not UTF-8 are an error naming the line.
+    """
+    try:
+        file = path.open("rb")  # bytes, so a decoding error is caught at its own line
+    except FileNotFoundError:
+        raise BitfitError(f"no such file or folder: {path}") from None
+    except OSError as error:  # permission denied, a folder, ...
+        raise BitfitError(f"cannot read {path}: {error.strerror}") from None
+    with file:
+        for number, raw in enumerate(file, start=1):
+            raw = raw.removesuffix(b"\n").removesuffix(b"\r")
+            try:
+                yield number, raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError as error:
+                raise BitfitError(f"{path} line {number} is not valid UTF-8 (byte {raw[error.start]:#04x} at "
+                                  f"position {error.start + 1}); save the file as UTF-8") from None
+
+
+def _read_jsonl(path: Path, bounds: slice) -> tuple[list, list[str]]:
+    lines = [(number, text) for number, text in read_lines(path) if text.strip()]
+    rows, places = [], []
+    for number, text in (lines[i] for i in select(len(lines), bounds)):  # only the lines used are parsed
+        try:
+            rows.append(json.loads(text))
+        except json.JSONDecodeError as error:
+            raise BitfitError(f"{path} line {number} is not valid JSON ({error.msg})") from None
+        places.append(f"{path} line {number}")
+    return rows, places
+
+
+def _read_json(path: Path, bounds: slice) -> tuple[list, list[str]]:
+    text = "\n".join(line for _, line in read_lines(path))  # read_lines: the UTF-8 check and its line numbers
     try:
         rows = json.loads(text)
     except json.JSONDecodeError as error:
         raise BitfitError(f"{path}: not valid JSON ({error.msg} at line {error.lineno})") from None
     if not isinstance(rows, list):
         raise BitfitError(f"{path}: expected a JSON list of records, found a {type(rows).__name__}")
-    return rows
+    indices = select(len(rows), bounds)
+    return [rows[i] for i in indices], [f"{path} element {i}" for i in indices]
 
 
-def load_records(source: str, split: str = "train") -> list[dict]:
-    """Rows of a data source, as plain dicts, in file order.
+def _read_dataset(dataset, name: str, bounds: slice) -> tuple[list, list[str]]:
+    indices = select(len(dataset), bounds)
+    return dataset.select(indices).to_list(), [f"{name} row {i}" for i in indices]  # converts only the rows used
 
-    `source` is "builtin" (the built-in task, splits "train" and "heldout"), a .json file (a list of
-    records), a .jsonl file (one record per line), a folder written by `Dataset.save_to_disk`, or the
-    name of a hub dataset. `split` selects and slices: "train", "train[:1000]", "heldout[10%:20%]".
+
+def _looks_local(source: str) -> bool:
+    """Whether a source that does not exist was meant as a local path, not a hub name (NAME or OWNER/NAME)."""
+    return (Path(source).suffix.lower() in DATA_FILE_SUFFIXES or source.startswith((".", "~", "/"))
+            or source.count("/") > 1 or "\\" in source)
+
+
+def load_records(source: str, split: str = "train") -> tuple[list, list[str]]:
+    """The rows of a data source's split, in order, and the place of each ("data.jsonl line 12").
+
+    `source` is "builtin" (the built-in task, splits "train" and "heldout"), a .json or .jsonl file, a
+    folder written by `Dataset.save_to_disk`, or the name of a hub dataset. `split` selects and slices:
+    "train", "train[:1000]", "heldout[10%:20%]". Rows are returned as they are; `check_record` checks them.
     """
+    if not source.strip():
+        raise BitfitError("no data source given (an empty name); give 'builtin', a .json/.jsonl file, a "
+                          "save_to_disk folder or a hub dataset name")
+    name, bounds = parse_split(split)
     if source == "builtin":
-        name, bounds = parse_split(split)
         try:
-            return _take(builtin_records(name), bounds)
+            records = builtin_records(name)
         except ValueError as error:
             raise BitfitError(str(error)) from None
+        indices = select(len(records), bounds)
+        return [records[i] for i in indices], [f"builtin {name} row {i}" for i in indices]
 
-    path = Path(source)
-    if path.suffix in (".json", ".jsonl"):
-        if not path.is_file():
-            raise BitfitError(f"data file not found: {path}")
-        name, bounds = parse_split(split)
+    path = Path(source).expanduser()
+    if path.is_file():
+        suffix = path.suffix.lower()  # DATA.JSONL is a JSONL file too
+        if suffix not in DATA_FILE_SUFFIXES:
+            raise BitfitError(f"{path}: a data file must be .json or .jsonl, not {suffix or 'without a suffix'}")
         if name != "train":
-            raise BitfitError(f"a data file has one split, 'train'; got {split!r}")
-        return _take(_read_json_file(path), bounds)
+            raise BitfitError(f"{path} is a data file, which has one split, 'train': give train or train[START:END], "
+                              f"not {split!r}")
+        return (_read_jsonl if suffix == ".jsonl" else _read_json)(path, bounds)
+    if not path.is_dir() and _looks_local(source):
+        raise BitfitError(f"no such file or folder: {path}")
 
     import datasets  # imported here: it is slow to import and only these two sources need it
 
     if path.is_dir():
-        name, bounds = parse_split(split)
-        loaded = datasets.load_from_disk(str(path))
+        try:
+            loaded = datasets.load_from_disk(str(path))
+        except FileNotFoundError:
+            raise BitfitError(f"{path} is a folder, but not one written by Dataset.save_to_disk or "
+                              "DatasetDict.save_to_disk") from None
+        except OSError as error:
+            raise BitfitError(f"cannot read {path}: {error.strerror}") from None
         if isinstance(loaded, datasets.DatasetDict):
             if name not in loaded:
                 raise BitfitError(f"{path} has splits {sorted(loaded)}, not {name!r}")
-            loaded = loaded[name]
-        return _take(loaded.to_list(), bounds)
+            return _read_dataset(loaded[name], f"{path} {name}", bounds)
+        if name != "train":  # a saved Dataset is one split: any other name is a mistake, never ignored
+            raise BitfitError(f"{path} is a saved Dataset, which has one split, 'train': give train or "
+                              f"train[START:END], not {split!r}")
+        return _read_dataset(loaded, f"{path} {name}", bounds)
 
-    # Anything else is a hub dataset name; the hub parses the split expression itself.
+    # Anything else is a hub dataset name.
+    offline = hub.unreachable(f"the dataset {source!r}")
     try:
-        return datasets.load_dataset(source, split=split).to_list()
-    except Exception as error:  # offline, misspelt, private, bad split: the hub's own words say which
+        loaded = datasets.load_dataset(source, split=name)
+    except Exception as error:  # misspelt, private, no such split, offline: the hub's own words say which
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise BitfitError(f"{source!r} is no local file or folder, and the hub could not load it: {first_line}") from error
+        raise BitfitError(offline or f"{source!r} is no local file or folder, and the hub could not load it: "
+                                     f"{first_line}") from None
+    return _read_dataset(loaded, f"{source} {name}", bounds)
 
 
 # ---------------------------------------------------------------------------------------------------
-# Records to examples
+# Checking rows: three shapes, one form (a conversation of {role, content} messages)
 # ---------------------------------------------------------------------------------------------------
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
-def check_record(index: int, row: object) -> tuple[str, str, str]:
-    """(instruction, input, output) of one row, or a BitfitError naming the row and what is wrong.
 
-    A missing `input` means an empty one (many instruction datasets omit it); anything else that is
-    missing or not a string is an error, because guessing would train on garbage.
+def _text(row: dict, key: str, place: str, required: bool = True, name: str = "") -> str | None:
+    """row[key], checked to be text; None where it is missing and not `required`."""
+    name = name or repr(key)
+    if key not in row:
+        if required:
+            raise BitfitError(f"{place}: no {name} field (keys: {sorted(row)})")
+        return None
+    value = row[key]
+    if not isinstance(value, str):
+        raise BitfitError(f"{place}: {name} must be a string, found {type(value).__name__} {value!r:.40}")
+    surrogate = _SURROGATE.search(value)
+    if surrogate:  # JSON lets "\ud800" through, but no tokenizer can encode half a UTF-16 pair
+        raise BitfitError(f"{place}: {name} holds a lone surrogate ({surrogate.group()!a}, half of a UTF-16 pair) "
+                          f"at character {surrogate.start()}, which is not text")
+    return value
+
+
+def check_record(row: object, place: str, need_answer: bool = True) -> tuple[str, list[dict]]:
+    """(shape, conversation) of one row, or a BitfitError naming its place and what is wrong.
+
+    The shape is 'alpaca', 'chat' or 'text' (prompt/completion); the conversation is the row as chat
+    messages: an Alpaca row is a user turn (instruction and input on two lines) and an assistant turn
+    (output), a prompt/completion row likewise. A missing `input` means an empty one (many instruction
+    datasets omit it); anything else missing or not a string is an error, because guessing would train
+    on garbage. `need_answer=False` (asking a model, not training it) lets the answer be missing.
     """
     if not isinstance(row, dict):
-        raise BitfitError(f"row {index}: expected a record with instruction/input/output, found {row!r:.80}")
-    fields = []
-    for key in ("instruction", "input", "output"):
-        if key not in row:
-            if key == "input":
-                fields.append("")
-                continue
-            raise BitfitError(f"row {index}: no {key!r} field (keys: {sorted(row)})")
-        value = row[key]
-        if not isinstance(value, str):
-            raise BitfitError(f"row {index}: {key!r} must be a string, found {type(value).__name__} {value!r:.40}")
-        fields.append(value)
-    return fields[0], fields[1], fields[2]
+        raise BitfitError(f"{place}: expected a record with {SHAPES} fields, found {row!r:.80}")
+    shapes = [shape for shape, keys in FIELDS.items() if any(key in row for key in keys)]
+    if not shapes:
+        raise BitfitError(f"{place}: a row needs the fields {SHAPES}; this one has {sorted(row)}")
+    if len(shapes) > 1:
+        found = " and ".join("/".join(key for key in FIELDS[shape] if key in row) for shape in shapes)
+        raise BitfitError(f"{place}: a row has the fields of one shape ({SHAPES}); this one has {found}")
+    shape = shapes[0]
+
+    if shape == "chat":
+        return shape, _check_messages(row["messages"], place, need_answer)
+    if shape == "alpaca":  # the question: instruction and input on two lines, as the seeds' prompt has them
+        instruction, input = _text(row, "instruction", place), _text(row, "input", place, required=False) or ""
+        question, answer = "\n".join([instruction, input]).strip(), _text(row, "output", place, required=need_answer)
+    else:  # prompt/completion: the prompt verbatim, whitespace and all
+        question, answer = _text(row, "prompt", place), _text(row, "completion", place, required=need_answer)
+    turns = [{"role": "user", "content": question}]
+    return shape, turns + ([{"role": "assistant", "content": answer}] if answer is not None else [])
 
 
-def alpaca_prompt(instruction: str, input: str) -> str:
+def _check_messages(messages: object, place: str, need_answer: bool) -> list[dict]:
+    if not isinstance(messages, list) or not messages:
+        raise BitfitError(f"{place}: 'messages' must be a list of {{role, content}} turns, found {messages!r:.60}")
+    for number, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise BitfitError(f"{place}: messages[{number}] must be a {{role, content}} turn, found {message!r:.60}")
+        for key in ("role", "content"):
+            _text(message, key, place, name=f"messages[{number}].{key}")
+    if need_answer and not any(message["role"] == "assistant" for message in messages):
+        raise BitfitError(f"{place}: 'messages' has no assistant turn, so nothing to learn")
+    return messages
+
+
+# ---------------------------------------------------------------------------------------------------
+# Rendering: a conversation -> pieces of text, each learned or not
+# ---------------------------------------------------------------------------------------------------
+
+
+def alpaca_prompt(instruction: str, input: str = "") -> str:
     """The seeds' prompt: 'Human: ' + instruction and input on two lines, then the assistant cue."""
     return "Human: " + "\n".join([instruction, input]).strip() + "\n\nAssistant: "
 
 
-def prompt_text(tokenizer, template: str, instruction: str, input: str) -> str:
-    """The prompt a model sees, in training and when asked to answer: the seeds' or the chat template's."""
-    if template == "alpaca":
-        return alpaca_prompt(instruction, input)
-    user = [{"role": "user", "content": "\n".join([instruction, input]).strip()}]
-    return tokenizer.apply_chat_template(user, add_generation_prompt=True, tokenize=False)
+def _chat(tokenizer, messages: list[dict], place: str, add_generation_prompt: bool = False) -> str:
+    try:
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
+    except Exception as error:  # the template's own check (jinja's TemplateError, or whatever it raises)
+        raise BitfitError(f"{place}: the chat template refused this conversation: {error}") from None
 
 
-def chat_response(tokenizer, prompt: str, instruction: str, input: str, output: str) -> str:
-    """What the chat template adds after `prompt` for an assistant turn: the answer and its end-of-turn marker."""
-    user = [{"role": "user", "content": "\n".join([instruction, input]).strip()}]
-    full = tokenizer.apply_chat_template(user + [{"role": "assistant", "content": output}], tokenize=False)
-    if not full.startswith(prompt):
-        raise BitfitError("this chat template does not render the prompt as a prefix of the full chat; use template='alpaca'")
-    return full[len(prompt) :]
+def _chat_pieces(tokenizer, messages: list[dict], place: str, ask: bool) -> list[Piece]:
+    """The conversation as the chat template writes it, cut where each assistant turn starts and ends.
+
+    Before an assistant turn is the conversation so far with the template's generation prompt; the turn
+    is what the conversation with it adds: its content and the template's end-of-turn marker. Messages
+    after the last assistant turn teach nothing and are left out. `ask` ends the pieces with the
+    generation prompt after the last message, for a model to continue."""
+
+    def rest(text: str, start: str) -> str:  # what `text` adds to `start`, which it must begin with
+        if not text.startswith(start):
+            raise BitfitError(f"{place}: this chat template does not write a conversation as the start of the "
+                              "conversation continued, so an assistant turn's tokens cannot be told apart")
+        return text[len(start) :]
+
+    pieces, done = [], ""
+    for end in [k for k, message in enumerate(messages) if message["role"] == "assistant"]:
+        before = _chat(tokenizer, messages[:end], place, add_generation_prompt=True)
+        after = _chat(tokenizer, messages[: end + 1], place)
+        pieces += [(rest(before, done), False), (rest(after, before), True)]
+        done = after
+    if ask:
+        pieces.append((rest(_chat(tokenizer, messages, place, add_generation_prompt=True), done), False))
+    return pieces
 
 
-def encode(
-    records: list,
-    tokenizer,
-    max_len: int = 256,
-    template: str = "alpaca",
-) -> tuple[list[Example], int]:
-    """Tokenize records into training examples; returns (examples, number dropped).
+def render(shape: str, conversation: list[dict], tokenizer, template: str, place: str, ask: bool = False) -> tuple[list[Piece], bool]:
+    """The pieces of a checked row's text, and whether the chat template wrote them (`templated`).
 
-    prompt ids + response ids + eos, labels -100 on the prompt, all three fields cut at `max_len`.
-    An example whose response is cut away entirely would have no label to learn from (and a 0/0 loss),
-    so it is dropped and counted. The prompt is tokenized with the tokenizer's special tokens (a BOS
-    where it adds one), the response without, so no BOS lands in the middle of the sequence.
+    A chat row always goes through the tokenizer's chat template; an Alpaca row through the seeds'
+    prompt, or the chat template with template='chat'; a prompt/completion row is used verbatim.
+    `ask=True` gives the prompt alone: everything before the row's last answer, for a model to continue.
     """
+    if shape == "chat" or (shape == "alpaca" and template == "chat"):
+        if not tokenizer.chat_template:
+            raise BitfitError(f"{place}: a chat row (messages) goes through the tokenizer's chat template, and this "
+                              "tokenizer has none")
+        if ask:  # the conversation up to its last assistant turn
+            last = max((k for k, m in enumerate(conversation) if m["role"] == "assistant"), default=len(conversation))
+            conversation = conversation[:last]
+        return _chat_pieces(tokenizer, conversation, place, ask), True
+    question, answer = conversation[0]["content"], conversation[1:]  # alpaca: instruction and input joined
+    pieces = [(alpaca_prompt(question) if shape == "alpaca" else question, False)]
+    return pieces + ([] if ask else [(turn["content"], True) for turn in answer]), False
+
+
+# ---------------------------------------------------------------------------------------------------
+# Tokenizing: only what fits in max_len
+# ---------------------------------------------------------------------------------------------------
+
+
+def _first_tokens(tokenizer, texts: list[str], n: int | None, special: bool) -> list[list[int]]:
+    """tokenizer(text)["input_ids"][:n] for each text (all of them if n is None), without tokenizing more
+    of a long text than its first n tokens need: see CHARS_PER_TOKEN and MARGIN."""
+    if not texts:
+        return []
+    bound = n * CHARS_PER_TOKEN if n is not None else None
+    # One batched call for all texts: the fast tokenizer then works through them in Rust.
+    ids = tokenizer([text[:bound] for text in texts], add_special_tokens=special)["input_ids"]
+    if n is None:
+        return ids
+    for i, text in enumerate(texts):
+        cut = bound
+        while len(ids[i]) < n + MARGIN and cut < len(text):  # too few tokens to trust the cut: cut longer
+            cut *= 4
+            ids[i] = tokenizer(text[:cut], add_special_tokens=special)["input_ids"]
+        ids[i] = ids[i][:n]
+    return ids
+
+
+def _tokenize(tokenizer, rendered: list[tuple[list[Piece], bool]], n: int | None) -> list[list[list[int]]]:
+    """The token ids of every piece of every rendered row, each cut at n tokens.
+
+    A row's first piece gets the tokenizer's special tokens (a BOS where it adds one) unless the chat
+    template wrote the text, which holds its own; later pieces get none, so no BOS lands mid-sequence."""
+    flat = [(text, i == 0 and not templated) for pieces, templated in rendered for i, (text, _) in enumerate(pieces)]
+    ids: list = [None] * len(flat)
+    for special in (True, False):
+        chosen = [k for k, (_, s) in enumerate(flat) if s == special]
+        for k, piece_ids in zip(chosen, _first_tokens(tokenizer, [flat[k][0] for k in chosen], n, special)):
+            ids[k] = piece_ids
+    pieces_ids, start = [], 0
+    for pieces, _ in rendered:
+        pieces_ids.append(ids[start : start + len(pieces)])
+        start += len(pieces)
+    return pieces_ids
+
+
+# ---------------------------------------------------------------------------------------------------
+# Records to examples, and to questions
+# ---------------------------------------------------------------------------------------------------
+
+
+def check_tokenizer(tokenizer, template: str) -> None:
+    """A BitfitError if this tokenizer cannot make examples with this template: a problem of the model, not the data."""
     if tokenizer.eos_token_id is None:
         raise BitfitError("the tokenizer has no eos token, so a response could never end; set tokenizer.eos_token")
     if template not in ("alpaca", "chat"):
@@ -174,28 +380,85 @@ def encode(
     if template == "chat" and not tokenizer.chat_template:
         raise BitfitError("template='chat' needs a tokenizer with a chat template; this one has none")
 
-    prompts, responses = [], []
-    for index, row in enumerate(records):
-        instruction, input, output = check_record(index, row)
-        prompt = prompt_text(tokenizer, template, instruction, input)
-        prompts.append(prompt)
-        responses.append(chat_response(tokenizer, prompt, instruction, input, output) if template == "chat" else output)
-    if not prompts:
-        return [], 0
 
-    # One batched call per side: the fast tokenizer then works through all rows in Rust.
-    prompt_ids = tokenizer(prompts, add_special_tokens=template == "alpaca")["input_ids"]
-    response_ids = tokenizer(responses, add_special_tokens=False)["input_ids"]
+def encode(
+    records: list,
+    tokenizer,
+    max_len: int = 256,
+    template: str = "alpaca",
+    places: list[str] | None = None,
+) -> tuple[list[Example], int]:
+    """Tokenize records into training examples; returns (examples, number dropped).
+
+    The pieces' ids end to end, labels -100 on the pieces not learned, all three fields cut at `max_len`,
+    exactly as tokenizing each whole piece and cutting would give. A learned answer ends with eos, so the
+    model learns to stop (a chat template's end-of-turn marker counts where it is the eos). An example
+    whose answers are cut away entirely would have no label to learn from (and a 0/0 loss), so it is
+    dropped and counted. `places` name the rows in errors (default: "row 0", "row 1", ...).
+    """
+    check_tokenizer(tokenizer, template)
+    places = places or [f"row {index}" for index in range(len(records))]
+    rendered = [render(*check_record(row, place), tokenizer, template, place) for row, place in zip(records, places)]
 
     examples, dropped = [], 0
-    for row, (prompt, response) in enumerate(zip(prompt_ids, response_ids)):
-        if template == "alpaca" or tokenizer.eos_token_id not in response:
-            response = response + [tokenizer.eos_token_id]
-        input_ids = (prompt + response)[:max_len]
-        labels = ([IGNORE_INDEX] * len(prompt) + response)[:max_len]
+    for row, ((pieces, templated), pieces_ids) in enumerate(zip(rendered, _tokenize(tokenizer, rendered, max_len))):
+        last_answer = max(k for k, (_, learned) in enumerate(pieces) if learned)
+        input_ids, labels = [], []
+        for k, ((_, learned), ids) in enumerate(zip(pieces, pieces_ids)):
+            if k == last_answer and (not templated or tokenizer.eos_token_id not in ids):
+                ids = ids + [tokenizer.eos_token_id]
+            input_ids += ids
+            labels += ids if learned else [IGNORE_INDEX] * len(ids)
+        input_ids, labels = input_ids[:max_len], labels[:max_len]
         if all(label == IGNORE_INDEX for label in labels):
             dropped += 1
             continue
         # "row" names the record an example came from, for error messages; the collator ignores it.
         examples.append({"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels, "row": row})
     return examples, dropped
+
+
+def questions(records: list, tokenizer, template: str = "alpaca", places: list[str] | None = None) -> list[Question]:
+    """What to ask a model about each record: (prompt ids, the question in words, the expected answer).
+
+    The prompt ids are exactly those the record's training example has before its (last) answer, so a
+    model is asked in evaluation as it was taught. A record may lack its answer here (generate.py asks
+    about bare prompts): the expected answer is then ''.
+    """
+    places = places or [f"row {index}" for index in range(len(records))]
+    checked = [check_record(row, place, need_answer=False) for row, place in zip(records, places)]
+    rendered = [render(shape, turns, tokenizer, template, place, ask=True)
+                for (shape, turns), place in zip(checked, places)]
+    asked = []
+    for (_, turns), pieces_ids in zip(checked, _tokenize(tokenizer, rendered, None)):
+        answer = max((k for k, turn in enumerate(turns) if turn["role"] == "assistant"), default=None)
+        before = turns[:answer]  # all turns where the row gives no answer
+        asked.append(([i for ids in pieces_ids for i in ids], before[-1]["content"] if before else "",
+                      turns[answer]["content"] if answer is not None else ""))
+    return asked
+
+
+def load_examples(
+    source: str,
+    split: str,
+    tokenizer,
+    max_len: int = 256,
+    template: str = "alpaca",
+    role: str = "training data",
+) -> tuple[list, list[Example], int]:
+    """(records, examples, number dropped) of a source's split: load_records, then encode.
+
+    A split with no records, or none that keeps a label within max_len, is an error. Every error about
+    the data starts with `role` ('training data' or 'evaluation data'), so it says which flags to fix."""
+    check_tokenizer(tokenizer, template)  # before the data: its problems are the model's, not the data's
+    try:
+        records, places = load_records(source, split)
+        if not records:
+            raise BitfitError(f"{source} {split} holds no records")
+        examples, dropped = encode(records, tokenizer, max_len, template, places)
+        if not examples:
+            raise BitfitError(f"no usable examples in {source} {split}: {dropped} dropped because max_len "
+                              f"{max_len} cut away their whole response")
+    except BitfitError as error:
+        raise BitfitError(f"{role}: {error}") from None
+    return records, examples, dropped

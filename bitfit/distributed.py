@@ -55,11 +55,11 @@ def any_rank(flag: bool, device: torch.device) -> bool:
     return bool(value.item())
 
 
-def share(text: str) -> str:
-    """Rank 0's value of a string on every rank (the output folder's name, which holds a timestamp)."""
+def share(value):
+    """Rank 0's value on every rank (the output folder's name, which holds a timestamp, or why it was refused)."""
     if not active():
-        return text
-    box = [text]
+        return value
+    box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
 

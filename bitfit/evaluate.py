@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from .collate import pad_batch, pad_id
-from .data import Example, check_record, prompt_text
+from .data import Example, questions
 from .loss import label_tokens, loss_sum
 from .tasks import is_correct
 
@@ -37,25 +37,23 @@ def heldout_loss(
 def answers(
     model: nn.Module,
     tokenizer,
-    prompts: list[str],
-    template: str,
+    prompts: list[list[int]],
     device: torch.device,
     bf16: bool,
     max_new_tokens: int,
     batch_size: int = 50,
     generation: dict | None = None,
 ) -> list[str]:
-    """Answers to prompts, generated in left-padded batches and cut at eos.
+    """Answers to prompts (token ids, from bitfit.data.questions), generated in left-padded batches and cut at eos.
 
     Greedy unless `generation` says otherwise (do_sample, temperature, top_p, a streamer...: passed
     to `model.generate`)."""
     was_training = model.training
     model.eval()
     pad = pad_id(tokenizer)
-    ids = tokenizer(prompts, add_special_tokens=template == "alpaca")["input_ids"]
     texts = []
-    for start in range(0, len(ids), batch_size):
-        chunk = [{"input_ids": i, "attention_mask": [1] * len(i)} for i in ids[start : start + batch_size]]
+    for start in range(0, len(prompts), batch_size):
+        chunk = [{"input_ids": i, "attention_mask": [1] * len(i)} for i in prompts[start : start + batch_size]]
         batch = {k: v.to(device) for k, v in pad_batch(chunk, pad, padding_side="left").items()}
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             out = model.generate(**batch, max_new_tokens=max_new_tokens, pad_token_id=pad,
@@ -68,16 +66,16 @@ def answers(
 
 def exact_match(model: nn.Module, tokenizer, records: list[dict], template: str, device: torch.device,
                 bf16: bool, max_new_tokens: int) -> dict:
-    """Share of records whose greedy answer's first line equals `output`, overall and per task."""
-    fields = [check_record(i, row) for i, row in enumerate(records)]
-    prompts = [prompt_text(tokenizer, template, instruction, input) for instruction, input, _ in fields]
-    generated = answers(model, tokenizer, prompts, template, device, bf16, max_new_tokens)
-    correct = [is_correct(text, output) for text, (_, _, output) in zip(generated, fields)]
+    """Share of records whose greedy answer's first line equals the expected answer, overall and per task."""
+    asked = questions(records, tokenizer, template)
+    generated = answers(model, tokenizer, [ids for ids, _, _ in asked], device, bf16, max_new_tokens)
+    correct = [is_correct(text, expected) for text, (_, _, expected) in zip(generated, asked)]
     by_task: dict[str, list[bool]] = {}
     for row, ok in zip(records, correct):
         by_task.setdefault(row.get("task", "all"), []).append(ok)
     return {
         "exact_match": sum(correct) / len(correct),
         "by_task": {task: sum(oks) / len(oks) for task, oks in by_task.items()},
-        "samples": [{"prompt": p, "expected": f[2], "generated": g} for p, f, g in list(zip(prompts, fields, generated))[:5]],
+        "samples": [{"prompt": tokenizer.decode(ids), "expected": expected, "generated": g}
+                    for (ids, _, expected), g in list(zip(asked, generated))[:5]],
     }

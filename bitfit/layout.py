@@ -26,16 +26,18 @@ Step = list[int]  # the indices of one optimizer step's examples
 Passes = list[list[int]]  # one process's forward passes of one step, as example indices
 
 
-def draw_steps(n_examples: int, per_step: int, epochs: int, seed: int) -> list[Step]:
+def draw_steps(n_examples: int, per_step: int, epochs: int, seed: int, max_steps: int = 0) -> list[Step]:
     """Each epoch: every example once, in a seeded shuffle, cut into steps of `per_step` (the last one of
-    an epoch may be shorter). A pure function of the seed, so a resumed run finds its place from the
-    step number alone."""
+    an epoch may be shorter); the first `max_steps` of them if that is not 0. A pure function of the
+    seed, so a resumed run finds its place from the step number alone."""
     steps = []
     for epoch in range(epochs):
+        if max_steps and len(steps) >= max_steps:  # --epochs 10000000 --max-steps 2 draws one epoch, not ten million
+            break
         order = list(range(n_examples))
         random.Random(seed * 1_000_003 + epoch).shuffle(order)
         steps += [order[start : start + per_step] for start in range(0, n_examples, per_step)]
-    return steps
+    return steps[: max_steps or None]
 
 
 def share(step: Step, lengths: list[int], world: int, rank: int) -> Step:

@@ -21,6 +21,7 @@ from .checkpoint import latest_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .data import Example
 from .errors import Interrupted, NonFiniteError
+from .files import cannot_write
 from .flat import FlatBiases
 from .interrupt import StopRequest
 from .layout import Passes
@@ -88,7 +89,12 @@ def peak_memory_gb(device: torch.device) -> float:
     """Peak memory so far: allocated by torch on CUDA, the process's resident set (RSS) on CPU."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+    try:  # VmHWM: this process's own peak. ru_maxrss is not: on Linux it carries over from the process
+        # that started this one (a parent that peaked at 1.7 GB makes every child "peak" at 1.7 GB).
+        line = next(line for line in open("/proc/self/status") if line.startswith("VmHWM"))
+        return int(line.split()[1]) / 2**20  # KiB
+    except (OSError, StopIteration):  # not Linux
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def fit(model: nn.Module, flat: FlatBiases, optimizer: torch.optim.Optimizer,
@@ -109,22 +115,28 @@ def fit(model: nn.Module, flat: FlatBiases, optimizer: torch.optim.Optimizer,
             tqdm(total=len(plan), initial=first_step, desc="training", unit="step", dynamic_ncols=True,
                  disable=not main) as bar:
         for step in range(first_step + 1, len(plan) + 1):
-            stop.step = step
+            stop.at_once, stop.finishing = None, f"step {step}, then writing a checkpoint"
             passes = [collate([examples[i] for i in indices]) for indices in plan[step - 1]]
             lr = optimizer.param_groups[0]["lr"]
             try:
                 record = {"step": step, "lr": lr, **train_step(model, flat, optimizer, passes, cfg.grad_clip, cfg.bf16)}
+                flat.check()  # every bias still a view of what AdamW stepped (else training silently stops)
+                if not bool(torch.isfinite(flat.values).all()):  # a finite gradient with a huge lr can still overflow
+                    raise NonFiniteError("the AdamW step left NaN or inf in the biases (is --lr or --weight-decay too large?)")
             except NonFiniteError as error:
                 rows = sorted(examples[i]["row"] for indices in plan[step - 1] for i in indices)
                 whose = "this process's share of the step" if distributed.active() else "the step"
-                raise NonFiniteError(f"step {step}: {error}; {whose} held training records {rows}; the step was not "
-                                     f"applied and no delta was written; last good checkpoint: "
+                raise NonFiniteError(f"step {step}: {error}; {whose} held training records {rows}; nothing of this "
+                                     f"step was saved and no delta was written; last good checkpoint: "
                                      f"{latest_checkpoint(run_dir) or 'none (see --save-every)'}") from None
             scheduler.step()
 
             records.append(record)
-            metrics.write(json.dumps(record) + "\n")
-            metrics.flush()
+            try:
+                metrics.write(json.dumps(record, allow_nan=False) + "\n")  # strict JSON: every number finite
+                metrics.flush()
+            except OSError as error:
+                raise cannot_write(run_dir / "metrics.jsonl", error) from None
             bar.update()
             bar.set_postfix(loss=f"{record['loss']:.4f}")
             tokens_since_log += record["tokens"]

@@ -5,13 +5,17 @@
 The folder loads with plain `AutoModelForCausalLM.from_pretrained(folder)`, no bitfit code, and gives the
 tuned model's logits. Biases bitfit added to a bias-free base must be expressible by the architecture's
 own config (Llama: `attention_bias`, `mlp_bias`); where they are not (Mistral, say), the merge is refused
-and the delta stays the way to use the tuned model.
+and the delta stays the way to use the tuned model. --out must be a new or empty folder: a merge never
+writes over a base model's folder, a run folder or anything else already there.
 """
 
 import argparse
 import copy
 import json
+import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -20,8 +24,10 @@ from transformers import AutoModelForCausalLM
 
 from . import models
 from .biases import add_zero_bias, is_bias
+from .cli import ArgumentParser
 from .delta import apply_delta, read_delta
 from .errors import BitfitError
+from .files import cannot_write, file_mode, folder_mode, fsync
 
 BIAS_FLAGS = ("attention_bias", "mlp_bias")  # config switches that give Llama-family layers their biases
 
@@ -52,44 +58,101 @@ def standard_config(model: nn.Module, added: list[str]) -> tuple[object, list[st
     return config, extra
 
 
+def check_out(out_dir: str) -> Path:
+    """Where the merged model goes, if it may go there: a new folder or an empty one, never one holding
+    anything (a base model's folder, a run folder) and never a file."""
+    out = Path(out_dir).resolve()  # '.' and 'a/..' have no name to rename a finished folder to
+    try:
+        if out.exists() and not out.is_dir():
+            raise BitfitError(f"--out {out_dir} is a file: give a new folder, or an empty one, for the merged model")
+        if out.is_dir() and any(out.iterdir()):
+            raise BitfitError(f"--out {out_dir} is a folder that is not empty: the merged model goes into a new "
+                              "folder, or an empty one, so that nothing already there is overwritten")
+        nearest = next(folder for folder in out.parents if folder.exists())  # where the first new folder goes
+        if not nearest.is_dir() or not os.access(nearest, os.W_OK | os.X_OK):
+            raise BitfitError(f"cannot write --out {out_dir}: {nearest} is not a folder this user may write in")
+    except OSError as error:  # a folder we may not list
+        raise BitfitError(f"cannot use --out {out_dir}: {error.strerror or error}") from None
+    return out
+
+
+def tuned_logits(model: nn.Module, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(a fixed probe of token ids, the model's logits for it on the CPU)."""
+    probe = torch.arange(1, 17).unsqueeze(0) % vocab_size
+    model.eval()
+    with torch.no_grad():
+        return probe, model(probe.to(model.device)).logits.cpu()
+
+
+def save_folder(model: nn.Module, tokenizer, folder: Path) -> None:
+    """save_pretrained into `folder`, every file flushed to the disk with a new file's usual permissions
+    (safetensors writes 0600, and a model folder is meant to be shared)."""
+    model.save_pretrained(folder)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    for path in folder.rglob("*"):
+        os.chmod(path, folder_mode() if path.is_dir() else file_mode())
+        if path.is_file():
+            fsync(path)
+    os.chmod(folder, folder_mode())  # mkdtemp makes it 0700
+
+
 def merge(model: nn.Module, delta_path: str, out_dir: str, tokenizer=None) -> Path:
     """Apply the delta to the base `model` (in place), make its architecture standard, save it, and
-    check that the saved folder reloads to the same logits."""
+    check that the saved folder reloads to the same logits.
+
+    `out_dir` must be a new folder or an empty one. The model is written into a hidden folder beside it
+    and renamed to `out_dir` only once it has passed the check: a failure leaves nothing behind.
+    """
+    out = check_out(out_dir)
     metadata = apply_delta(model, delta_path)
     config, zero_biases = standard_config(model, json.loads(metadata["added_biases"]))
     modules = dict(model.named_modules())
     for name in zero_biases:
         add_zero_bias(modules[name.rsplit(".", 1)[0]])
     model.config = config
+    probe, expected = tuned_logits(model, config.vocab_size)
+    if not torch.isfinite(expected).all():
+        raise BitfitError("the tuned model gives NaN or inf logits; refusing to write a model that cannot be used")
 
-    out = Path(out_dir)
-    model.save_pretrained(out)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out)
-
-    # The promise is "loads with plain transformers to the same model": check it before saying so.
-    reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=next(model.parameters()).dtype).eval()
-    probe = torch.arange(1, 17).unsqueeze(0) % config.vocab_size
-    model.eval()
-    with torch.no_grad():
-        expected = model(probe.to(model.device)).logits.cpu()
-        found = reloaded(probe).logits
-    difference = (found - expected).abs().max().item()
-    if difference > 1e-6:
-        raise RuntimeError(f"the merged folder {out} does not reproduce the tuned logits (max difference {difference:.2e})")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.merging-"))
+    except OSError as error:
+        raise cannot_write(out, error) from None
+    try:
+        save_folder(model, tokenizer, staging)
+        # The promise is "loads with plain transformers to the same model": check it before saying so.
+        reloaded = AutoModelForCausalLM.from_pretrained(staging, dtype=next(model.parameters()).dtype).eval()
+        with torch.no_grad():
+            found = reloaded(probe).logits
+        difference = (found - expected).abs().max().item()
+        if not difference <= 1e-6:  # not `difference > 1e-6`: NaN > 1e-6 is False, and NaN must fail
+            raise BitfitError(f"the merged model does not reproduce the tuned logits (max difference {difference:.2e}); "
+                              f"nothing was written to {out}")
+        staging.rename(out)  # replaces an empty folder; fails, writing nothing, if one appeared meanwhile
+        fsync(out.parent)
+    except OSError as error:
+        raise cannot_write(out, error) from None
+    finally:  # gone after the rename; otherwise whatever was written so far
+        shutil.rmtree(staging, ignore_errors=True)
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
-    cli = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    cli = ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     cli.add_argument("--delta", required=True, help="a delta.safetensors written by train.py")
-    cli.add_argument("--out", required=True, help="folder to write the merged model and its tokenizer to")
+    cli.add_argument("--out", required=True, help="a new (or empty) folder to write the merged model and its tokenizer to")
     cli.add_argument("--model", default="", help="the base model; '' means the one the delta names")
     cli.add_argument("--trust-remote-code", action="store_true", help="let transformers run code shipped with the model")
-    args = cli.parse_args(argv)
+    cli.add_argument("--trust-pickle-weights", action="store_true",
+                     help="load weights stored as pickle (.bin/.pt), which can run any code they contain")
     try:
+        args = cli.parse_args(argv)
+        check_out(args.out)  # before the model is loaded: a refusal should not take a minute
         base_name = args.model or read_delta(args.delta)[1]["base_model"]
-        model, tokenizer = models.load(base_name, torch.device("cpu"), torch.float32, args.trust_remote_code)
+        model, tokenizer = models.load(base_name, torch.device("cpu"), torch.float32, args.trust_remote_code,
+                                       args.trust_pickle_weights)
         out = merge(model, args.delta, args.out, tokenizer)
     except BitfitError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -7,6 +7,7 @@ built from the GGUF's config, and cache that as an ordinary model folder: later 
 """
 
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
@@ -16,6 +17,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from . import hub
 from .errors import BitfitError
 
 EMBEDDED = "embedded"
@@ -84,13 +86,51 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
     return device
 
 
-def load(name: str, device: torch.device, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False) -> tuple[nn.Module, object]:
-    """(model in train mode on `device`, tokenizer) for a hub name, a local folder or 'embedded'."""
+PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt")  # torch.load's pickle: loading one can run any code in it
+
+
+def check_folder(folder: Path, trust_pickle_weights: bool) -> None:
+    """Refuse a local model folder that cannot hold a model, or whose only weights are pickle files."""
+    config = folder / "config.json"
+    try:
+        if not isinstance(json.loads(config.read_text(encoding="utf-8")), dict):
+            raise BitfitError(f"{config} is not a JSON object, so not a model's config")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise BitfitError(f"{folder} is not a model folder: its config.json cannot be read ({error})") from None
+    if any(folder.glob("*.safetensors")) or trust_pickle_weights:
+        return
+    pickled = sorted(path.name for pattern in PICKLE_WEIGHTS for path in folder.glob(pattern))
+    if pickled:
+        raise BitfitError(f"{folder} holds its weights only as pickle ({', '.join(pickled)}), and loading pickle can run "
+                          "any code it contains: convert them to safetensors, or pass --trust-pickle-weights if you "
+                          "trust where they came from")
+    raise BitfitError(f"{folder} holds no weights (no *.safetensors file)")
+
+
+def load(name: str, device: torch.device, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
+         trust_pickle_weights: bool = False) -> tuple[nn.Module, object]:
+    """(model in train mode on `device`, tokenizer) for a hub name, a local folder or 'embedded'.
+
+    Weights are read from safetensors only, unless `trust_pickle_weights`. Anything that stops a model
+    from loading (a missing, empty or broken folder, a truncated weights file, an unknown architecture,
+    custom code without `trust_remote_code`, no hub) is one BitfitError naming the model."""
     source = resolve(name)
+    folder = Path(source).expanduser()
+    offline = ""
+    if folder.is_dir():
+        check_folder(folder, trust_pickle_weights)
+    elif folder.exists() or source.startswith((".", "/", "~")) or source.count("/") > 1:
+        raise BitfitError(f"no such model folder: {source}")
+    else:  # a hub name: ask in seconds whether the hub is there at all
+        offline = hub.unreachable(f"the model {name!r}")
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=trust_remote_code)
-    except OSError as error:  # not a folder, not on the hub (or no hub), no weights in it
-        first_line = str(error).strip().splitlines()[0]
-        raise BitfitError(f"could not load model {name!r}: {first_line}") from error
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=trust_remote_code,
+                                                     use_safetensors=None if trust_pickle_weights else True)
+    except Exception as error:  # noqa: BLE001: every reason a model cannot load is the user's to fix, said in one line
+        if offline:
+            raise BitfitError(offline) from None
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        hint = "; pass --trust-remote-code if you trust that code" if "trust_remote_code" in str(error) else ""
+        raise BitfitError(f"could not load model {name!r}: {type(error).__name__}: {first_line}{hint}") from None
     return model.to(device).train(), tokenizer

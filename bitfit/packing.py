@@ -5,7 +5,7 @@ A packed row has no padding, so no compute goes to it. Three things make it exac
     per_example_attention the row is split where the positions restart, and each example runs causal
                           SDPA on its own: the same numbers as transformers' block-diagonal mask, without
                           scoring the row's whole square and throwing 7/8 of it away
-    enable                before training, the loss of a few examples packed and padded must agree to
+    enable                before training, the loss of a pass's worth of examples packed and padded must agree to
                           PACKING_TOLERANCE: a model that let packed examples see each other would
                           otherwise train on a different problem, silently
 Anything the split does not cover (a padded batch, generation with a KV cache, a sliding window) goes
@@ -102,14 +102,20 @@ def packing_gap(model: nn.Module, examples: list[Example], pad: Callable[[list[E
     return float((packed - padded).abs() / padded.abs().clamp(min=1e-12))
 
 
-def enable(model: nn.Module, examples: list[Example], pad: Callable[[list[Example]], Batch], bf16: bool = False) -> str | None:
-    """Make `model` ready for packed rows and check it on `examples`; None if it is, else why not
-    (and the model is left as it was)."""
+def enable(model: nn.Module, examples: list[Example], pad: Callable[[list[Example]], Batch], max_tokens: int,
+           bf16: bool = False) -> str | None:
+    """Make `model` ready for packed rows and check it on the first examples that fit in one pass of
+    `max_tokens` (at least two: packing is about keeping examples apart), so the check costs no more
+    memory than training; None if packing is exact for this model, else why not (and the model is
+    left as it was)."""
     if "position_ids" not in forward_accepts(type(model)):
         return f"{type(model).__name__} takes no position ids (BLOOM's ALiBi attention, for one), so packed examples cannot be kept apart"
     attention = model.config._attn_implementation
     switched = use_per_example_attention(model)
-    gap = packing_gap(model, examples, pad, bf16)
+    n = 2
+    while n < len(examples) and sum(len(e["input_ids"]) for e in examples[: n + 1]) <= max_tokens:
+        n += 1
+    gap = packing_gap(model, examples[:n], pad, bf16)
     if gap > PACKING_TOLERANCE:
         if switched:
             model.set_attn_implementation(attention)

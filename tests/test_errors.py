@@ -1,17 +1,26 @@
 """Every bad input gets a clear one-line error and exit code 2, never a traceback."""
 
 import json
+import os
 import re
+import shutil
 from pathlib import Path
 
+import datasets
 import pytest
+import torch
+from safetensors.torch import save_file
 from transformers import PreTrainedTokenizerFast
 
 import generate
 import train
+from bitfit import merge
 from bitfit.config import parser
+from bitfit.delta import read_delta
+from test_merge import files
+from test_data import hub  # noqa: F401 (a fixture: the hub's state, restored after the test)
 from test_train import saved
-from tiny import _trained_bpe, tiny_bloom, tiny_llama
+from tiny import _trained_bpe, tiny_bloom, tiny_llama, tiny_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
 QUICK = ["--eval-split", "heldout[:2]", "--max-new-tokens", "2"]
@@ -46,20 +55,71 @@ RECORD = {"instruction": "Say hi.", "input": "", "output": "hi"}
 @pytest.mark.parametrize(
     ("name", "content", "message"),
     [
-        ("missing.json", None, "data file not found: .*missing.json"),
+        ("missing.json", None, "no such file or folder: .*missing.json"),
         ("data.json", "this is not JSON", "not valid JSON"),
-        ("data.jsonl", '{"instruction": "a", "output": "b"}\n{broken', "line 2 is not valid JSON"),
+        ("data.jsonl", '{"instruction": "a", "output": "b"}\n{broken', "data.jsonl line 2 is not valid JSON"),
+        ("DATA.JSONL", '{"instruction": "a", "output": "b"}\n{broken', "DATA.JSONL line 2 is not valid JSON"),
         ("data.jsonl", "", "holds no records"),
-        ("data.json", json.dumps([RECORD, {"input": "x", "output": "y"}]), "row 1: no 'instruction' field"),
-        ("data.json", json.dumps([{"instruction": "a"}]), "row 0: no 'output' field"),
-        ("data.json", json.dumps([{**RECORD, "output": 42}]), "row 0: 'output' must be a string, found int"),
-        ("data.json", json.dumps([{**RECORD, "input": None}]), "row 0: 'input' must be a string, found NoneType"),
+        ("data.json", json.dumps([RECORD, {"input": "x", "output": "y"}]), "data.json element 1: no 'instruction' field"),
+        ("data.json", json.dumps([{"instruction": "a"}]), "data.json element 0: no 'output' field"),
+        ("data.json", json.dumps([{**RECORD, "output": 42}]), "element 0: 'output' must be a string, found int"),
+        ("data.json", json.dumps([{**RECORD, "input": None}]), "element 0: 'input' must be a string, found NoneType"),
+        ("data.jsonl", "\n\n" + json.dumps({**RECORD, "output": "\ud800"}), "data.jsonl line 3: 'output' holds a lone surrogate"),
+        ("data.jsonl", json.dumps({"text": "hi"}), "line 1: a row needs the fields instruction/input/output .*, messages"),
+        ("data.jsonl", json.dumps({"messages": [{"role": "user", "content": "hi"}]}), "line 1: 'messages' has no assistant turn"),
+        ("notes.txt", "hello", "notes.txt: a data file must be .json or .jsonl, not .txt"),
     ],
 )
 def test_bad_data_is_a_one_line_error_naming_the_file_or_row(name, content, message, model_dir, tmp_path, capsys):
     path = str(tmp_path / name) if content is None else data_file(tmp_path, name, content)
     assert run_on(model_dir, tmp_path, "--data", path) == 2
     fails_with(capsys, 2, message)
+
+
+def test_a_data_file_with_invalid_utf8_is_a_one_line_error_naming_its_line(model_dir, tmp_path, capsys):
+    latin1 = b'{"instruction": "Say hi.", "output": "caf\xe9"}'  # "café" saved as Latin-1, not UTF-8
+    (tmp_path / "data.jsonl").write_bytes(json.dumps(RECORD).encode() + b"\n" + latin1 + b"\n")
+    assert run_on(model_dir, tmp_path, "--data", str(tmp_path / "data.jsonl")) == 2
+    position = latin1.index(0xE9) + 1  # counted from 1, in bytes
+    fails_with(capsys, 2, f"data.jsonl line 2 is not valid UTF-8 \\(byte 0xe9 at position {position}\\); save the file as UTF-8")
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--data", ""], "training data: no data source given"),
+        (["--data", "folder"], "folder is a folder, but not one written by Dataset.save_to_disk"),
+        (["--data", "./no/such/folder"], "no such file or folder: no/such/folder"),
+        (["--split", "train[%:]"], "split 'train\\[%:\\]' is not of the form NAME or NAME\\[START:END\\]"),
+        (["--data", "data.jsonl", "--split", "test[:10]"], "data.jsonl is a data file, which has one split, 'train'"),
+    ],
+)
+def test_a_bad_data_flag_is_a_one_line_error(flags, message, model_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "folder").mkdir()
+    data_file(tmp_path, "data.jsonl", json.dumps(RECORD))
+    assert run_on(model_dir, tmp_path, *flags) == 2
+    fails_with(capsys, 2, message)
+
+
+def test_an_error_in_the_evaluation_data_is_a_one_line_error_saying_so(model_dir, tmp_path, capsys):
+    path = data_file(tmp_path, "eval.jsonl", json.dumps(RECORD) + "\n" + json.dumps({"instruction": "Say hi."}))
+    assert run_on(model_dir, tmp_path, "--eval-data", path, "--eval-split", "train") == 2
+    fails_with(capsys, 2, "^error: evaluation data: .*eval.jsonl line 2: no 'output' field")
+
+
+def test_an_evaluation_set_whose_examples_are_all_dropped_is_a_one_line_error_saying_so(model_dir, tmp_path, capsys):
+    long_prompt = {"instruction": "Sort these numbers. " * 30, "input": "3 1", "output": "1 3"}
+    path = data_file(tmp_path, "eval.jsonl", json.dumps(long_prompt))
+    assert run_on(model_dir, tmp_path, "--eval-data", path, "--eval-split", "train", "--max-len", "48") == 2
+    fails_with(capsys, 2, "^error: evaluation data: no usable examples in .*eval.jsonl train: 1 dropped")
+
+
+def test_a_hub_that_cannot_be_reached_is_a_one_line_error(model_dir, tmp_path, capsys, hub, monkeypatch):
+    hub.down()
+    monkeypatch.setattr(datasets, "load_dataset", lambda name, split: (_ for _ in ()).throw(ConnectionError("offline")))
+    assert run_on(model_dir, tmp_path, "--data", "yahma/alpaca-cleaned") == 2
+    fails_with(capsys, 2, "the hub \\(huggingface.co\\) cannot be reached .* pass a local file or folder instead")
 
 
 def test_max_len_too_small_for_any_prompt_is_an_error_after_counting_the_drops(model_dir, tmp_path, capsys):
@@ -77,7 +137,55 @@ def test_examples_cut_away_by_max_len_are_dropped_counted_and_the_run_goes_on(mo
 
 def test_a_model_that_does_not_exist_is_a_one_line_error(tmp_path, capsys):
     assert run_on(str(tmp_path / "no-such-model"), tmp_path) == 2
-    fails_with(capsys, 2, "could not load model .*no-such-model")
+    fails_with(capsys, 2, "no such model folder: .*no-such-model")
+
+
+def test_a_hub_model_without_a_hub_is_a_one_line_error_at_once(tmp_path, capsys, hub):
+    hub.down()
+    assert run_on("bigscience/bloomz-1b1", tmp_path) == 2
+    fails_with(capsys, 2, "the hub \\(huggingface.co\\) cannot be reached and the model 'bigscience/bloomz-1b1' is not")
+
+
+def broken_model_folders(folder: Path) -> dict[str, tuple[Path, str]]:
+    """Model folders that cannot load, each with (its path, the error expected)."""
+    def made(name: str, change) -> Path:
+        copy = folder.parent / name
+        shutil.copytree(folder, copy)
+        change(copy)
+        return copy
+
+    weights = folder / "model.safetensors"
+    return {
+        "empty": (made("empty", lambda f: [p.unlink() for p in f.iterdir()]), "its config.json cannot be read"),
+        "truncated weights": (made("truncated", lambda f: (f / "model.safetensors").write_bytes(weights.read_bytes()[:1000])),
+                              "could not load model"),
+        "random weights": (made("random", lambda f: (f / "model.safetensors").write_bytes(os.urandom(4096))), "could not load model"),
+        "config a list": (made("list", lambda f: (f / "config.json").write_text("[]")), "is not a JSON object"),
+        "unknown model_type": (made("unknown", lambda f: (f / "config.json").write_text(json.dumps(
+            {**json.loads((folder / "config.json").read_text()), "model_type": "no-such-arch"}))), "could not load model"),
+        "custom code": (made("custom", lambda f: (f / "config.json").write_text(json.dumps(
+            {**json.loads((folder / "config.json").read_text()), "model_type": "custom-arch",
+             "auto_map": {"AutoConfig": "configuration_x.XConfig", "AutoModelForCausalLM": "modeling_x.X"}}))),
+            "contains custom code .*; pass --trust-remote-code if you trust that code"),
+    }
+
+
+def test_a_model_folder_that_cannot_load_is_a_one_line_error(tmp_path, capsys):
+    for case, (folder, message) in broken_model_folders(Path(saved(tiny_bloom, tmp_path / "good"))).items():
+        assert run_on(str(folder), tmp_path, "--out-dir", str(tmp_path / "runs" / case)) == 2, case
+        fails_with(capsys, 2, message)
+
+
+def test_pickle_weights_are_refused_unless_trusted_by_name(tmp_path, capsys):
+    folder = tmp_path / "pickled"
+    model = tiny_bloom()
+    model.save_pretrained(folder)
+    (folder / "model.safetensors").unlink()
+    torch.save(model.state_dict(), folder / "pytorch_model.bin")  # how older checkpoints ship their weights
+    tiny_tokenizer(padding_side="left").save_pretrained(folder)
+    assert run_on(str(folder), tmp_path) == 2
+    fails_with(capsys, 2, "holds its weights only as pickle \\(pytorch_model.bin\\), and loading pickle can run any code")
+    assert run_on(str(folder), tmp_path, "--trust-pickle-weights", "--max-steps", "1") == 0
 
 
 def test_a_tokenizer_without_eos_is_a_one_line_error(tmp_path, capsys):
@@ -91,7 +199,7 @@ def test_a_tokenizer_without_eos_is_a_one_line_error(tmp_path, capsys):
 def test_an_output_directory_that_cannot_be_written_is_a_one_line_error(model_dir, tmp_path, capsys):
     (tmp_path / "a_file").write_text("")
     assert train.main(["--model", model_dir, *QUICK, "--out-dir", str(tmp_path / "a_file" / "run")]) == 2
-    fails_with(capsys, 2, "cannot write to the output directory")
+    fails_with(capsys, 2, "cannot write to the output folder")
 
 
 def test_the_packed_layout_on_a_model_without_position_ids_is_a_one_line_error(model_dir, tmp_path, capsys):
@@ -130,6 +238,13 @@ def test_a_truncated_or_corrupt_delta_is_a_one_line_error(how, finished_run, tmp
     fails_with(capsys, 2, "not a readable safetensors file, corrupt or truncated")
 
 
+def test_a_prompts_file_with_invalid_utf8_is_a_one_line_error_naming_its_line(finished_run, tmp_path, capsys):
+    (tmp_path / "prompts.txt").write_bytes(b"Say hi.\nSay caf\xe9.\n")  # Latin-1, not UTF-8
+    assert generate.main(["--delta", str(finished_run / "delta.safetensors"), "--prompts-file",
+                          str(tmp_path / "prompts.txt")]) == 2
+    fails_with(capsys, 2, "prompts.txt line 2 is not valid UTF-8")
+
+
 def test_a_delta_of_another_model_shape_is_a_one_line_error(finished_run, tmp_path, capsys):
     llama = saved(tiny_llama, tmp_path / "llama")
     assert generate.main(["--delta", str(finished_run / "delta.safetensors"), "--model", llama, "-n", "1"]) == 2
@@ -154,3 +269,76 @@ def test_bitfit_never_unpickles_and_never_trusts_remote_code_by_default():
         assert "trust_remote_code=True" not in text, path
     assert parser().parse_args([]).trust_remote_code is False
     assert generate.parse_args([]).trust_remote_code is False
+
+
+def only_line_is_error(capsys, message: str) -> None:
+    """stderr is exactly one line, 'error: ...' matching `message`: no usage block, no traceback."""
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    assert re.search(message, lines[0]), lines[0]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--max-new-tokens", "0"], "--max-new-tokens must be at least 1, not 0"),
+        (["--max-new-tokens", "-3"], "--max-new-tokens must be at least 1, not -3"),
+        (["--sample", "--temperature", "0"], "--temperature must be a finite number above 0 with --sample, not 0.0"),
+        (["--sample", "--temperature", "-1"], "--temperature must be a finite number above 0 with --sample"),
+        (["--sample", "--temperature", "inf"], "--temperature must be a finite number above 0 with --sample"),
+        (["--sample", "--temperature", "nan"], "--temperature must be a finite number above 0 with --sample"),
+        (["--top-p", "0"], r"--top-p must be above 0 and at most 1, not 0.0"),
+        (["--top-p", "1.5"], r"--top-p must be above 0 and at most 1, not 1.5"),
+        (["--top-p", "nan"], r"--top-p must be above 0 and at most 1, not nan"),
+        (["--template", "alpacca"], "--template must be 'alpaca', 'chat' or ''"),
+        (["-n", "0"], "-n must be at least 1, not 0"),
+        (["-n", "-2"], "-n must be at least 1, not -2"),
+        (["--device", "tpu"], "--device must be 'auto', 'cpu', 'cuda' or 'cuda:N', not 'tpu'"),
+        (["--device", "cuda:abc"], "--device must be 'auto', 'cpu', 'cuda' or 'cuda:N', not 'cuda:abc'"),
+        (["--device", "meta"], "--device must be 'auto', 'cpu', 'cuda' or 'cuda:N', not 'meta'"),
+        (["--bogus"], "unrecognized arguments: --bogus"),
+        (["-n", "x"], "argument -n: invalid int value: 'x'"),
+        (["--max-new-tokens"], "argument --max-new-tokens: expected one argument"),
+    ],
+)
+def test_a_bad_generate_argument_is_one_error_line_and_exit_code_2(args, message, capsys):
+    assert generate.main(args) == 2  # refused before any delta is looked for or model loaded
+    only_line_is_error(capsys, message)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ([], "the following arguments are required: --delta, --out"),
+        (["--delta", "d.safetensors", "--out", "merged", "--bogus"], "unrecognized arguments: --bogus"),
+    ],
+)
+def test_a_bad_merge_argument_is_one_error_line_and_exit_code_2(args, message, capsys):
+    assert merge.main(args) == 2
+    only_line_is_error(capsys, message)
+
+
+@pytest.mark.parametrize("victim", ["the base model's folder", "the run folder", "a file", "a path inside a file"])
+def test_merge_refuses_an_out_that_is_not_a_new_or_empty_folder_and_leaves_it_byte_identical(
+    victim, model_dir, finished_run, tmp_path, capsys
+):
+    (tmp_path / "notes.txt").write_text("my notes")
+    out = {"the base model's folder": Path(model_dir), "the run folder": finished_run, "a file": tmp_path / "notes.txt",
+           "a path inside a file": tmp_path / "notes.txt" / "merged"}[victim]
+    watched = [Path(model_dir), finished_run, tmp_path]
+    before = [files(folder) for folder in watched]
+    assert merge.main(["--delta", str(finished_run / "delta.safetensors"), "--out", str(out)]) == 2
+    only_line_is_error(capsys, "is a folder that is not empty|is a file|is not a folder this user may write in")
+    assert [files(folder) for folder in watched] == before
+
+
+def test_a_delta_holding_a_nan_is_a_one_line_error_for_generate_and_merge(finished_run, tmp_path, capsys):
+    tensors, metadata = read_delta(str(finished_run / "delta.safetensors"))
+    name = next(iter(tensors))
+    tensors[name][0] = float("nan")
+    save_file(tensors, str(tmp_path / "nan.safetensors"), metadata=metadata)
+    assert generate.main(["--delta", str(tmp_path / "nan.safetensors"), "-n", "1"]) == 2
+    only_line_is_error(capsys, f"not a valid bitfit delta: {re.escape(name)} holds NaN or inf values")
+    assert merge.main(["--delta", str(tmp_path / "nan.safetensors"), "--out", str(tmp_path / "merged")]) == 2
+    only_line_is_error(capsys, f"not a valid bitfit delta: {re.escape(name)} holds NaN or inf values")
+    assert not (tmp_path / "merged").exists()

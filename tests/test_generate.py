@@ -78,3 +78,13 @@ def test_no_run_at_all_is_a_clear_error(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert generate.main([]) == 2
     assert "run `python train.py` first" in capsys.readouterr().err
+
+
+def test_the_edges_of_every_checked_argument_are_accepted():
+    args = generate.parse_args(["--max-new-tokens", "1", "-n", "1", "--top-p", "1", "--sample", "--temperature", "1e-3",
+                                "--template", "chat", "--device", "cpu"])
+    assert (args.max_new_tokens, args.n, args.top_p, args.temperature, args.template) == (1, 1, 1.0, 1e-3, "chat")
+
+
+def test_a_temperature_of_0_without_sample_is_greedy_decoding_and_accepted():
+    assert generate.parse_args(["--temperature", "0"]).sample is False

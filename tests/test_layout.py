@@ -136,3 +136,7 @@ def test_every_layout_gives_the_gradient_of_the_seeds_layout(make_model):
             for world in (1, 2, 3, 4):
                 gradient = step_gradient(make_model, examples, kind, budget, world)
                 torch.testing.assert_close(gradient, seeds, rtol=0, atol=1e-6, msg=f"{kind} {budget} {world}")
+
+
+def test_max_steps_draws_only_the_steps_it_needs_even_with_ten_million_epochs():
+    assert layout.draw_steps(20, 8, 10_000_000, seed=0, max_steps=2) == layout.draw_steps(20, 8, 1, seed=0)[:2]

@@ -1,4 +1,8 @@
+import errno
 import json
+import os
+import stat
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +16,11 @@ from bitfit.merge import main, merge
 from tiny import tiny_bloom, tiny_llama, tiny_tokenizer
 
 INPUT_IDS = torch.randint(0, 400, (2, 10), generator=torch.Generator().manual_seed(0))
+
+
+def files(root: Path) -> dict[str, bytes | None]:
+    """Every file (its bytes) and folder (None) under `root`: to check that nothing there changed."""
+    return {str(p.relative_to(root)): None if p.is_dir() else p.read_bytes() for p in sorted(root.rglob("*"))}
 
 
 def delta_of(make_model, path, which: str = "all") -> torch.Tensor:
@@ -71,3 +80,75 @@ def test_the_merge_command_writes_model_and_tokenizer(tmp_path, capsys):
     fresh = tiny_bloom()
     apply_delta(fresh, str(tmp_path / "delta.safetensors"))
     torch.testing.assert_close(reloaded.transformer.h[0].mlp.dense_h_to_4h.bias, fresh.transformer.h[0].mlp.dense_h_to_4h.bias)
+
+
+def test_a_merge_into_an_empty_folder_is_allowed(tmp_path):
+    delta_of(tiny_bloom, tmp_path / "delta.safetensors")
+    (tmp_path / "merged").mkdir()
+    merge(tiny_bloom(), str(tmp_path / "delta.safetensors"), str(tmp_path / "merged"))
+    assert (tmp_path / "merged" / "config.json").is_file()
+
+
+@pytest.mark.parametrize("victim", ["the base model's folder", "a run folder", "a file"])
+def test_a_merge_never_writes_over_anything_already_there(victim, tmp_path):
+    (tmp_path / "run").mkdir()
+    delta_of(tiny_bloom, tmp_path / "run" / "delta.safetensors")
+    tiny_bloom().save_pretrained(tmp_path / "base")
+    (tmp_path / "notes.txt").write_text("my notes")
+    out = {"the base model's folder": "base", "a run folder": "run", "a file": "notes.txt"}[victim]
+    before = files(tmp_path)
+    with pytest.raises(BitfitError, match="is a file|is a folder that is not empty"):
+        merge(tiny_bloom(), str(tmp_path / "run" / "delta.safetensors"), str(tmp_path / out))
+    assert files(tmp_path) == before
+
+
+def test_the_merged_folder_and_its_files_get_the_permissions_of_any_new_ones_of_the_user(tmp_path):
+    delta_of(tiny_llama, tmp_path / "delta.safetensors")
+    umask = os.umask(0o027)
+    try:
+        merge(tiny_llama(), str(tmp_path / "delta.safetensors"), str(tmp_path / "merged"), tiny_tokenizer())
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE((tmp_path / "merged").stat().st_mode) == 0o750  # not mkdtemp's 0700
+    assert {stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "merged").iterdir()} == {0o640}  # not safetensors' 0600
+
+
+def test_a_tuned_model_with_nan_logits_is_refused_and_nothing_is_written(tmp_path):
+    def nan_llama():
+        model = tiny_llama()
+        with torch.no_grad():
+            model.model.norm.weight[0] = float("nan")  # every logit becomes NaN; the biases stay finite
+        return model
+
+    delta_of(nan_llama, tmp_path / "delta.safetensors")
+    with pytest.raises(BitfitError, match="the tuned model gives NaN or inf logits"):
+        merge(nan_llama(), str(tmp_path / "delta.safetensors"), str(tmp_path / "merged"))
+    assert [p.name for p in tmp_path.iterdir()] == ["delta.safetensors"]
+
+
+def test_a_written_folder_that_does_not_reload_to_the_tuned_logits_is_removed(tmp_path, monkeypatch):
+    delta_of(tiny_llama, tmp_path / "delta.safetensors")
+    real = AutoModelForCausalLM.from_pretrained
+
+    def reload_with_a_nan(*args, **kwargs):  # as if a weight came back from the disk as NaN
+        model = real(*args, **kwargs)
+        with torch.no_grad():
+            model.model.norm.weight[0] = float("nan")
+        return model
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", reload_with_a_nan)
+    with pytest.raises(BitfitError, match=r"does not reproduce the tuned logits \(max difference nan\)"):
+        merge(tiny_llama(), str(tmp_path / "delta.safetensors"), str(tmp_path / "merged"))
+    assert [p.name for p in tmp_path.iterdir()] == ["delta.safetensors"]
+
+
+def test_a_full_disk_while_writing_the_merged_folder_leaves_nothing_behind(tmp_path, monkeypatch):
+    delta_of(tiny_llama, tmp_path / "delta.safetensors")
+
+    def disk_full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", disk_full)
+    with pytest.raises(BitfitError, match="cannot write .*merged: the disk is full"):
+        merge(tiny_llama(), str(tmp_path / "delta.safetensors"), str(tmp_path / "merged"))
+    assert [p.name for p in tmp_path.iterdir()] == ["delta.safetensors"]

@@ -41,7 +41,7 @@ def test_the_packing_check_passes_a_model_that_keeps_examples_apart_and_catches_
     examples, _ = encode(builtin_records("train")[:8], tokenizer)
     pad = partial(pad_batch, pad_token_id=tokenizer.pad_token_id, padding_side="right")
     model = tiny_llama()
-    assert packing.enable(model, examples, pad) is None
+    assert packing.enable(model, examples, pad, max_tokens=256) is None
     assert model.config._attn_implementation == NAME
 
     def leaky_pack(examples):  # one unbroken run of positions: plain causal attention across the whole row
@@ -52,7 +52,7 @@ def test_the_packing_check_passes_a_model_that_keeps_examples_apart_and_catches_
     monkeypatch.setattr(packing, "pack_batch", leaky_pack)
     assert packing.packing_gap(model, examples, pad) > 10 * packing.PACKING_TOLERANCE
     model = tiny_llama()
-    assert "does not keep packed examples apart" in packing.enable(model, examples, pad)
+    assert "does not keep packed examples apart" in packing.enable(model, examples, pad, max_tokens=256)
     assert model.config._attn_implementation == "sdpa"  # refused: the model is left as it was
 
 
@@ -60,7 +60,7 @@ def test_a_model_without_position_ids_cannot_be_packed():
     tokenizer = tiny_tokenizer(padding_side="left")
     examples, _ = encode(builtin_records("train")[:8], tokenizer)
     pad = partial(pad_batch, pad_token_id=tokenizer.pad_token_id, padding_side="left")
-    assert "BloomForCausalLM takes no position ids" in packing.enable(tiny_bloom(), examples, pad)
+    assert "BloomForCausalLM takes no position ids" in packing.enable(tiny_bloom(), examples, pad, max_tokens=256)
 
 
 def loss_and_gradient(batch, per_example: bool):

@@ -1,5 +1,6 @@
 """Checkpoints, exact resume, interrupts and non-finite values (issue: reliability)."""
 
+import errno
 import json
 import os
 import signal
@@ -92,15 +93,30 @@ def test_save_every_keeps_the_newest_k_checkpoints_with_fp32_optimizer_state(mod
 def test_a_crash_while_writing_a_checkpoint_leaves_no_checkpoint_that_looks_whole(model_dir, tmp_path, monkeypatch):
     real = bitfit.checkpoint.save_file
 
-    def crash_after_writing(tensors, path, *args, **kwargs):
+    def killed_after_writing(tensors, path, *args, **kwargs):  # as if the process died here: nothing cleans up
         real(tensors, path, *args, **kwargs)
-        raise OSError("disk full")
+        raise SystemExit("killed")
 
-    monkeypatch.setattr(bitfit.checkpoint, "save_file", crash_after_writing)
-    with pytest.raises(OSError, match="disk full"):
+    monkeypatch.setattr(bitfit.checkpoint, "save_file", killed_after_writing)
+    with pytest.raises(SystemExit):
         train.main(["--model", model_dir, *ARGS, "--save-every", "2", "--out-dir", str(tmp_path / "run")])
     assert latest_checkpoint(tmp_path / "run") is None
     assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == [".writing-step-000002"]
+
+
+def test_a_full_disk_while_writing_a_checkpoint_is_one_error_line_and_keeps_the_previous_checkpoint(model_dir, tmp_path, monkeypatch, capsys):
+    real, calls = bitfit.checkpoint.save_file, []
+
+    def disk_full_on_the_second(tensors, path, *args, **kwargs):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(tensors, path, *args, **kwargs)
+
+    monkeypatch.setattr(bitfit.checkpoint, "save_file", disk_full_on_the_second)
+    assert train.main(["--model", model_dir, *ARGS, "--save-every", "2", "--out-dir", str(tmp_path / "run")]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith("step-000004: the disk is full")
+    assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["step-000002"]  # no half file beside it
 
 
 def test_a_nan_loss_stops_the_run_naming_the_step_the_records_and_the_last_good_checkpoint(model_dir, tmp_path, monkeypatch, capsys):
@@ -125,7 +141,7 @@ def test_a_nan_loss_stops_the_run_naming_the_step_the_records_and_the_last_good_
 
 def test_resume_needs_a_checkpoint_and_a_fresh_run_will_not_reuse_an_interrupted_folder(model_dir, tmp_path, monkeypatch, capsys):
     assert train.main(["--resume", str(tmp_path / "nothing")]) == 2
-    assert "no config.json there" in capsys.readouterr().err
+    assert "not a bitfit run folder" in capsys.readouterr().err
 
     signal_in_step(monkeypatch, 3, [signal.SIGINT])
     assert train.main(["--model", model_dir, *ARGS, "--out-dir", str(tmp_path / "run")]) == 130
@@ -149,3 +165,79 @@ def test_the_newest_checkpoint_is_found_by_step_number_not_by_name(tmp_path):
     for name in ("step-999999", "step-1000000", ".writing-step-1000001", "step-000005-03"):
         (tmp_path / "checkpoints" / name).mkdir(parents=True)
     assert latest_checkpoint(tmp_path).name == "step-1000000"  # unfinished and foreign folders are not checkpoints
+
+
+def interrupted_run(model_dir, tmp_path, monkeypatch, *extra) -> Path:
+    """A run stopped by Ctrl-C after step 3, with a checkpoint to resume from."""
+    signal_in_step(monkeypatch, 3, [signal.SIGINT])
+    assert train.main(["--model", model_dir, *ARGS, "--out-dir", str(tmp_path / "run"), *extra]) == 130
+    monkeypatch.undo()
+    return tmp_path / "run"
+
+
+def test_resuming_after_the_training_data_changed_is_refused(model_dir, tmp_path, monkeypatch, capsys):
+    data = tmp_path / "data.jsonl"
+    rows = [{"instruction": f"Say {i}.", "output": str(i)} for i in range(40)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run = interrupted_run(model_dir, tmp_path, monkeypatch, "--data", str(data), "--eval-data", "none", "--split", "train")
+    data.write_text("".join(json.dumps(r) + "\n" for r in reversed(rows)))
+    assert train.main(["--resume", str(run)]) == 2
+    assert "the training data changed since the run started" in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda ckpt: (ckpt / "state.safetensors").write_bytes((ckpt / "state.safetensors").read_bytes()[:100]), "cannot be read"),
+    (lambda ckpt: (ckpt / "state.safetensors").write_bytes(os.urandom(4096)), "cannot be read"),
+    (lambda ckpt: (ckpt / "state.json").write_text("{}"), "cannot be read"),
+    (lambda ckpt: bitfit.checkpoint.save_file({k: v for k, v in load_file(ckpt / "state.safetensors").items() if k != "exp_avg"},
+                                              str(ckpt / "state.safetensors")), "lacks exp_avg"),
+    (lambda ckpt: bitfit.checkpoint.save_file({**load_file(ckpt / "state.safetensors"), "values": torch.zeros(3)},
+                                              str(ckpt / "state.safetensors")), "holds values of shape"),
+])
+def test_a_damaged_checkpoint_is_one_error_line_and_nothing_is_resumed(model_dir, tmp_path, monkeypatch, capsys, damage, message):
+    run = interrupted_run(model_dir, tmp_path, monkeypatch)
+    damage(latest_checkpoint(run))
+    assert train.main(["--resume", str(run)]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith(f"error: checkpoint {latest_checkpoint(run)}") and message in last
+
+
+def test_biases_driven_to_inf_by_a_huge_lr_stop_the_run_and_nothing_non_finite_is_saved(model_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert train.main(["--model", model_dir, *ARGS[:-2], "--lr", "1e308", "--save-every", "1", "--out-dir", str(run)]) == 3
+    assert "the AdamW step left NaN or inf in the biases" in capsys.readouterr().err
+    assert not (run / "delta.safetensors").exists()
+    for checkpoint in bitfit.checkpoint.checkpoints(run):
+        assert torch.isfinite(load_file(checkpoint / "state.safetensors")["values"]).all()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_stop_while_the_model_loads_ends_at_once_saying_nothing_was_lost(model_dir, tmp_path, monkeypatch, capsys, signum):
+    real = train.models.load
+
+    def load_then_signal(*args, **kwargs):
+        loaded = real(*args, **kwargs)
+        os.kill(os.getpid(), signum)
+        return loaded
+
+    monkeypatch.setattr(train.models, "load", load_then_signal)
+    assert train.main(["--model", model_dir, *ARGS, "--out-dir", str(tmp_path / "run")]) == 130
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last == (f"interrupted: {signal.Signals(signum).name} before any step ran; nothing was lost (a resumed run's "
+                    "checkpoint is as it was): run the same command again")
+    monkeypatch.undo()
+    assert train.main(["--model", model_dir, *ARGS, "--out-dir", str(tmp_path / "run")]) == 0  # the folder takes the rerun
+
+
+def test_a_stop_while_the_delta_is_written_lets_it_finish_then_skips_the_evaluation(model_dir, tmp_path, monkeypatch, capsys):
+    real = train.save_delta
+
+    def signal_then_save(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+        real(*args, **kwargs)
+
+    monkeypatch.setattr(train, "save_delta", signal_then_save)
+    run = tmp_path / "run"
+    assert train.main(["--model", model_dir, *ARGS, "--out-dir", str(run)]) == 130
+    assert "interrupted: after the delta was saved to" in capsys.readouterr().err
+    assert read_delta(str(run / "delta.safetensors"))[0] and not (run / "results.json").exists()

@@ -133,6 +133,12 @@ def test_config_rejects_unknown_keys_and_bad_values():
         TrainConfig(layout="pack")
 
 
+def test_a_pass_holds_at_most_what_one_micro_batch_of_the_seeds_recipe_can_hold_unless_told_otherwise():
+    assert TrainConfig().max_pass_tokens == 256  # --batch-size 1 x --max-len 256
+    assert TrainConfig(batch_size=2, max_len=512).max_pass_tokens == 1024
+    assert TrainConfig(max_pass_tokens=100).max_pass_tokens == 100
+
+
 def test_a_token_budget_with_the_seeds_layout_is_refused_as_meaningless():
     with pytest.raises(BitfitError, match="--max-pass-tokens has no effect with --layout seeds"):
         TrainConfig(layout="seeds", max_pass_tokens=1024)
@@ -175,3 +181,23 @@ def test_auto_packs_a_model_with_position_ids_and_pads_one_without(tmp_path, cap
         out = capsys.readouterr().out
         assert expected in out
     assert "not packed: BloomForCausalLM takes no position ids" in out
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("lr", math.inf, "--lr must be a finite number"), ("lr", math.nan, "--lr must be a finite number"),
+    ("lr", 0.0, "--lr and --eps must be positive"), ("weight_decay", math.inf, "--weight-decay must be a finite number"),
+    ("eps", 0.0, "--lr and --eps must be positive"), ("eps", math.nan, "--eps must be a finite number"),
+    ("beta1", 1.5, r"--beta1 must be in \[0, 1\)"), ("beta2", -1.0, r"--beta2 must be in \[0, 1\)"),
+    ("beta2", 1.0, r"--beta2 must be in \[0, 1\)"), ("grad_clip", math.nan, "--grad-clip must be a finite number"),
+    ("seed", 10**22, r"--seed must be in \[0, 2\*\*63\)"), ("seed", -1, r"--seed must be in \[0, 2\*\*63\)"),
+    ("device", "tpu", "--device must be"), ("device", "cuda:abc", "--device must be"), ("device", "meta", "--device must be"),
+])
+def test_every_numeric_flag_must_be_finite_and_in_its_range(flag, value, message):
+    with pytest.raises(BitfitError, match=message):
+        TrainConfig(**{flag: value})
+
+
+def test_an_evaluation_file_is_used_whole_unless_a_split_is_given():
+    assert TrainConfig().eval_split == "heldout[:100]"  # the built-in task's held-out split
+    assert TrainConfig(data="mine.jsonl", eval_data="heldout.jsonl").eval_split == "train"  # all of the file
+    assert TrainConfig(data="mine.jsonl", eval_data="heldout.jsonl", eval_split="train[:10]").eval_split == "train[:10]"

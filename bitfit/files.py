@@ -1,0 +1,73 @@
+"""Writing files so that a crash or a full disk never leaves a half-written one that looks whole.
+
+A file is written under a hidden temporary name in the folder it belongs in, flushed to the disk, and
+only then renamed to its name: a rename within one folder is atomic, so the name holds either the old
+file or the whole new one. Whatever goes wrong, the temporary file is removed.
+
+Files get the permissions any new file of the user gets (0o666 less the umask: 0644 usually), not the
+0600 that temporary-file functions and safetensors give, so a merged model can be shared like any other.
+"""
+
+import errno
+import os
+import tempfile
+from pathlib import Path
+
+from .errors import BitfitError
+
+
+def umask() -> int:
+    """The process's umask. os.umask can only be read by setting it, so it is set back at once."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def file_mode() -> int:
+    """The mode a new file gets from open(): 0o666 less the umask."""
+    return 0o666 & ~umask()
+
+
+def folder_mode() -> int:
+    """The mode a new folder gets from mkdir: 0o777 less the umask."""
+    return 0o777 & ~umask()
+
+
+def fsync(path: Path) -> None:
+    """Flush a file's or folder's contents to the disk (for a folder: the names in it, after a rename)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def cannot_write(path: Path, error: OSError) -> BitfitError:
+    """A one-line error for an OSError met while writing `path`, saying plainly when the disk is full."""
+    reason = "the disk is full" if error.errno in (errno.ENOSPC, errno.EDQUOT) else (error.strerror or str(error))
+    return BitfitError(f"cannot write {path}: {reason}")
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """Write `data` to `path`, replacing a file there only once the new one is whole on the disk.
+
+    On any failure the temporary file is removed and an earlier file at `path` is left as it was; an
+    OSError (disk full, no permission, no such folder) becomes a BitfitError.
+    """
+    temporary = None
+    try:
+        fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".writing")
+        temporary = Path(name)
+        with os.fdopen(fd, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+            os.fchmod(file.fileno(), file_mode())  # mkstemp makes it 0600
+        os.replace(temporary, path)
+        temporary = None
+        fsync(path.parent)  # the rename itself reaches the disk
+    except OSError as error:
+        raise cannot_write(path, error) from None
+    finally:  # also on Ctrl-C or any other exception
+        if temporary is not None:
+            temporary.unlink(missing_ok=True)
