@@ -307,21 +307,33 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run(from_args(argv))
     except BitfitError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        return report(f"error: {error}", 2, own_error=True)
     except NonFiniteError as error:
-        print(f"error: non-finite values, run stopped: {error}", file=sys.stderr)
-        return 3
+        return report(f"error: non-finite values, run stopped: {error}", 3)
     except Interrupted as error:
-        print(f"interrupted: {error}", file=sys.stderr)
-        return 130
+        return report(f"interrupted: {error}", 130)
     except KeyboardInterrupt:
-        print("interrupted twice: stopped at once, without a checkpoint", file=sys.stderr)
-        return 130
+        return report("interrupted twice: stopped at once, without a checkpoint", 130)
     finally:
         run_folder.release()
         distributed.finish()
     return 0
+
+
+def report(message: str, code: int, own_error: bool = False) -> int:
+    """Print why the run ended ONCE, under torchrun too, and return the exit code.
+
+    Process 0 speaks for all: the processes agree on non-finite values and on interrupts, and a bad input
+    fails every process alike. An input error could still be one process's own (a file only it cannot
+    read), so another process with an input error waits a few seconds first: when process 0 fails alike,
+    torchrun ends this process before it speaks; otherwise it says what went wrong where."""
+    rank = int(os.environ.get("RANK", "0"))
+    if rank == 0:
+        print(message, file=sys.stderr)
+    elif own_error:
+        time.sleep(5)
+        print(f"{message} (process {rank})", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ refuses `save_pretrained` and `.float()`. So we dequantize the tensors once into
 built from the GGUF's config, and cache that as an ordinary model folder: later runs load it in seconds.
 """
 
+import fcntl
 import importlib.util
 import json
 import os
@@ -55,7 +56,6 @@ def _build_embedded(folder: Path) -> None:
         raise RuntimeError(f"the GGUF did not fill the model: missing {result.missing_keys}, unexpected {result.unexpected_keys}")
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
 
-    folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".building-"))
     try:
         model.save_pretrained(staging)
@@ -66,13 +66,21 @@ def _build_embedded(folder: Path) -> None:
 
 
 def resolve(name: str) -> str:
-    """The folder or hub name to load `name` from; for 'embedded', build the cached folder on first use."""
+    """The folder or hub name to load `name` from; for 'embedded', build the cached folder on first use.
+
+    Processes that start together (torchrun) take a lock: one builds, the others wait and then use it."""
     if name != EMBEDDED:
         return name
     folder = cache_dir() / "SmolLM2-135M-Instruct"
-    if not (folder / "config.json").is_file():
-        print(f"first use of the embedded model: dequantizing {embedded_gguf().name} into {folder} (once, ~30 s)")
-        _build_embedded(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(folder.parent / ".build.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not folder.exists():
+            print(f"first use of the embedded model: dequantizing {embedded_gguf().name} into {folder} (once, ~30 s)")
+            _build_embedded(folder)
+    if not (folder / "config.json").is_file() or not (folder / "model.safetensors").is_file():
+        raise BitfitError(f"the cached embedded model {folder} is incomplete (bitfit writes it whole; something "
+                          "else changed it): delete that folder and bitfit rebuilds it")
     return str(folder)
 
 

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -98,3 +99,14 @@ def test_a_run_checkpointed_under_torchrun_resumes_in_one_process(tmp_path):
     resumed = losses(tmp_path / "run")
     assert resumed[:2] == straight[:2] and len(resumed) == 4
     assert all(abs(a - b) <= 1e-6 * abs(a) for a, b in zip(straight[2:], resumed[2:])), (straight, resumed)
+
+
+def test_a_bad_input_under_torchrun_prints_one_error_line_and_process_0_exits_2(tmp_path):
+    model_dir = saved(tiny_llama, tmp_path / "model")
+    (tmp_path / "bad.jsonl").write_text('{"question": "no instruction here"}\n')
+    launched = torchrun("--model", model_dir, "--data", str(tmp_path / "bad.jsonl"), "--out-dir", str(tmp_path / "run"))
+    ours = [line for line in launched.stderr.splitlines() if line.startswith("error:")]
+    assert len(ours) == 1 and "bad.jsonl line 1" in ours[0], launched.stderr[-3000:]
+    assert not re.search(r'File ".*(train\.py|bitfit/)', launched.stderr)  # no traceback of ours (torchrun prints its own)
+    # torchrun exits 1 whenever a process fails (its code, not ours); the process that spoke exited 2
+    assert "rank      : 0 (local_rank: 0)\n  exitcode  : 2" in launched.stderr and launched.returncode == 1

