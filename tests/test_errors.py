@@ -18,7 +18,6 @@ from bitfit import merge
 from bitfit.config import parser
 from bitfit.delta import read_delta
 from test_merge import files
-from test_data import hub  # noqa: F401 (a fixture: the hub's state, restored after the test)
 from test_train import saved
 from tiny import _trained_bpe, tiny_bloom, tiny_llama, tiny_tokenizer
 
