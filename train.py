@@ -90,7 +90,8 @@ def claim_run_dir(cfg: TrainConfig) -> Path:
     out_dir = run_folder.claim(cfg.out_dir)
     if (out_dir / "delta.safetensors").exists() and not cfg.overwrite:
         if cfg.resume:
-            raise BitfitError(f"{out_dir} is a finished run, nothing to resume; its delta is {out_dir / 'delta.safetensors'}")
+            raise BitfitError(f"{out_dir} is a finished run, nothing to resume (its delta is {out_dir / 'delta.safetensors'}); "
+                              "to train again, start a new run without --resume")
         raise BitfitError(f"{out_dir} already holds a finished run; pick another --out-dir or pass --overwrite")
     if not cfg.resume and latest_checkpoint(out_dir) and not cfg.overwrite:
         raise BitfitError(f"{out_dir} holds an interrupted run; continue it with: python train.py --resume {out_dir} "
@@ -177,6 +178,9 @@ def setup_data_and_layout(cfg: TrainConfig, model, tokenizer, world: int, rank: 
     pad = partial(pad_batch, pad_token_id=pad_id(tokenizer), padding_side=tokenizer.padding_side)
     kind, why = choose_layout(cfg, model, examples, pad)
     steps = layout.draw_steps(len(examples), cfg.batch_size * cfg.grad_accum, cfg.epochs, cfg.seed, cfg.max_steps)
+    if cfg.warmup_steps >= len(steps):  # the first step's lr is 0, and the peak never comes
+        raise BitfitError(f"--warmup-steps {cfg.warmup_steps}: the run has {len(steps)} optimizer step(s), so its lr "
+                          f"would never reach --lr {cfg.lr:g}; use fewer warmup steps than that")
     plan = layout.plan(steps, lengths, kind, cfg.max_pass_tokens, cfg.batch_size, world, rank)
     log(layout.describe(steps, lengths, kind, cfg.max_pass_tokens, cfg.batch_size, world) + f" ({why})")
     log(f"steps: {len(steps)} optimizer steps, {cfg.epochs} epoch(s)"

@@ -32,7 +32,7 @@ from .errors import BitfitError
 from .tasks import builtin_records
 
 IGNORE_INDEX = -100  # the label cross-entropy skips: prompt positions and padding
-Example = dict  # input_ids, attention_mask, labels (lists of equal length), row (index of its record)
+Example = dict  # input_ids, attention_mask, labels (lists of equal length), row (index of its record), place
 Piece = tuple[str, bool]  # a stretch of an example's text, and whether the model learns it (keeps its labels)
 Question = tuple[list[int], str, str]  # prompt ids, the question in words, the answer the row expects ('' if none)
 
@@ -413,8 +413,10 @@ def encode(
         if all(label == IGNORE_INDEX for label in labels):
             dropped += 1
             continue
-        # "row" names the record an example came from, for error messages; the collator ignores it.
-        examples.append({"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels, "row": row})
+        # "row" (the index of its record) and "place" (where that record is) are for error messages; the
+        # collator ignores them.
+        examples.append({"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels, "row": row,
+                         "place": places[row]})
     return examples, dropped
 
 

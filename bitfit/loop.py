@@ -124,9 +124,10 @@ def fit(model: nn.Module, flat: FlatBiases, optimizer: torch.optim.Optimizer,
                 if not bool(torch.isfinite(flat.values).all()):  # a finite gradient with a huge lr can still overflow
                     raise NonFiniteError("the AdamW step left NaN or inf in the biases (is --lr or --weight-decay too large?)")
             except NonFiniteError as error:
-                rows = sorted(examples[i]["row"] for indices in plan[step - 1] for i in indices)
+                held = sorted((examples[i]["row"], examples[i]["place"]) for indices in plan[step - 1] for i in indices)
                 whose = "this process's share of the step" if distributed.active() else "the step"
-                raise NonFiniteError(f"step {step}: {error}; {whose} held training records {rows}; nothing of this "
+                raise NonFiniteError(f"step {step}: {error}; {whose} held the training examples of "
+                                     f"{', '.join(place for _, place in held)}; nothing of this "
                                      f"step was saved and no delta was written; last good checkpoint: "
                                      f"{latest_checkpoint(run_dir) or 'none (see --save-every)'}") from None
             scheduler.step()

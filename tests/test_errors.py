@@ -206,6 +206,13 @@ def test_the_packed_layout_on_a_model_without_position_ids_is_a_one_line_error(m
     fails_with(capsys, 2, "--layout packed: BloomForCausalLM takes no position ids .*; use --layout padded")
 
 
+def test_a_warmup_as_long_as_the_run_is_refused_before_training(model_dir, tmp_path, capsys):
+    # Its first step's lr is 0 and it never reaches --lr: a 1-step run would train nothing at all.
+    assert run_on(model_dir, tmp_path, "--max-steps", "2", "--warmup-steps", "2") == 2
+    fails_with(capsys, 2, "--warmup-steps 2: the run has 2 optimizer step\\(s\\), so its lr would never reach --lr")
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
 def test_a_bad_layout_is_a_one_line_error(model_dir, tmp_path, capsys):
     assert run_on(model_dir, tmp_path, "--layout", "pack") == 2
     fails_with(capsys, 2, "--layout must be one of")

@@ -3,6 +3,7 @@
 import errno
 import json
 import os
+import re
 import signal
 from pathlib import Path
 
@@ -119,7 +120,7 @@ def test_a_full_disk_while_writing_a_checkpoint_is_one_error_line_and_keeps_the_
     assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["step-000002"]  # no half file beside it
 
 
-def test_a_nan_loss_stops_the_run_naming_the_step_the_records_and_the_last_good_checkpoint(model_dir, tmp_path, monkeypatch, capsys):
+def test_a_nan_loss_stops_the_run_naming_the_step_where_its_examples_are_and_the_last_good_checkpoint(model_dir, tmp_path, monkeypatch, capsys):
     real, calls = bitfit.loop.loss_sum, []
 
     def nan_in_step_3(model, batch):
@@ -132,7 +133,8 @@ def test_a_nan_loss_stops_the_run_naming_the_step_the_records_and_the_last_good_
     assert train.main(["--model", model_dir, *ARGS, "--layout", "seeds", "--save-every", "2", "--out-dir", str(run_dir)]) == 3
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error: non-finite values, run stopped: step 3: loss nan")
-    assert "the step held training records [" in err
+    held = err.split("the step held the training examples of ")[1].split(";")[0].split(", ")
+    assert len(held) == 8 and all(re.fullmatch(r".+ row \d+", place) for place in held), held  # where each one is
     assert f"last good checkpoint: {run_dir / 'checkpoints' / 'step-000002'}" in err
     assert not (run_dir / "delta.safetensors").exists()  # nothing after the NaN is saved as if it were good
     assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 2
