@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from bitfit import distributed, layout, models, packing, run_folder
+from bitfit import __version__, distributed, layout, models, packing, report, run_folder
 from bitfit.biases import add_missing_biases, count_trainable, describe, select_biases
 from bitfit.checkpoint import latest_checkpoint, load_checkpoint
 from bitfit.collate import pad_batch, pad_id
@@ -28,7 +28,7 @@ from bitfit.config import TrainConfig, from_args
 from bitfit.data import load_examples
 from bitfit.delta import base_fingerprint, save_delta
 from bitfit.errors import BitfitError, Interrupted, NonFiniteError
-from bitfit.evaluate import exact_match, heldout_loss
+from bitfit.evaluate import base_eval_cache, exact_match, heldout_loss
 from bitfit.files import write_atomically
 from bitfit.flat import FlatBiases
 from bitfit.interrupt import graceful_stop
@@ -46,16 +46,17 @@ def run(cfg: TrainConfig) -> dict:
 
         model, tokenizer, flat, added = setup_model(cfg, device, log)
         examples, plan, collate, data_facts = setup_data_and_layout(cfg, model, tokenizer, world, rank, log)
-        check_inputs(cfg, model, flat, added, examples, out_dir)
+        base = check_inputs(cfg, model, flat, added, examples, out_dir)  # the base's fingerprint (rank 0)
         held_out = setup_evaluation(cfg, tokenizer) if rank == 0 else None
         optimizer, scheduler, first_step = setup_optimizer(cfg, flat, out_dir, len(plan), device, log)
         results = {"trainable": flat.num_trainable, "total": sum(p.numel() for p in model.parameters()),
-                   **data_facts, "device": str(device)}
+                   **data_facts, "device": str(device), **report.environment(device)}
         if held_out:
-            results["before"] = evaluate_untrained(model, tokenizer, held_out, cfg, device, out_dir, first_step, log)
+            results["before"] = evaluate_untrained(model, tokenizer, held_out, cfg, device, out_dir, first_step, base, log)
 
         train_start = time.perf_counter()
-        fit(model, flat, optimizer, scheduler, plan, examples, collate, cfg, out_dir, stop, first_step)
+        during = partial(evaluate_during, model, tokenizer, held_out, cfg, device) if held_out else None
+        fit(model, flat, optimizer, scheduler, plan, examples, collate, cfg, out_dir, stop, first_step, during)
         results["train_seconds"] = time.perf_counter() - train_start
         stop.at_once, stop.finishing = None, "writing the delta, then stopping"
         flat.check()  # every bias still a view of the buffer the optimizer stepped
@@ -175,7 +176,7 @@ def setup_data_and_layout(cfg: TrainConfig, model, tokenizer, world: int, rank: 
     log(f"data: {len(examples)} examples from {cfg.data} {cfg.split}, {dropped} dropped (response cut away by "
         f"max_len {cfg.max_len}), {sum(lengths) / len(lengths):.1f} tokens on average")
 
-    pad = partial(pad_batch, pad_token_id=pad_id(tokenizer), padding_side=tokenizer.padding_side)
+    pad = padder(tokenizer)
     kind, why = choose_layout(cfg, model, examples, pad)
     steps = layout.draw_steps(len(examples), cfg.batch_size * cfg.grad_accum, cfg.epochs, cfg.seed, cfg.max_steps)
     if cfg.warmup_steps >= len(steps):  # the first step's lr is 0, and the peak never comes
@@ -189,6 +190,11 @@ def setup_data_and_layout(cfg: TrainConfig, model, tokenizer, world: int, rank: 
     return examples, plan, packing.pack_batch if kind == "packed" else pad, facts
 
 
+def padder(tokenizer):
+    """The padded collator of this tokenizer: its pad id, on its padding side."""
+    return partial(pad_batch, pad_token_id=pad_id(tokenizer), padding_side=tokenizer.padding_side)
+
+
 def setup_evaluation(cfg: TrainConfig, tokenizer) -> dict | None:
     """The held-out records and examples to evaluate on before and after training, or None."""
     source = {"": "builtin" if cfg.data == "builtin" else "", "none": ""}.get(cfg.eval_data, cfg.eval_data)
@@ -196,13 +202,16 @@ def setup_evaluation(cfg: TrainConfig, tokenizer) -> dict | None:
         return None
     records, examples, _ = load_examples(source, cfg.eval_split, tokenizer, cfg.max_len, cfg.template,
                                          role="evaluation data")
-    return {"records": records, "examples": examples, "name": f"{source} {cfg.eval_split}"}
+    # What the numbers depend on besides the model: the rows, and the token ids the tokenizer made of them.
+    what = json.dumps([records, [[e["input_ids"], e["labels"]] for e in examples]], sort_keys=True, default=str)
+    return {"records": records, "examples": examples, "name": f"{source} {cfg.eval_split}",
+            "hash": hashlib.sha256(what.encode()).hexdigest()[:16]}
 
 
-def check_inputs(cfg: TrainConfig, model, flat: FlatBiases, added: list[str], examples: list, out_dir: Path) -> None:
+def check_inputs(cfg: TrainConfig, model, flat: FlatBiases, added: list[str], examples: list, out_dir: Path) -> str:
     """Record the model's and the data's hashes in the run, or refuse to resume on other ones. Rank 0
-    checks; every process stops if it refuses."""
-    error = ""
+    checks, and returns the base's fingerprint ('' elsewhere); every process stops if it refuses."""
+    error, inputs = "", {"model": ""}
     if distributed.is_main():
         data = hashlib.sha256(json.dumps([[e["input_ids"], e["labels"]] for e in examples]).encode()).hexdigest()[:16]
         inputs = {"model": base_fingerprint(model, flat, added), "training data": data}
@@ -212,6 +221,7 @@ def check_inputs(cfg: TrainConfig, model, flat: FlatBiases, added: list[str], ex
             error = str(refused)
     if error := distributed.share(error):
         raise BitfitError(error)
+    return inputs["model"]
 
 
 # --- optimizer and resume ---------------------------------------------------------------------------
@@ -246,41 +256,51 @@ def setup_optimizer(cfg: TrainConfig, flat: FlatBiases, out_dir: Path, n_steps: 
 def evaluate(model, tokenizer, held_out: dict, cfg: TrainConfig, device) -> dict:
     """Held-out loss and exact match, timed."""
     start = time.perf_counter()
-    pad = partial(pad_batch, pad_token_id=pad_id(tokenizer), padding_side=tokenizer.padding_side)
-    loss = heldout_loss(model, held_out["examples"], pad, device, cfg.bf16)
+    loss = heldout_loss(model, held_out["examples"], padder(tokenizer), device, cfg.bf16)
     result = exact_match(model, tokenizer, held_out["records"], cfg.template, device, cfg.bf16, cfg.max_new_tokens)
     return {"loss": loss, **result, "seconds": time.perf_counter() - start}
 
 
-def evaluate_untrained(model, tokenizer, held_out: dict, cfg: TrainConfig, device, out_dir: Path, first_step: int, log) -> dict:
-    """The evaluation before training; kept in eval_before.json, so a resumed run reports the untrained model."""
+def evaluate_untrained(model, tokenizer, held_out: dict, cfg: TrainConfig, device, out_dir: Path, first_step: int,
+                       base: str, log) -> dict:
+    """The evaluation before training, kept in eval_before.json (a resumed run reports it) and in a cache
+    shared by runs (a second run on the same base and held-out data does not measure it again)."""
     path = out_dir / "eval_before.json"
-    if first_step and path.is_file():
-        before = json.loads(path.read_text())
+    cached = base_eval_cache({"base": base, "held-out data": held_out["hash"], "template": cfg.template,
+                              "max_new_tokens": cfg.max_new_tokens, "bf16": cfg.bf16, "bf16_weights": cfg.bf16_weights,
+                              "device": device.type, "bitfit": __version__})
+    if first_step and path.is_file():  # a resumed run: what it measured when it started
+        before, source = json.loads(path.read_text()), "this run's eval_before.json"
+    elif (before := read_cached(cached)) is not None:
+        source = f"cached in {cached}"
     else:
-        before = evaluate(model, tokenizer, held_out, cfg, device)
-        write_atomically(path, (json.dumps(before, indent=2) + "\n").encode())
+        before, source = evaluate(model, tokenizer, held_out, cfg, device), "measured"
+        try:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            write_atomically(cached, (json.dumps(before, indent=2) + "\n").encode())
+        except (OSError, BitfitError):  # a cache that cannot be written costs time next run, nothing else
+            pass
+    write_atomically(path, (json.dumps(before, indent=2) + "\n").encode())
     log(f"before training: held-out loss {before['loss']:.4f}, exact match {100 * before['exact_match']:.1f}% "
-        f"({len(held_out['records'])} examples of {held_out['name']})")
+        f"({len(held_out['records'])} examples of {held_out['name']}; {source})")
     return before
 
 
-def save_loss_curve(records: list[dict], path: Path) -> bool:
-    """A PNG of the loss per optimizer step, when matplotlib is installed (it is optional)."""
+def read_cached(path: Path) -> dict | None:
+    """A cached evaluation, or None when there is none (or it cannot be read: then it is measured again)."""
     try:
-        import matplotlib
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    figure, axes = plt.subplots(figsize=(6, 3.5))
-    axes.plot([r["step"] for r in records], [r["loss"] for r in records])
-    axes.set(xlabel="optimizer step", ylabel="training loss (per label token)", title="bitfit")
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-    return True
+
+def evaluate_during(model, tokenizer, held_out: dict, cfg: TrainConfig, device) -> dict:
+    """The held-out measures of one --eval-every point, as metrics.jsonl fields."""
+    measured = {"eval_loss": heldout_loss(model, held_out["examples"], padder(tokenizer), device, cfg.bf16)}
+    if cfg.eval_every_exact_match:
+        measured["eval_exact_match"] = exact_match(model, tokenizer, held_out["records"], cfg.template, device,
+                                                   cfg.bf16, cfg.max_new_tokens)["exact_match"]
+    return measured
 
 
 def save_results(model, tokenizer, held_out, cfg: TrainConfig, device, out_dir: Path, results: dict, started: float,
@@ -295,14 +315,18 @@ def save_results(model, tokenizer, held_out, cfg: TrainConfig, device, out_dir: 
             f"{100 * results['after']['exact_match']:.1f}% ({gain:+.1f} points)")
         for sample in results["after"]["samples"][:3]:
             log(f"  {sample['prompt']!r} -> {sample['generated'].strip()!r} (expected {sample['expected']!r})")
+    records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    points = report.held_out_points(records, results.get("before"), results.get("after"), results["steps"])
+    if best := report.best_step(points):
+        results["best"] = best
+        log(f"best held-out loss: {best['loss']:.4f} after step {best['step']}")
     results["total_seconds"] = time.perf_counter() - started
     write_atomically(out_dir / "results.json", (json.dumps(results, indent=2) + "\n").encode())
     model_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
     log(f"saved the bias delta to {delta_path} ({delta_path.stat().st_size / 2**10:,.0f} KiB; "
         f"the full model is {model_mb:,.0f} MiB)")
-    records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
-    if save_loss_curve(records, out_dir / "loss.png"):
-        log(f"loss curve: {out_dir / 'loss.png'}")
+    report.save_loss_curve(records, points, out_dir / "loss.png")
+    log(f"loss curve: {out_dir / 'loss.png'}")
     log(f"done in {results['total_seconds']:.0f} s ({results['train_seconds']:.0f} s training)")
 
 
@@ -311,20 +335,20 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run(from_args(argv))
     except BitfitError as error:
-        return report(f"error: {error}", 2, own_error=True)
+        return exit_with(f"error: {error}", 2, own_error=True)
     except NonFiniteError as error:
-        return report(f"error: non-finite values, run stopped: {error}", 3)
+        return exit_with(f"error: non-finite values, run stopped: {error}", 3)
     except Interrupted as error:
-        return report(f"interrupted: {error}", 130)
+        return exit_with(f"interrupted: {error}", 130)
     except KeyboardInterrupt:
-        return report("interrupted twice: stopped at once, without a checkpoint", 130)
+        return exit_with("interrupted twice: stopped at once, without a checkpoint", 130)
     finally:
         run_folder.release()
         distributed.finish()
     return 0
 
 
-def report(message: str, code: int, own_error: bool = False) -> int:
+def exit_with(message: str, code: int, own_error: bool = False) -> int:
     """Print why the run ended ONCE, under torchrun too, and return the exit code.
 
     Process 0 speaks for all: the processes agree on non-finite values and on interrupts, and a bad input

@@ -81,6 +81,10 @@ class TrainConfig:
     # --- logging, evaluation and output ---
     log_every: int = _option(10, "print a log line every N optimizer steps")
     max_new_tokens: int = _option(16, "tokens generated per held-out prompt when measuring exact match")
+    eval_every: int = _option(0, "also measure the held-out loss every N optimizer steps, into metrics.jsonl and "
+                                 "loss.png (0 = only before and after training)")
+    eval_every_exact_match: bool = _option(False, "at every --eval-every, measure greedy exact match too (it "
+                                                  "generates, so it costs more than the loss)")
     out_dir: str = _option("", "where the delta, config, metrics and evaluation go; '' means runs/<date-time>")
     overwrite: bool = _option(False, "write into --out-dir even if it already holds a run, finished or not")
     save_every: int = _option(0, "write a checkpoint every N optimizer steps (0 = only when interrupted)")
@@ -105,7 +109,8 @@ class TrainConfig:
         for name in ("lr", "beta1", "beta2", "eps", "weight_decay", "grad_clip"):  # NaN fails every comparison below
             if not math.isfinite(getattr(self, name)):
                 raise BitfitError(f"--{name.replace('_', '-')} must be a finite number, not {getattr(self, name)}")
-        for name in ("eps", "weight_decay", "grad_clip", "warmup_steps", "max_steps", "save_every", "max_pass_tokens"):
+        for name in ("eps", "weight_decay", "grad_clip", "warmup_steps", "max_steps", "save_every", "max_pass_tokens",
+                     "eval_every"):
             if getattr(self, name) < 0:
                 raise BitfitError(f"--{name.replace('_', '-')} must not be negative, not {getattr(self, name)}")
         if self.lr <= 0 or self.eps <= 0:
@@ -121,6 +126,10 @@ class TrainConfig:
             self.eval_split = "heldout[:100]" if builtin else "train"
         if not self.max_pass_tokens and self.layout != "seeds":  # resolved, like the lr, after it was checked
             self.max_pass_tokens = self.batch_size * self.max_len
+        if self.eval_every and (self.eval_data == "none" or (not self.eval_data and self.data != "builtin")):
+            raise BitfitError("--eval-every needs evaluation data: give --eval-data (a file, folder or dataset)")
+        if self.eval_every_exact_match and not self.eval_every:
+            raise BitfitError("--eval-every-exact-match needs --eval-every N: it says what to measure every N steps")
         if self.bf16_weights and not self.bf16:
             raise BitfitError("--bf16-weights needs --bf16: bf16 weights with fp32 activations cannot multiply")
 

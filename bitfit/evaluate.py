@@ -1,6 +1,11 @@
-"""Held-out loss and exact match: the numbers that show whether BitFit worked."""
+"""Held-out loss and exact match: the numbers that show whether BitFit worked; and a cache of the
+untrained base's, which every run on the same base and held-out data would otherwise measure again."""
 
+import hashlib
+import json
+import os
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -8,6 +13,7 @@ from torch import nn
 from .collate import pad_batch, pad_id
 from .data import Example, questions
 from .loss import label_tokens, loss_sum
+from .models import cache_dir
 from .tasks import is_correct
 
 
@@ -79,3 +85,13 @@ def exact_match(model: nn.Module, tokenizer, records: list[dict], template: str,
         "samples": [{"prompt": tokenizer.decode(ids), "expected": expected, "generated": g}
                     for (ids, _, expected), g in list(zip(asked, generated))[:5]],
     }
+
+
+def base_eval_cache(depends_on: dict) -> Path:
+    """Where the evaluation of an untrained base is cached: one JSON file per combination of what its
+    numbers depend on (the base's fingerprint, the held-out data's hash, the template, the generation
+    settings, the device...), so a change to any of them misses the cache. $BITFIT_EVAL_CACHE, or
+    base-evals/ in bitfit's cache folder."""
+    folder = Path(os.environ["BITFIT_EVAL_CACHE"]) if "BITFIT_EVAL_CACHE" in os.environ else cache_dir() / "base-evals"
+    key = hashlib.sha256(json.dumps(depends_on, sort_keys=True).encode()).hexdigest()[:24]
+    return folder / f"{key}.json"

@@ -10,6 +10,8 @@ import math
 import os
 import resource
 import time
+from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 
 import torch
@@ -99,13 +101,16 @@ def peak_memory_gb(device: torch.device) -> float:
 
 def fit(model: nn.Module, flat: FlatBiases, optimizer: torch.optim.Optimizer,
         scheduler: torch.optim.lr_scheduler.LRScheduler, plan: list[Passes], examples: list[Example],
-        collate, cfg: TrainConfig, run_dir: Path, stop: StopRequest, first_step: int = 0) -> list[dict]:
+        collate, cfg: TrainConfig, run_dir: Path, stop: StopRequest, first_step: int = 0,
+        held_out: Callable[[], dict] | None = None) -> list[dict]:
     """Train the steps of `plan` (this process's passes of every step) after `first_step`; return one
-    record per step, also appended to run_dir/metrics.jsonl as it is made.
+    record per step, also appended to run_dir/metrics.jsonl as it is made, with its time and tokens/s.
 
-    Between steps: a log line every --log-every steps, a checkpoint every --save-every steps, and on a
-    Ctrl-C/SIGTERM a checkpoint and Interrupted (all processes agree first). A NaN or inf raises
-    NonFiniteError naming the step and its training records, before that step is applied.
+    Between steps: the held-out measures of `held_out()` every --eval-every steps (rank 0; the last
+    step's are the evaluation after training), a log line every --log-every steps, a checkpoint every
+    --save-every steps, and on a Ctrl-C/SIGTERM a checkpoint and Interrupted (all processes agree
+    first). A NaN or inf raises NonFiniteError naming the step and its training examples, before that
+    step is applied.
     """
     model.train()
     device = flat.values.device
@@ -118,6 +123,7 @@ def fit(model: nn.Module, flat: FlatBiases, optimizer: torch.optim.Optimizer,
             stop.at_once, stop.finishing = None, f"step {step}, then writing a checkpoint"
             passes = [collate([examples[i] for i in indices]) for indices in plan[step - 1]]
             lr = optimizer.param_groups[0]["lr"]
+            started = time.perf_counter()
             try:
                 record = {"step": step, "lr": lr, **train_step(model, flat, optimizer, passes, cfg.grad_clip, cfg.bf16)}
                 flat.check()  # every bias still a view of what AdamW stepped (else training silently stops)
@@ -131,6 +137,12 @@ def fit(model: nn.Module, flat: FlatBiases, optimizer: torch.optim.Optimizer,
                                      f"step was saved and no delta was written; last good checkpoint: "
                                      f"{latest_checkpoint(run_dir) or 'none (see --save-every)'}") from None
             scheduler.step()
+            record["tokens_per_s"] = record["tokens"] / (time.perf_counter() - started)
+            record["time"] = datetime.now().astimezone().isoformat(timespec="milliseconds")
+            if held_out and cfg.eval_every and step % cfg.eval_every == 0 and step < len(plan):
+                record.update(held_out())
+                bar.write(f"step {step:>5}/{len(plan)} | held-out loss {record['eval_loss']:.4f}" + (
+                    f" | exact match {100 * record['eval_exact_match']:.1f}%" if "eval_exact_match" in record else ""))
 
             records.append(record)
             try:

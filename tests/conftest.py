@@ -29,3 +29,9 @@ def hub(monkeypatch):
 
     monkeypatch.setattr(socket, "create_connection", answers)
     return types.SimpleNamespace(made=probes, down=lambda: monkeypatch.setattr(socket, "create_connection", unreachable))
+
+
+@pytest.fixture(autouse=True)
+def own_eval_cache(tmp_path, monkeypatch):
+    """Each test its own cache of base evaluations: a test never reuses another's (nor the user's)."""
+    monkeypatch.setenv("BITFIT_EVAL_CACHE", str(tmp_path / "base-evals"))

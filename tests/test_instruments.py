@@ -1,0 +1,101 @@
+"""What a run shows besides its delta: held-out loss while it trains, the best step, the cached evaluation
+of the untrained base, the loss curve and where the numbers came from."""
+
+import json
+import platform
+import struct
+import subprocess
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+import train
+from test_train import saved
+from tiny import tiny_llama
+
+REPO = Path(__file__).resolve().parent.parent
+QUICK = ["--split", "train[:48]", "--eval-split", "heldout[:4]", "--max-new-tokens", "2", "--lr", "1e-2"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return saved(tiny_llama, tmp_path_factory.mktemp("model") / "llama")
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    header = path.read_bytes()[:24]
+    assert header[:8] == b"\x89PNG\r\n\x1a\n"
+    return struct.unpack(">II", header[16:24])
+
+
+def test_eval_every_puts_the_held_out_loss_in_metrics_every_n_steps_and_results_name_the_best(model_dir, tmp_path):
+    out = tmp_path / "run"
+    assert train.main(["--model", model_dir, *QUICK, "--eval-every", "2", "--eval-every-exact-match",
+                       "--out-dir", str(out)]) == 0
+    lines = metrics(out)
+    # Steps 2 and 4 measured during training; step 6, the last, is the evaluation after training.
+    assert [line["step"] for line in lines if "eval_loss" in line] == [2, 4]
+    assert all(0 <= line["eval_exact_match"] <= 1 for line in lines if "eval_loss" in line)
+    results = json.loads((out / "results.json").read_text())
+    trained = [(line["step"], line["eval_loss"]) for line in lines if "eval_loss" in line] + [(6, results["after"]["loss"])]
+    assert (results["best"]["step"], results["best"]["loss"]) == min(trained, key=lambda point: point[1])
+
+
+def test_every_metrics_line_has_its_time_and_tokens_per_second(model_dir, tmp_path):
+    assert train.main(["--model", model_dir, *QUICK, "--max-steps", "3", "--out-dir", str(tmp_path / "run")]) == 0
+    lines = metrics(tmp_path / "run")
+    times = [datetime.fromisoformat(line["time"]) for line in lines]
+    assert len(lines) == 3 and times == sorted(times) and all(t.tzinfo is not None for t in times)
+    assert all(line["tokens_per_s"] > 0 for line in lines)
+
+
+def test_a_second_run_on_the_same_base_and_held_out_data_reuses_the_cached_base_evaluation(model_dir, tmp_path, capsys):
+    assert train.main(["--model", model_dir, *QUICK, "--max-steps", "1", "--out-dir", str(tmp_path / "first")]) == 0
+    assert "; measured)" in capsys.readouterr().out
+    [cached] = (tmp_path / "base-evals").iterdir()  # BITFIT_EVAL_CACHE (tests/conftest.py)
+    # Mark the cached numbers, so the second run's can only have come from the cache.
+    marked = {**json.loads(cached.read_text()), "exact_match": 0.125}
+    cached.write_text(json.dumps(marked))
+    assert train.main(["--model", model_dir, *QUICK, "--max-steps", "1", "--out-dir", str(tmp_path / "second")]) == 0
+    assert f"cached in {cached}" in capsys.readouterr().out
+    assert json.loads((tmp_path / "second" / "eval_before.json").read_text()) == marked
+
+
+@pytest.mark.parametrize("change", [["--eval-split", "heldout[4:8]"], ["--max-new-tokens", "3"], ["--seed", "1"]],
+                         ids=["other held-out data", "other generation length", "other seed (same base)"])
+def test_the_cached_base_evaluation_is_used_exactly_when_base_data_and_settings_match(model_dir, tmp_path, capsys, change):
+    assert train.main(["--model", model_dir, *QUICK, "--max-steps", "1", "--out-dir", str(tmp_path / "a")]) == 0
+    capsys.readouterr()
+    assert train.main(["--model", model_dir, *QUICK, *change, "--max-steps", "1", "--out-dir", str(tmp_path / "b")]) == 0
+    same = change[0] == "--seed"  # the seed orders the training data; it does not change the untrained model
+    assert ("cached in" in capsys.readouterr().out) == same
+
+
+def test_every_run_writes_a_loss_curve_png_and_records_where_it_ran(model_dir, tmp_path):
+    out = tmp_path / "run"
+    assert train.main(["--model", model_dir, *QUICK, "--eval-every", "2", "--out-dir", str(out)]) == 0
+    assert png_size(out / "loss.png") == (640, 360)
+    results = json.loads((out / "results.json").read_text())
+    assert results["software"] == {"python": platform.python_version(), "torch": torch.__version__,
+                                   "transformers": transformers.__version__, "bitfit": "0.1.0"}
+    assert results["machine"]["cpu"] and results["machine"]["gpu"] is None and results["machine"]["cpu_cores"] >= 1
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    if head:  # a git checkout (CI's clean clone is one)
+        assert results["git_commit"].removesuffix("+dirty") == head
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--eval-every", "2", "--eval-data", "none"], "--eval-every needs evaluation data"),
+    (["--eval-every-exact-match"], "--eval-every-exact-match needs --eval-every N"),
+    (["--eval-every", "-1"], "--eval-every must not be negative"),
+])
+def test_eval_every_without_something_to_measure_is_a_one_line_error(model_dir, tmp_path, capsys, args, message):
+    assert train.main(["--model", model_dir, *QUICK, *args, "--out-dir", str(tmp_path / "run")]) == 2
+    assert message in capsys.readouterr().err
