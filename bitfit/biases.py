@@ -53,17 +53,21 @@ def trains(name: str, which: str = "all") -> bool:
     return re.search(which, name) is not None
 
 
-def _query_mask(model: nn.Module, name: str, size: int) -> torch.Tensor:
-    """The query entries of a fused q/k/v bias, for the model families whose layout we know."""
+def fused_qkv_parts(model: nn.Module, name: str, size: int) -> dict[str, torch.Tensor]:
+    """Masks of the query, key and value entries of a fused q/k/v bias ("q", "k", "v"), for the model
+    families whose layout we know; a BitfitError for the others."""
     model_type = model.config.model_type
+    index = torch.arange(size)
     if model_type in ("bloom", "gpt_neox"):
-        # Output viewed as (heads, 3, head_dim): each head's q, k, v side by side. A mask, not a slice.
+        # Output viewed as (heads, 3, head_dim): each head's q, k, v side by side. Masks, not slices.
         head_dim = size // (3 * model.config.num_attention_heads)
-        return torch.arange(size) % (3 * head_dim) < head_dim
-    if model_type == "gpt2":
-        return torch.arange(size) < size // 3  # output split as [q | k | v]
-    raise BitfitError(f"{name}: don't know where the query lies in a fused q/k/v bias of a {model_type!r} model; "
-                      "select biases with a name pattern instead of 'reduced'")
+        part = index % (3 * head_dim) // head_dim
+    elif model_type == "gpt2":
+        part = index // (size // 3)  # output split as [q | k | v]
+    else:
+        raise BitfitError(f"{name}: don't know where the query, key and value lie in a fused q/k/v bias of a "
+                          f"{model_type!r} model")
+    return {"q": part == 0, "k": part == 1, "v": part == 2}
 
 
 def block_lists(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
@@ -114,7 +118,10 @@ def select_biases(model: nn.Module, which: str = "all") -> Selection:
         if picked:
             mask = torch.ones(param.numel(), dtype=torch.bool)
             if which == "reduced" and _module_is(name, FUSED_QKV_MODULES):
-                mask = _query_mask(model, name, param.numel())
+                try:
+                    mask = fused_qkv_parts(model, name, param.numel())["q"]
+                except BitfitError as error:
+                    raise BitfitError(f"{error}; select biases with a name pattern instead of 'reduced'") from None
             selection[name] = mask
     if not selection:
         n_biases = sum(is_bias(name) for name, _ in model.named_parameters())

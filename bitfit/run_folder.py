@@ -22,7 +22,7 @@ from .errors import BitfitError
 MARKER = ".bitfit-run"
 # What a run writes, and so what --overwrite may delete: nothing else in the folder is touched.
 RUN_FILES = ("delta.safetensors", "results.json", "eval_before.json", "metrics.jsonl", "loss.png", "config.json",
-             "inputs.json")
+             "inputs.json", "bias_change.png")
 
 _held: list[IO] = []  # the open, locked marker files of this process's runs, until release()
 
