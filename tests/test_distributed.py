@@ -32,11 +32,8 @@ def test_two_gloo_processes_give_the_biases_and_loss_log_of_one_process(tmp_path
     model_dir = saved(tiny_llama, tmp_path / "model")
     # 44 examples: 5 full steps of 8 and a last step of 4, so processes also share a short step. The
     # default layout: packed, each process's 4 examples in one pass.
-    # Key biases are left out: softmax ignores a shift shared by all keys, so their exact gradient is
-    # zero and the computed one is rounding noise, which AdamW scales up to lr-sized steps; two summation
-    # orders never agree on noise. Every other bias must agree.
     args = ["--model", model_dir, "--split", "train[:44]", "--eval-split", "heldout[:2]", "--max-new-tokens", "2",
-            "--lr", "1e-2", "--biases", "^(?!.*k_proj)"]
+            "--lr", "1e-2"]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as each torchrun worker runs: matmuls round alike whatever the thread count
     try:
@@ -52,9 +49,11 @@ def test_two_gloo_processes_give_the_biases_and_loss_log_of_one_process(tmp_path
     one, two = read_delta(str(tmp_path / "one" / "delta.safetensors"))[0], read_delta(str(tmp_path / "two" / "delta.safetensors"))[0]
     assert one.keys() == two.keys()
     # The gradient sums in another order (two partial sums, then the all-reduce), so the biases agree to
-    # float32 rounding, not bitwise: relative L2 error of the whole delta under 1e-6.
+    # float32 rounding, not bitwise: relative L2 error of the whole delta under 3e-6 (AdamW divides each
+    # step by the root of the gradient's running square, so rounding in small gradients does not shrink
+    # with them: over 6 steps it reaches ~1e-6 of the delta).
     flat_one, flat_two = (torch.cat([d[name].reshape(-1) for name in sorted(d)]) for d in (one, two))
-    assert torch.linalg.vector_norm(flat_one - flat_two) / torch.linalg.vector_norm(flat_one) < 1e-6
+    assert torch.linalg.vector_norm(flat_one - flat_two) / torch.linalg.vector_norm(flat_one) < 3e-6
     assert not torch.equal(flat_one, torch.zeros_like(flat_one))
     log_one, log_two = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert len(log_one) == len(log_two) == 6
@@ -85,7 +84,7 @@ def test_a_run_checkpointed_under_torchrun_resumes_in_one_process(tmp_path):
     # A step's examples do not depend on how many processes share them, so a checkpoint does not either.
     model_dir = saved(tiny_llama, tmp_path / "model")
     args = ["--model", model_dir, "--split", "train[:32]", "--eval-data", "none", "--lr", "1e-2",
-            "--biases", "^(?!.*k_proj)", "--save-every", "2"]
+            "--save-every", "2"]
     assert torchrun(*args, "--out-dir", str(tmp_path / "run")).returncode == 0
     straight = losses(tmp_path / "run")
     (tmp_path / "run" / "delta.safetensors").unlink()
