@@ -83,8 +83,9 @@ def save_loss_curve(records: list[dict], points: list[dict], path: Path) -> None
 
     figure, axes = plt.subplots(figsize=(6.4, 3.6))
     axes.plot([r["step"] for r in records], [r["loss"] for r in records], lw=1.2, label="training (per step)")
-    if points:
-        axes.plot([p["step"] for p in points], [p["loss"] for p in points], "o-", ms=4, lw=1.2, label="held-out")
+    if points:  # joined by lines only where they sample a curve: two points joined would draw a straight decline
+        style = "o-" if len(points) > 2 else "o"
+        axes.plot([p["step"] for p in points], [p["loss"] for p in points], style, ms=5, lw=1.2, label="held-out")
     losses = [r["loss"] for r in records] + [p["loss"] for p in points]
     if losses and min(losses) > 0 and max(losses) / min(losses) > 10:
         axes.set_yscale("log")
