@@ -10,7 +10,9 @@ Files get the permissions any new file of the user gets (0o666 less the umask: 0
 
 import errno
 import os
+import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from .errors import BitfitError
@@ -71,3 +73,42 @@ def write_atomically(path: Path, data: bytes) -> None:
     finally:  # also on Ctrl-C or any other exception
         if temporary is not None:
             temporary.unlink(missing_ok=True)
+
+
+def check_new_folder(given: str, flag: str) -> Path:
+    """`given` as an absolute path, if bitfit may create a folder there: it does not exist, or is an empty
+    folder, in a place this user may write. Never a file, never a folder that holds anything (a base
+    model's folder, a run folder): nothing already there is overwritten."""
+    out = Path(given).resolve()  # '.' and 'a/..' have no name to rename a finished folder to
+    try:
+        if out.exists() and not out.is_dir():
+            raise BitfitError(f"{flag} {given} is a file: give a new folder, or an empty one")
+        if out.is_dir() and any(out.iterdir()):
+            raise BitfitError(f"{flag} {given} is a folder that is not empty: give a new folder, or an empty one, "
+                              "so that nothing already there is overwritten")
+        nearest = next(folder for folder in out.parents if folder.exists())  # where the first new folder goes
+        if not nearest.is_dir() or not os.access(nearest, os.W_OK | os.X_OK):
+            raise BitfitError(f"cannot write {flag} {given}: {nearest} is not a folder this user may write in")
+    except OSError as error:  # a folder we may not list
+        raise BitfitError(f"cannot use {flag} {given}: {error.strerror or error}") from None
+    return out
+
+
+def write_folder(out: Path, fill: Callable[[Path], None]) -> None:
+    """Make the folder `out` (checked by check_new_folder) whole or not at all: `fill` writes (and may
+    check) a hidden folder beside it, which is renamed to `out` only when `fill` returns. A failure,
+    a Ctrl-C or a full disk leaves nothing behind."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.writing-"))
+    except OSError as error:
+        raise cannot_write(out, error) from None
+    try:
+        fill(staging)
+        os.chmod(staging, folder_mode())  # mkdtemp makes it 0700
+        staging.rename(out)  # replaces an empty folder; fails, writing nothing, if one appeared meanwhile
+        fsync(out.parent)
+    except OSError as error:
+        raise cannot_write(out, error) from None
+    finally:  # gone after the rename; otherwise whatever was written so far
+        shutil.rmtree(staging, ignore_errors=True)

@@ -13,9 +13,7 @@ import argparse
 import copy
 import json
 import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -27,7 +25,7 @@ from .biases import add_zero_bias, is_bias
 from .cli import ArgumentParser
 from .delta import apply_delta, read_delta
 from .errors import BitfitError
-from .files import cannot_write, file_mode, folder_mode, fsync
+from .files import check_new_folder, file_mode, folder_mode, fsync, write_folder
 
 BIAS_FLAGS = ("attention_bias", "mlp_bias")  # config switches that give Llama-family layers their biases
 
@@ -58,24 +56,6 @@ def standard_config(model: nn.Module, added: list[str]) -> tuple[object, list[st
     return config, extra
 
 
-def check_out(out_dir: str) -> Path:
-    """Where the merged model goes, if it may go there: a new folder or an empty one, never one holding
-    anything (a base model's folder, a run folder) and never a file."""
-    out = Path(out_dir).resolve()  # '.' and 'a/..' have no name to rename a finished folder to
-    try:
-        if out.exists() and not out.is_dir():
-            raise BitfitError(f"--out {out_dir} is a file: give a new folder, or an empty one, for the merged model")
-        if out.is_dir() and any(out.iterdir()):
-            raise BitfitError(f"--out {out_dir} is a folder that is not empty: the merged model goes into a new "
-                              "folder, or an empty one, so that nothing already there is overwritten")
-        nearest = next(folder for folder in out.parents if folder.exists())  # where the first new folder goes
-        if not nearest.is_dir() or not os.access(nearest, os.W_OK | os.X_OK):
-            raise BitfitError(f"cannot write --out {out_dir}: {nearest} is not a folder this user may write in")
-    except OSError as error:  # a folder we may not list
-        raise BitfitError(f"cannot use --out {out_dir}: {error.strerror or error}") from None
-    return out
-
-
 def tuned_logits(model: nn.Module, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(a fixed probe of token ids, the model's logits for it on the CPU)."""
     probe = torch.arange(1, 17).unsqueeze(0) % vocab_size
@@ -94,7 +74,6 @@ def save_folder(model: nn.Module, tokenizer, folder: Path) -> None:
         os.chmod(path, folder_mode() if path.is_dir() else file_mode())
         if path.is_file():
             fsync(path)
-    os.chmod(folder, folder_mode())  # mkdtemp makes it 0700
 
 
 def merge(model: nn.Module, delta_path: str, out_dir: str, tokenizer=None) -> Path:
@@ -104,7 +83,7 @@ def merge(model: nn.Module, delta_path: str, out_dir: str, tokenizer=None) -> Pa
     `out_dir` must be a new folder or an empty one. The model is written into a hidden folder beside it
     and renamed to `out_dir` only once it has passed the check: a failure leaves nothing behind.
     """
-    out = check_out(out_dir)
+    out = check_new_folder(out_dir, "--out")
     metadata = apply_delta(model, delta_path)
     config, zero_biases = standard_config(model, json.loads(metadata["added_biases"]))
     modules = dict(model.named_modules())
@@ -115,12 +94,7 @@ def merge(model: nn.Module, delta_path: str, out_dir: str, tokenizer=None) -> Pa
     if not torch.isfinite(expected).all():
         raise BitfitError("the tuned model gives NaN or inf logits; refusing to write a model that cannot be used")
 
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.merging-"))
-    except OSError as error:
-        raise cannot_write(out, error) from None
-    try:
+    def save_and_check(staging: Path) -> None:
         save_folder(model, tokenizer, staging)
         # The promise is "loads with plain transformers to the same model": check it before saying so.
         reloaded = AutoModelForCausalLM.from_pretrained(staging, dtype=next(model.parameters()).dtype).eval()
@@ -130,12 +104,8 @@ def merge(model: nn.Module, delta_path: str, out_dir: str, tokenizer=None) -> Pa
         if not difference <= 1e-6:  # not `difference > 1e-6`: NaN > 1e-6 is False, and NaN must fail
             raise BitfitError(f"the merged model does not reproduce the tuned logits (max difference {difference:.2e}); "
                               f"nothing was written to {out}")
-        staging.rename(out)  # replaces an empty folder; fails, writing nothing, if one appeared meanwhile
-        fsync(out.parent)
-    except OSError as error:
-        raise cannot_write(out, error) from None
-    finally:  # gone after the rename; otherwise whatever was written so far
-        shutil.rmtree(staging, ignore_errors=True)
+
+    write_folder(out, save_and_check)
     return out
 
 
@@ -149,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
                      help="load weights stored as pickle (.bin/.pt), which can run any code they contain")
     try:
         args = cli.parse_args(argv)
-        check_out(args.out)  # before the model is loaded: a refusal should not take a minute
+        check_new_folder(args.out, "--out")  # before the model is loaded: a refusal should not take a minute
         base_name = args.model or read_delta(args.delta)[1]["base_model"]
         model, tokenizer = models.load(base_name, torch.device("cpu"), torch.float32, args.trust_remote_code,
                                        args.trust_pickle_weights)
