@@ -29,6 +29,7 @@ from .files import write_atomically
 from .flat import FlatBiases
 
 FORMAT = "bitfit-delta/2"
+FOREIGN = "peft-beft"  # read from a BEFT adapter folder that bitfit did not write (bitfit.adapter)
 FORMAT_1 = "bitfit-delta/1"  # fingerprinted 1,024 values per tensor: a base changed elsewhere passed
 SAMPLES_1 = 1024
 METADATA = ("format", "base_model", "base_fingerprint", "added_biases", "dtype", "selection")
@@ -104,6 +105,8 @@ def metadata_problem(metadata: dict[str, str]) -> str | None:
     missing = [key for key in METADATA if key not in metadata]
     if missing:
         return f"its metadata lacks {', '.join(missing)}"
+    if metadata["format"] == FOREIGN:  # an adapter PEFT trained: no fingerprint, its added biases found on applying
+        return None
     try:
         added = json.loads(metadata["added_biases"])
     except json.JSONDecodeError:
@@ -133,8 +136,26 @@ def tensor_problem(name: str, tensor: torch.Tensor) -> str | None:
 
 
 def read_delta(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The tensors and metadata of a delta file, refused with a one-line BitfitError unless well formed:
-    its metadata complete, every tensor a finite 1-D fp32 bias."""
+    """The tensors and metadata of a delta file (or of a PEFT BEFT adapter folder, bitfit.adapter),
+    refused with a one-line BitfitError unless well formed: its metadata complete, every tensor a
+    finite 1-D fp32 bias."""
+    if Path(path).is_dir():
+        from .adapter import is_beft_folder, read_beft  # here: bitfit.adapter imports this module
+
+        if not is_beft_folder(path):
+            raise BitfitError(f"{path} is a folder, but neither a delta file nor a PEFT BEFT adapter folder")
+        tensors, metadata = read_beft(path)
+    else:
+        tensors, metadata = _read_file(path)
+    problems = [metadata_problem(metadata), None if tensors else "it holds no biases",
+                *(tensor_problem(name, tensor) for name, tensor in tensors.items())]
+    problem = next((problem for problem in problems if problem), None)
+    if problem:
+        raise BitfitError(f"{path} is not a valid bitfit delta: {problem}")
+    return tensors, metadata
+
+
+def _read_file(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     if not Path(path).is_file():
         raise BitfitError(f"delta file not found: {path}")
     try:
@@ -147,25 +168,21 @@ def read_delta(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         raise BitfitError(f"{path} is not a readable safetensors file, corrupt or truncated ({error})") from None
     if not is_delta:
         raise BitfitError(f"{path} is not a bitfit delta (format {metadata.get('format')!r}, expected {FORMAT!r})")
-    problems = [metadata_problem(metadata), None if tensors else "it holds no biases",
-                *(tensor_problem(name, tensor) for name, tensor in tensors.items())]
-    problem = next((problem for problem in problems if problem), None)
-    if problem:
-        raise BitfitError(f"{path} is not a valid bitfit delta: {problem}")
     return tensors, metadata
 
 
-def apply_delta(model: nn.Module, path: str) -> dict[str, str]:
-    """Add a delta's biases to a base model, in place; return the delta's metadata.
+def check_delta(model: nn.Module, path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """A delta's tensors and metadata, once every check against `model` passed; `model` is not changed.
 
     Refuses, naming the base the delta was trained on, when the model lacks a tensor of the delta,
-    has it in another shape, already holds an added bias, or has another fingerprint. Biases the delta
-    says were added are added (zero) first. Nothing is changed unless every check passes.
+    has it in another shape, already holds an added bias, or has another fingerprint. The returned
+    metadata's added_biases are the biases the model must be given (for a PEFT adapter: found here).
     """
     tensors, metadata = read_delta(path)
-    added = json.loads(metadata["added_biases"])
-    trained_on = f"this delta was trained on {metadata['base_model']!r} (fingerprint {metadata['base_fingerprint']})"
     params = dict(model.named_parameters())
+    foreign = metadata["format"] == FOREIGN  # a PEFT adapter: biases on layers that have none are added ones
+    added = [name for name in tensors if name not in params] if foreign else json.loads(metadata["added_biases"])
+    trained_on = f"this delta was trained on {metadata['base_model']!r} (fingerprint {metadata['base_fingerprint'] or 'unknown'})"
     modules = dict(model.named_modules())
     for name, delta in tensors.items():
         if name in params:
@@ -182,11 +199,19 @@ def apply_delta(model: nn.Module, path: str) -> dict[str, str]:
         else:
             raise BitfitError(f"this model has no parameter {name}: {trained_on}")
 
-    samples = SAMPLES_1 if metadata["format"] == FORMAT_1 else None
-    found = fingerprint(params.items(), exclude=added, samples=samples)
-    if found != metadata["base_fingerprint"]:
-        raise BitfitError(f"this model's fingerprint is {found}, but {trained_on}")
+    if not foreign:  # an adapter PEFT trained carries no fingerprint: its base cannot be checked
+        samples = SAMPLES_1 if metadata["format"] == FORMAT_1 else None
+        found = fingerprint(params.items(), exclude=added, samples=samples)
+        if found != metadata["base_fingerprint"]:
+            raise BitfitError(f"this model's fingerprint is {found}, but {trained_on}")
+    return tensors, {**metadata, "added_biases": json.dumps(added)}
 
+
+def apply_delta(model: nn.Module, path: str) -> dict[str, str]:
+    """Add a delta's biases to a base model, in place, once check_delta passed; return the metadata.
+    Biases the delta says were added are added (zero) first. Nothing is changed unless every check passes."""
+    tensors, metadata = check_delta(model, path)
+    params, modules = dict(model.named_parameters()), dict(model.named_modules())
     with torch.no_grad():
         for name, delta in tensors.items():
             if name not in params:
