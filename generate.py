@@ -1,12 +1,14 @@
-"""See what BitFit changed: the base model's and the tuned model's answers, side by side.
+"""See what BitFit changed: the base model's and the tuned models' answers, side by side.
 
     python generate.py                                  # latest run's delta, held-out built-in prompts
     python generate.py --prompt "Add these two numbers.
-    12 30"                                              # one prompt, streamed as it is generated
+    12 30"                                              # one prompt and one delta: streamed as it is generated
     python generate.py --delta runs/<run>/delta.safetensors --prompts-file questions.txt --sample
+    python generate.py --delta runs/<a> --delta runs/<b>   # the base and two runs, in ONE batched generation
 
-The base is the model the delta names (or --model); the tuned model is that base plus the delta. Both
-see the prompt template the run trained with (its config.json), so the comparison is fair.
+The base is the model the deltas name (or --model); each tuned model is that base plus its delta. All
+see the prompt template the (first) run trained with (its config.json), so the comparison is fair.
+The base and every delta answer in one batch: each row adds its own delta (bitfit.mixed).
 """
 
 import argparse
@@ -24,6 +26,8 @@ from bitfit.data import load_records, questions, read_lines
 from bitfit.delta import apply_delta, read_delta
 from bitfit.errors import BitfitError
 from bitfit.evaluate import answers
+from bitfit.mixed import generate_many
+from bitfit.run_folder import is_run_folder
 from bitfit.tasks import is_correct
 
 
@@ -56,8 +60,10 @@ def read_prompts(args: argparse.Namespace) -> tuple[list[dict], list[str]]:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     cli = ArgumentParser(description="Compare the base model's and the BitFit-tuned model's answers.",
                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    cli.add_argument("--delta", default="", help="a delta.safetensors; '' means the latest run under runs/")
-    cli.add_argument("--model", default="", help="the base model; '' means the one the delta was trained on")
+    cli.add_argument("--delta", action="append", default=[],
+                     help="a delta.safetensors, a run folder or a PEFT BEFT adapter folder (repeatable: compared side "
+                          "by side); none means the latest run under runs/")
+    cli.add_argument("--model", default="", help="the base model; '' means the one the deltas were trained on")
     cli.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable); one prompt is streamed")
     cli.add_argument("--prompts-file", default="", help="prompts, one per line, or a .json/.jsonl of Alpaca records")
     cli.add_argument("-n", type=int, default=5, help="held-out built-in questions to ask when no prompt is given")
@@ -66,7 +72,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     cli.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     cli.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (with --sample)")
     cli.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling threshold (with --sample)")
-    cli.add_argument("--seed", type=int, default=0, help="seed for sampling; base and tuned get the same")
+    cli.add_argument("--seed", type=int, default=0, help="seed for sampling: the same seed gives the same answers")
     cli.add_argument("--device", default="auto", help="'auto' (CUDA if available), 'cpu', 'cuda' or 'cuda:N'")
     cli.add_argument("--trust-remote-code", action="store_true", help="let transformers run code shipped with the model")
     cli.add_argument("--trust-pickle-weights", action="store_true",
@@ -91,48 +97,69 @@ def check_args(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
+def delta_path(given: str) -> Path:
+    """A run folder's delta, or what was given (a delta file or a PEFT adapter folder)."""
+    path = Path(given)
+    return path / "delta.safetensors" if is_run_folder(path) else path
+
+
 def run(args: argparse.Namespace) -> dict:
-    delta = Path(args.delta) if args.delta else latest_delta()
-    metadata = read_delta(str(delta))[1]
-    run_config = delta.parent / "config.json"
-    template = args.template or (json.loads(run_config.read_text())["template"] if run_config.is_file() else "alpaca")
+    deltas = [delta_path(given) for given in args.delta] or [latest_delta()]
+    metadata = [read_delta(str(delta))[1] for delta in deltas]
+    bases = sorted({args.model or m["base_model"] for m in metadata})
+    if len(bases) > 1:
+        raise BitfitError(f"the deltas were trained on different bases ({', '.join(map(repr, bases))}): compare deltas "
+                          "of one base, or name the one to use with --model")
+    if not bases[0]:
+        raise BitfitError(f"{deltas[0]} does not name its base model: pass --model")
+    run_config = deltas[0].parent / "config.json"  # the run's template, where the delta is a run's
+    trained = json.loads(run_config.read_text()).get("template") if is_run_folder(deltas[0].parent) else None
+    template = args.template or trained or "alpaca"
     device = models.pick_device(args.device)
-    model, tokenizer = models.load(args.model or metadata["base_model"], device, torch.float32, args.trust_remote_code,
-                                   args.trust_pickle_weights)
+    model, tokenizer = models.load(bases[0], device, torch.float32, args.trust_remote_code, args.trust_pickle_weights)
 
     records, places = read_prompts(args)
     asked = questions(records, tokenizer, template, places)  # (prompt ids, question, expected answer or '')
     prompts = [ids for ids, _, _ in asked]
     generation = {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p} if args.sample else {"do_sample": False}
-    stream = len(prompts) == 1
-    print(f"delta {delta} (trained on {metadata['base_model']!r}), template {template!r}, "
-          f"{'sampling' if args.sample else 'greedy'}")
+    sides = {"BASE": None, **({"TUNED": str(deltas[0])} if len(deltas) == 1 else
+                              {chr(ord("A") + i): str(delta) for i, delta in enumerate(deltas)})}
+    for side, delta in sides.items():
+        if delta:
+            print(f"{side} = {delta} (trained on {metadata[list(sides).index(side) - 1]['base_model']!r})")
+    print(f"template {template!r}, {'sampling' if args.sample else 'greedy'}")
 
-    said = {}
-    for side in ("BASE", "TUNED"):
-        if side == "TUNED":
-            apply_delta(model, str(delta))  # refuses, naming the delta's base, if this is not that base
-        torch.manual_seed(args.seed)  # the same draws for both sides
-        if stream:
+    torch.manual_seed(args.seed)  # the same seed, the same draws
+    if len(prompts) == 1 and len(deltas) == 1:  # one answer per model: watch it appear, base then tuned
+        said = {}
+        for side, delta in sides.items():
+            if delta:
+                apply_delta(model, delta)  # refuses, naming the delta's base, if this is not that base
             print(f"{side:>5}: ", end="", flush=True)
-            generation["streamer"] = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-        said[side] = answers(model, tokenizer, prompts, device, False, args.max_new_tokens, generation=generation)
+            streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+            said[side] = answers(model, tokenizer, prompts, device, False, args.max_new_tokens,
+                                 generation={**generation, "streamer": streamer})
+    else:  # every side's answers in one batched generation: each row adds its own delta
+        texts = generate_many(model, tokenizer, [(ids, delta) for delta in sides.values() for ids in prompts],
+                              args.max_new_tokens, generation=generation)
+        said = {side: texts[i * len(prompts) : (i + 1) * len(prompts)] for i, side in enumerate(sides)}
 
-    correct = {"BASE": 0, "TUNED": 0}
+    correct = dict.fromkeys(sides, 0)
     for number, (_, question, expected) in enumerate(asked, start=1):
         checkable = bool(expected)
-        if not stream:
+        if len(prompts) > 1 or len(deltas) > 1:
             shown = question.strip().replace("\n", " | ")
             print(f"\n[{number}] {shown}" + (f"   (expected: {expected})" if checkable else ""))
-        for side in ("BASE", "TUNED"):
+        for side in sides:
             right = checkable and is_correct(said[side][number - 1], expected)
             correct[side] += right
             mark = ("  [right]" if right else "  [wrong]") if checkable else ""
-            if not stream:
+            if len(prompts) > 1 or len(deltas) > 1:
                 print(f"  {side:>5}: {said[side][number - 1].strip()!r}{mark}")
     checkable = sum(bool(expected) for _, _, expected in asked)
     if checkable:
-        print(f"\ncorrect: base {correct['BASE']}/{checkable}, tuned {correct['TUNED']}/{checkable}")
+        print("\ncorrect: " + ", ".join(f"{side.lower() if side in ('BASE', 'TUNED') else side} {n}/{checkable}"
+                                       for side, n in correct.items()))
     return {"answers": said, "correct": correct, "checkable": checkable}
 
 
