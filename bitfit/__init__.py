@@ -22,6 +22,22 @@ Read the modules in this order; each holds one concept:
     merge        a delta folded into a standard Hugging Face model folder
     errors       the exceptions that end a run with one line instead of a traceback
     cli          argparse errors as one line, and the --device check the entry points share
+    report       where a run ran, its best step, its loss curve
+    inspect      python -m bitfit.inspect: where the biases moved, per layer and bias type
+    adapter      a delta as a PEFT BEFT adapter folder, and back
+    mixed        many deltas in one batch: each row adds its own
 """
 
 __version__ = "0.1.0"
+
+# What a loop of your own needs (README: "Your own loop"); each has its docstring.
+from .biases import add_missing_biases, select_biases  # noqa: E402  (after __version__, which modules import)
+from .collate import pad_batch, pad_id  # noqa: E402
+from .data import encode  # noqa: E402
+from .delta import apply_delta, read_delta, save_delta  # noqa: E402
+from .flat import FlatBiases  # noqa: E402
+from .loss import label_tokens, loss_sum  # noqa: E402
+from .models import load  # noqa: E402
+
+__all__ = ["FlatBiases", "add_missing_biases", "apply_delta", "encode", "label_tokens", "load", "loss_sum", "pad_batch",
+           "pad_id", "read_delta", "save_delta", "select_biases"]

@@ -115,7 +115,7 @@ def check_folder(folder: Path, trust_pickle_weights: bool) -> None:
     raise BitfitError(f"{folder} holds no weights (no *.safetensors file)")
 
 
-def load(name: str, device: torch.device, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
+def load(name: str, device: torch.device = torch.device("cpu"), dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
          trust_pickle_weights: bool = False) -> tuple[nn.Module, object]:
     """(model in train mode on `device`, tokenizer) for a hub name, a local folder or 'embedded'.
 
