@@ -40,7 +40,7 @@ sys.path.insert(0, str(REPO))
 
 from bitfit import models  # noqa: E402
 from bitfit.loop import peak_memory_gb  # noqa: E402  (this process's own peak RSS)
-from bitfit.data import encode, load_records  # noqa: E402
+from bitfit.data import encode, load_records, token_fields  # noqa: E402
 from bitfit.layout import draw_steps  # noqa: E402
 from workload import write_data  # noqa: E402
 
@@ -75,7 +75,7 @@ def side_seeds(jsonl: str, steps: int, lr: float) -> dict:
     for name, param in model.named_parameters():
         param.requires_grad = "bias" in name  # the seeds' BitFit freezing
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    rows = [{k: v for k, v in e.items() if k != "row"} for e in ordered_examples(jsonl, tokenizer, steps)]
+    rows = [token_fields(e) for e in ordered_examples(jsonl, tokenizer, steps)]
     with tempfile.TemporaryDirectory() as out:
         args = TrainingArguments(output_dir=out, per_device_train_batch_size=1, gradient_accumulation_steps=ACCUM,
                                  learning_rate=lr, lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0,

@@ -440,6 +440,11 @@ def questions(records: list, tokenizer, template: str = "alpaca", places: list[s
     return asked
 
 
+def token_fields(example: Example) -> dict:
+    """An example's input_ids, attention_mask and labels: what a collator batches (not its row and place)."""
+    return {key: example[key] for key in ("input_ids", "attention_mask", "labels")}
+
+
 def load_examples(
     source: str,
     split: str,

@@ -3,7 +3,7 @@ import torch
 from transformers import DataCollatorForSeq2Seq
 
 from bitfit.collate import pad_batch, pad_id
-from bitfit.data import encode
+from bitfit.data import encode, token_fields
 from bitfit.tasks import builtin_records
 from tiny import tiny_tokenizer
 
@@ -17,7 +17,7 @@ def test_pad_batch_returns_exactly_what_DataCollatorForSeq2Seq_returns(padding_s
 
     ours = pad_batch(examples, pad_id(tokenizer), padding_side, multiple_of)
     theirs = DataCollatorForSeq2Seq(tokenizer, padding=True, pad_to_multiple_of=multiple_of)(
-        [{k: v for k, v in e.items() if k != "row"} for e in examples])
+        [token_fields(e) for e in examples])
     assert set(ours) == set(theirs)
     for key in ours:
         assert ours[key].dtype == theirs[key].dtype, key

@@ -6,7 +6,7 @@ import huggingface_hub
 import pytest
 
 from bitfit.data import (CHARS_PER_TOKEN, IGNORE_INDEX, alpaca_prompt, encode, load_examples, load_records,
-                         parse_split, questions)
+                         parse_split, questions, token_fields)
 from bitfit.errors import BitfitError
 from tiny import tiny_tokenizer
 
@@ -31,7 +31,7 @@ def seed_process(sample: dict, tokenizer, max_len: int = 256) -> dict:
 
 
 def without_row(examples: list[dict]) -> list[dict]:
-    return [{k: v for k, v in e.items() if k != "row"} for e in examples]
+    return [token_fields(e) for e in examples]
 
 
 def learned_runs(tokenizer, example: dict) -> list[str]:
