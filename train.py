@@ -12,6 +12,7 @@ the work itself lives in bitfit/ (the step a reader learns BitFit from is bitfit
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import sys
 import time
@@ -51,8 +52,8 @@ def run(cfg: TrainConfig) -> dict:
         optimizer, scheduler, first_step = setup_optimizer(cfg, flat, out_dir, len(plan), device, log)
         results = {"trainable": flat.num_trainable, "total": sum(p.numel() for p in model.parameters()),
                    **data_facts, "device": str(device), **report.environment(device)}
-        if held_out:
-            results["before"] = evaluate_untrained(model, tokenizer, held_out, cfg, device, out_dir, first_step, base, log)
+        if held_out and (before := evaluate_untrained(model, tokenizer, held_out, cfg, device, out_dir, first_step, base, log)):
+            results["before"] = before
 
         train_start = time.perf_counter()
         during = partial(evaluate_during, model, tokenizer, held_out, cfg, device) if held_out else None
@@ -241,7 +242,7 @@ def setup_optimizer(cfg: TrainConfig, flat: FlatBiases, out_dir: Path, n_steps: 
     metrics = out_dir / "metrics.jsonl"  # it holds exactly the steps done: none, or the checkpoint's
     done = metrics.read_text().splitlines()[:first_step] if first_step and metrics.is_file() else []
     if distributed.is_main():
-        metrics.write_text("".join(line + "\n" for line in done))
+        write_atomically(metrics, "".join(line + "\n" for line in done).encode())
     for group in optimizer.param_groups:
         group["initial_lr"] = cfg.lr
     # The schedule is a pure function of the step: a resumed run starts it at its checkpoint's step.
@@ -256,34 +257,45 @@ def setup_optimizer(cfg: TrainConfig, flat: FlatBiases, out_dir: Path, n_steps: 
 def evaluate(model, tokenizer, held_out: dict, cfg: TrainConfig, device) -> dict:
     """Held-out loss and exact match, timed."""
     start = time.perf_counter()
-    loss = heldout_loss(model, held_out["examples"], padder(tokenizer), device, cfg.bf16)
+    loss = finite_loss(heldout_loss(model, held_out["examples"], padder(tokenizer), device, cfg.bf16))
     result = exact_match(model, tokenizer, held_out["records"], cfg.template, device, cfg.bf16, cfg.max_new_tokens)
     return {"loss": loss, **result, "seconds": time.perf_counter() - start}
 
 
 def evaluate_untrained(model, tokenizer, held_out: dict, cfg: TrainConfig, device, out_dir: Path, first_step: int,
-                       base: str, log) -> dict:
+                       base: str, log) -> dict | None:
     """The evaluation before training, kept in eval_before.json (a resumed run reports it) and in a cache
-    shared by runs (a second run on the same base and held-out data does not measure it again)."""
+    shared by runs (a second run on the same base and held-out data does not measure it again). A resumed
+    run holds trained biases: it reads the untrained numbers back, never measures them (None if lost)."""
     path = out_dir / "eval_before.json"
     cached = base_eval_cache({"base": base, "held-out data": held_out["hash"], "template": cfg.template,
                               "max_new_tokens": cfg.max_new_tokens, "bf16": cfg.bf16, "bf16_weights": cfg.bf16_weights,
                               "device": device.type, "bitfit": __version__})
-    if first_step and path.is_file():  # a resumed run: what it measured when it started
-        before, source = json.loads(path.read_text()), "this run's eval_before.json"
+    if first_step and (before := read_cached(path)) is not None:  # what the run measured when it started
+        source = "this run's eval_before.json"
     elif (before := read_cached(cached)) is not None:
         source = f"cached in {cached}"
+    elif first_step:
+        log("before training: not reported (the run's eval_before.json is gone, and the cache has no entry)")
+        return None
     else:
         before, source = evaluate(model, tokenizer, held_out, cfg, device), "measured"
         try:
             cached.parent.mkdir(parents=True, exist_ok=True)
-            write_atomically(cached, (json.dumps(before, indent=2) + "\n").encode())
+            write_atomically(cached, (json.dumps(before, indent=2, allow_nan=False) + "\n").encode())
         except (OSError, BitfitError):  # a cache that cannot be written costs time next run, nothing else
             pass
-    write_atomically(path, (json.dumps(before, indent=2) + "\n").encode())
+    write_atomically(path, (json.dumps(before, indent=2, allow_nan=False) + "\n").encode())
     log(f"before training: held-out loss {before['loss']:.4f}, exact match {100 * before['exact_match']:.1f}% "
         f"({len(held_out['records'])} examples of {held_out['name']}; {source})")
     return before
+
+
+def finite_loss(loss: float) -> float:
+    """`loss`, or NonFiniteError: a NaN held-out loss means the model is broken, and is never saved."""
+    if not math.isfinite(loss):
+        raise NonFiniteError(f"the held-out loss is {loss}")
+    return loss
 
 
 def read_cached(path: Path) -> dict | None:
@@ -296,7 +308,7 @@ def read_cached(path: Path) -> dict | None:
 
 def evaluate_during(model, tokenizer, held_out: dict, cfg: TrainConfig, device) -> dict:
     """The held-out measures of one --eval-every point, as metrics.jsonl fields."""
-    measured = {"eval_loss": heldout_loss(model, held_out["examples"], padder(tokenizer), device, cfg.bf16)}
+    measured = {"eval_loss": finite_loss(heldout_loss(model, held_out["examples"], padder(tokenizer), device, cfg.bf16))}
     if cfg.eval_every_exact_match:
         measured["eval_exact_match"] = exact_match(model, tokenizer, held_out["records"], cfg.template, device,
                                                    cfg.bf16, cfg.max_new_tokens)["exact_match"]
@@ -310,9 +322,10 @@ def save_results(model, tokenizer, held_out, cfg: TrainConfig, device, out_dir: 
     delta_path = out_dir / "delta.safetensors"
     if held_out:
         results["after"] = evaluate(model, tokenizer, held_out, cfg, device)
-        gain = 100 * (results["after"]["exact_match"] - results["before"]["exact_match"])
+        before = results.get("before")  # None for a resumed run that lost it
+        gain = f" ({100 * (results['after']['exact_match'] - before['exact_match']):+.1f} points)" if before else ""
         log(f"after training:  held-out loss {results['after']['loss']:.4f}, exact match "
-            f"{100 * results['after']['exact_match']:.1f}% ({gain:+.1f} points)")
+            f"{100 * results['after']['exact_match']:.1f}%{gain}")
         for sample in results["after"]["samples"][:3]:
             log(f"  {sample['prompt']!r} -> {sample['generated'].strip()!r} (expected {sample['expected']!r})")
     records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
@@ -321,7 +334,7 @@ def save_results(model, tokenizer, held_out, cfg: TrainConfig, device, out_dir: 
         results["best"] = best
         log(f"best held-out loss: {best['loss']:.4f} after step {best['step']}")
     results["total_seconds"] = time.perf_counter() - started
-    write_atomically(out_dir / "results.json", (json.dumps(results, indent=2) + "\n").encode())
+    write_atomically(out_dir / "results.json", (json.dumps(results, indent=2, allow_nan=False) + "\n").encode())
     model_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
     log(f"saved the bias delta to {delta_path} ({delta_path.stat().st_size / 2**10:,.0f} KiB; "
         f"the full model is {model_mb:,.0f} MiB)")

@@ -30,7 +30,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from . import models
 from .cli import ArgumentParser
-from .delta import FOREIGN, FORMAT, read_delta
+from .delta import FOREIGN, FORMAT, FORMAT_1, read_delta
 from .errors import BitfitError
 from .files import check_new_folder, file_mode, write_folder
 
@@ -50,13 +50,22 @@ def is_beft_folder(path: str | Path) -> bool:
 
 
 def linear_modules(model_name: str, names: list[str], trust_remote_code: bool = False) -> dict[str, nn.Module]:
-    """The modules that hold the biases `names`, in the base's architecture (built on the meta device:
-    no weights are read), with the biases bitfit adds to bias-free linear layers."""
-    config = AutoConfig.from_pretrained(models.resolve(model_name), trust_remote_code=trust_remote_code)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    """The modules that hold the biases `names`, in the base's architecture (built on the meta device
+    from its config: no weights are read). A bias bitfit added sits on a linear layer that has none."""
+    source = models.resolve(model_name)
+    if source.startswith((".", "/", "~")) and not Path(source).expanduser().is_dir():
+        raise BitfitError(f"no such model folder: {source}")
+    try:
+        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    except Exception as error:  # noqa: BLE001: a missing folder, no hub, custom code: the user's to fix
+        raise BitfitError(f"cannot read the base model {model_name!r}'s config: {str(error).splitlines()[0]}") from None
     modules = dict(model.named_modules())
-    return {name: modules.get(name.removesuffix(".bias")) for name in names}
+    missing = [name for name in names if name.removesuffix(".bias") not in modules]
+    if missing:
+        raise BitfitError(f"the base {model_name!r} has no module for {missing[0]}: is it the base the delta was trained on?")
+    return {name: modules[name.removesuffix(".bias")] for name in names}
 
 
 def to_beft(tensors: dict[str, torch.Tensor], modules: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
@@ -113,7 +122,7 @@ def read_beft(folder: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, st
     tensors = {name.removeprefix(PREFIX).removesuffix(SUFFIX) + ".bias": tensor.reshape(-1).float()
                for name, tensor in raw.items()}
     carried = {key.removeprefix("bitfit_"): value for key, value in stored.items() if key.startswith("bitfit_")}
-    metadata = carried if carried.get("format") == FORMAT else {
+    metadata = carried if carried.get("format") in (FORMAT, FORMAT_1) else {
         "format": FOREIGN, "base_model": config.get("base_model_name_or_path") or "", "base_fingerprint": "",
         "added_biases": "[]", "dtype": "float32", "selection": f"the PEFT BEFT adapter {folder}"}
     return tensors, metadata

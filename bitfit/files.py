@@ -96,8 +96,9 @@ def check_new_folder(given: str, flag: str) -> Path:
 
 def write_folder(out: Path, fill: Callable[[Path], None]) -> None:
     """Make the folder `out` (checked by check_new_folder) whole or not at all: `fill` writes (and may
-    check) a hidden folder beside it, which is renamed to `out` only when `fill` returns. A failure,
-    a Ctrl-C or a full disk leaves nothing behind."""
+    check) a hidden folder beside it, whose files are flushed to the disk and which is renamed to `out`
+    only when `fill` returns. A failure, a Ctrl-C or a full disk leaves no `out` and no hidden folder
+    (parent folders created for it stay)."""
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.writing-"))
@@ -105,6 +106,9 @@ def write_folder(out: Path, fill: Callable[[Path], None]) -> None:
         raise cannot_write(out, error) from None
     try:
         fill(staging)
+        for path in staging.rglob("*"):
+            if path.is_file():
+                fsync(path)  # the files reach the disk before the name that says they are whole
         os.chmod(staging, folder_mode())  # mkdtemp makes it 0700
         staging.rename(out)  # replaces an empty folder; fails, writing nothing, if one appeared meanwhile
         fsync(out.parent)

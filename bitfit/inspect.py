@@ -41,18 +41,24 @@ Part = tuple[int | None, str, str, torch.Tensor | None]
 
 
 def delta_path(given: str) -> Path:
-    """The delta of a run folder, or the file itself."""
+    """The delta of a run folder, or what was given (a delta file or a PEFT adapter folder)."""
     path = Path(given)
-    return path / "delta.safetensors" if path.is_dir() else path
+    return path / "delta.safetensors" if is_run_folder(path) else path
 
 
 def parts_of(model: nn.Module, names: list[str]) -> list[Part]:
     """Each bias as one part, or as its q, k and v parts where it is a fused projection of a known layout."""
     order = {name: i for i, (name, _) in enumerate(model.named_parameters())}
+    placed = {name: _layer_and_path(name) for name in names}
+    # A bias type is its module's own name (q_proj, input_layernorm), or its last two names where one
+    # name is used twice in a layer (GPT-2's attn.c_proj and mlp.c_proj).
+    short = [(layer, path.rsplit(".", 1)[-1]) for layer, path in placed.values()]
     parts = []
     for name in sorted(names, key=order.__getitem__):  # the model's order: q, k, v, o, gate, up, down per block
-        found = re.search(r"\.(\d+)\.(?:.*\.)?([^.]+)\.bias$", name)
-        layer, kind = (int(found[1]), found[2]) if found else (None, name.removesuffix(".bias").rsplit(".", 1)[-1])
+        layer, path = placed[name]
+        kind = path.rsplit(".", 1)[-1]
+        if short.count((layer, kind)) > 1:
+            kind = ".".join(path.rsplit(".", 2)[-2:])
         if kind in FUSED_QKV_MODULES:
             try:
                 split = fused_qkv_parts(model, name, model.get_parameter(name).numel())
@@ -62,6 +68,13 @@ def parts_of(model: nn.Module, names: list[str]) -> list[Part]:
                 pass
         parts.append((layer, kind, name, None))
     return parts
+
+
+def _layer_and_path(name: str) -> tuple[int | None, str]:
+    """('model.layers.3.self_attn.q_proj.bias') -> (3, 'self_attn.q_proj'); (None, the module path) outside the blocks."""
+    module = name.removesuffix(".bias")
+    found = re.search(r"\.(\d+)\.(.+)$", module)
+    return (int(found[1]), found[2]) if found else (None, module)
 
 
 def _entries(tensor: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -213,8 +226,8 @@ def main(argv: list[str] | None = None) -> int:
         deltas = [read_delta(str(path)) for path in paths]  # each checked whole before the model loads
         model, _ = models.load(args.model or deltas[0][1]["base_model"], torch.device("cpu"), torch.float32,
                                args.trust_remote_code, args.trust_pickle_weights)
-        apply_delta(model, str(paths[0]))  # checks the base's fingerprint; the tuned biases are base + delta
-        tensors, metadata = deltas[0]
+        metadata = apply_delta(model, str(paths[0]))  # checks the base; the tuned biases are base + delta
+        tensors = deltas[0][0]
         parts = parts_of(model, list(tensors))
         zero = zero_gradient_parts(model, parts)
         if len(deltas) == 2:

@@ -109,8 +109,8 @@ def fit(model: nn.Module, flat: FlatBiases, optimizer: torch.optim.Optimizer,
     Between steps: the held-out measures of `held_out()` every --eval-every steps (rank 0; the last
     step's are the evaluation after training), a log line every --log-every steps, a checkpoint every
     --save-every steps, and on a Ctrl-C/SIGTERM a checkpoint and Interrupted (all processes agree
-    first). A NaN or inf raises NonFiniteError naming the step and its training examples, before that
-    step is applied.
+    first). A NaN or inf (in the loss or gradient, caught before AdamW steps; or in the biases after it)
+    raises NonFiniteError naming the step and its training examples: nothing of that step is saved.
     """
     model.train()
     device = flat.values.device

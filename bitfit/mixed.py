@@ -17,10 +17,14 @@ from collections.abc import Iterator
 
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from .delta import check_delta
 from .errors import BitfitError
 from .evaluate import answers
+
+# Layers whose bias is added to their output, so a delta of it can be added there, per row. (Conv1D: GPT-2's linear.)
+ADDED_TO_OUTPUT = (nn.Linear, nn.LayerNorm, Conv1D)
 
 
 class DeltaTable:
@@ -35,9 +39,9 @@ class DeltaTable:
         self.tables: dict[str, torch.Tensor] = {}
         for name in sorted({name for tensors in checked for name in tensors}):
             module = modules[name.removesuffix(".bias")]
-            if not isinstance(module, (nn.Linear, nn.LayerNorm)):  # their bias is added to their output, so a
-                raise BitfitError(f"{name}: a bias of a {type(module).__name__} cannot be mixed per row")  # delta can be too
-            width = checked[next(i for i, t in enumerate(checked) if name in t)][name].numel()
+            if not isinstance(module, ADDED_TO_OUTPUT):
+                raise BitfitError(f"{name}: a bias of a {type(module).__name__} cannot be mixed per row")
+            width = next(tensors[name] for tensors in checked if name in tensors).numel()
             table = torch.zeros(1 + len(paths), width)
             for i, tensors in enumerate(checked, start=1):
                 if name in tensors:

@@ -113,3 +113,11 @@ def test_an_adapter_trained_by_peft_applies_as_a_delta_without_a_fingerprint(tmp
     assert metadata["base_fingerprint"] == "" and len(json.loads(metadata["added_biases"])) == 4  # 2 layers x 2
     with torch.no_grad():
         torch.testing.assert_close(model(IDS).logits, expected, rtol=0, atol=1e-5)
+
+
+def test_an_export_against_a_base_that_cannot_be_read_is_a_one_line_error(tmp_path, capsys):
+    _, delta = base_and_delta(tiny_llama, tmp_path, "all")
+    assert adapter.main(["--delta", str(delta), "--out", str(tmp_path / "adapter"), "--model", str(tmp_path / "nowhere")]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.strip().splitlines()[-1] == f"error: no such model folder: {tmp_path / 'nowhere'}"
+    assert not (tmp_path / "adapter").exists()

@@ -130,3 +130,25 @@ def test_inspect_never_overwrites_a_file_it_did_not_write(run_with_known_delta, 
     assert inspect.main([str(run_dir), "--png", str(mine)]) == 2
     assert capsys.readouterr().err.startswith(f"error: --png {mine} already exists")
     assert mine.read_bytes() == b"a user's picture"
+
+
+def test_two_modules_of_one_name_in_a_layer_get_two_bias_types():
+    # GPT-2 has attn.c_proj and mlp.c_proj: named by their last two names, never merged into one type.
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=400, n_embd=32, n_layer=2, n_head=4, n_positions=64))
+    names = [name for name, _ in gpt2.named_parameters() if name.endswith(".bias")]
+    kinds = {kind for layer, kind, _, _ in inspect.parts_of(gpt2, names) if layer == 0}
+    assert {"attn.c_proj", "mlp.c_proj", "q", "k", "v", "c_fc", "ln_1", "ln_2"} <= kinds
+    assert "c_proj" not in kinds
+
+
+def test_inspect_takes_a_peft_adapter_folder_like_a_delta(tmp_path, capsys):
+    from bitfit import adapter
+    from test_adapter import base_and_delta
+
+    _, delta = base_and_delta(tiny_llama, tmp_path, "all")
+    assert adapter.main(["--delta", str(delta), "--out", str(tmp_path / "adapter")]) == 0
+    capsys.readouterr()
+    assert inspect.main([str(tmp_path / "adapter")]) == 0
+    assert "relative: none, bitfit added these biases" in capsys.readouterr().out

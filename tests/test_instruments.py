@@ -99,3 +99,41 @@ def test_every_run_writes_a_loss_curve_png_and_records_where_it_ran(model_dir, t
 def test_eval_every_without_something_to_measure_is_a_one_line_error(model_dir, tmp_path, capsys, args, message):
     assert train.main(["--model", model_dir, *QUICK, *args, "--out-dir", str(tmp_path / "run")]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_non_finite_held_out_loss_stops_the_run_with_exit_3_and_is_never_saved(model_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(train, "heldout_loss", lambda *args, **kwargs: float("nan"))
+    out = tmp_path / "run"
+    assert train.main(["--model", model_dir, *QUICK, "--out-dir", str(out)]) == 3
+    assert "the held-out loss is nan" in capsys.readouterr().err
+    assert not any("NaN" in path.read_text() for path in out.glob("*.json*"))
+
+
+def test_a_resumed_run_that_lost_its_untrained_evaluation_does_not_measure_the_trained_model_as_untrained(
+        model_dir, tmp_path, monkeypatch, capsys):
+    import bitfit.loop
+    real, calls = bitfit.loop.train_step, []
+
+    def stop_after_step_2(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # a crash in step 3: the checkpoint of step 2 stays
+        return real(*args, **kwargs)
+
+    out = tmp_path / "run"
+    monkeypatch.setattr(bitfit.loop, "train_step", stop_after_step_2)
+    assert train.main(["--model", model_dir, *QUICK, "--save-every", "2", "--out-dir", str(out)]) == 130
+    monkeypatch.undo()
+    (out / "eval_before.json").unlink()
+    for cached in (tmp_path / "base-evals").iterdir():
+        cached.unlink()
+    capsys.readouterr()
+    assert train.main(["--resume", str(out)]) == 0
+    assert "before training: not reported" in capsys.readouterr().out
+    assert "before" not in json.loads((out / "results.json").read_text())
+    assert not list((tmp_path / "base-evals").iterdir())  # nothing measured on trained biases entered the cache
+
+
+def test_a_hub_dataset_as_eval_data_needs_an_eval_split(model_dir, tmp_path, capsys):
+    assert train.main(["--model", model_dir, "--eval-data", "someone/some-dataset", "--out-dir", str(tmp_path / "r")]) == 2
+    assert "give --eval-split for a hub dataset" in capsys.readouterr().err

@@ -80,3 +80,26 @@ def test_generate_py_compares_the_base_and_several_runs_in_one_batch(tmp_path, c
     assert f"A = {first}" in out and f"B = {second}" in out
     assert out.count("BASE:") == out.count("A:") == out.count("B:") == 3
     assert "correct: base " in out and ", A " in out and ", B " in out
+
+
+def test_a_gpt2_delta_on_conv1d_layers_mixes_per_row_too(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from bitfit.biases import select_biases
+    from bitfit.delta import save_delta
+    from bitfit.flat import FlatBiases
+
+    GPT2LMHeadModel(GPT2Config(vocab_size=400, n_embd=32, n_layer=2, n_head=4, n_positions=64)).save_pretrained(tmp_path / "gpt2")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "gpt2")
+    flat = FlatBiases(model, select_biases(model))
+    flat.values.add_(0.1 * torch.randn(flat.values.shape, generator=torch.Generator().manual_seed(0)))
+    save_delta(str(tmp_path / "delta.safetensors"), model, flat, base_model=str(tmp_path / "gpt2"), added=[])
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "gpt2").eval()
+    table = DeltaTable(base, [str(tmp_path / "delta.safetensors")])
+    ids = torch.tensor([PROMPTS[0], PROMPTS[0]])
+    with torch.no_grad(), table.use([0, 1]):
+        mixed = base(ids).logits
+    with torch.no_grad():
+        torch.testing.assert_close(mixed[1], alone(str(tmp_path / "gpt2"), str(tmp_path / "delta.safetensors"))(ids[:1]).logits[0],
+                                   rtol=0, atol=1e-5)
+        torch.testing.assert_close(mixed[0], alone(str(tmp_path / "gpt2"), None)(ids[:1]).logits[0], rtol=0, atol=1e-5)
