@@ -58,7 +58,7 @@ class TrainConfig:
                                       "an example longer than this gets a pass of its own. 0 = --batch-size x --max-len, "
                                       "the most one micro-batch of the seeds' recipe can hold, so no pass needs more "
                                       "activation memory than the recipe's largest")
-    lr: float = _option(5e-3, "peak learning rate of AdamW; 5e-3 was best on each of three tasks in a sweep "
+    lr: float = _option(5e-3, "peak learning rate of AdamW; 5e-3 was best (or tied) on each of three tasks in a sweep "
                               "of 1e-3 to 2e-2 (benchmarks/lr_sweep.py; the BitFit paper's code used 1e-3)")
     beta1: float = _option(0.9, "AdamW beta1")
     beta2: float = _option(0.999, "AdamW beta2")
