@@ -9,9 +9,9 @@ import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from .cli import ArgumentParser, check_device
+from .data import is_hub_name
 from .errors import BitfitError
 from .layout import KINDS
 
@@ -120,10 +120,8 @@ class TrainConfig:
         if not self.eval_split:  # resolved here, so the printed and saved config holds what is used: the
             # built-in task's held-out split, or all of an evaluation file
             builtin = self.eval_data == "builtin" or (not self.eval_data and self.data == "builtin")
-            local = Path(self.eval_data).expanduser()  # a file (even one missing: its own error comes later) or folder
-            hub = (self.eval_data not in ("", "none", "builtin") and not local.exists()
-                   and local.suffix.lower() not in (".json", ".jsonl"))
-            if hub:  # its whole train split: maybe tens of thousands of rows, maybe the very rows trained on
+            if self.eval_data not in ("", "none") and is_hub_name(self.eval_data):
+                # its whole train split: maybe tens of thousands of rows, maybe the very rows trained on
                 raise BitfitError(f"--eval-data {self.eval_data}: give --eval-split for a hub dataset (e.g. "
                                   "'test[:200]'); a file's or folder's rows are used whole, a hub dataset's are not")
             self.eval_split = "heldout[:100]" if builtin else "train"

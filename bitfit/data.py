@@ -134,6 +134,12 @@ def _looks_local(source: str) -> bool:
             or source.count("/") > 1 or "\\" in source)
 
 
+def is_hub_name(source: str) -> bool:
+    """Whether load_records would ask the hub for `source`: not the built-in task, nothing on disk, and not
+    a path that is missing."""
+    return source != "builtin" and not Path(source).expanduser().exists() and not _looks_local(source)
+
+
 def load_records(source: str, split: str = "train") -> tuple[list, list[str]]:
     """The rows of a data source's split, in order, and the place of each ("data.jsonl line 12").
 
