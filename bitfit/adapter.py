@@ -32,7 +32,7 @@ from . import models
 from .cli import ArgumentParser
 from .delta import FOREIGN, FORMAT, FORMAT_1, read_delta
 from .errors import BitfitError
-from .files import check_new_folder, file_mode, write_folder
+from .files import check_new_folder, write_folder
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
@@ -53,8 +53,7 @@ def linear_modules(model_name: str, names: list[str], trust_remote_code: bool = 
     """The modules that hold the biases `names`, in the base's architecture (built on the meta device
     from its config: no weights are read). A bias bitfit added sits on a linear layer that has none."""
     source = models.resolve(model_name)
-    if source.startswith((".", "/", "~")) and not Path(source).expanduser().is_dir():
-        raise BitfitError(f"no such model folder: {source}")
+    models.local_folder(source)  # a path that is no folder: said plainly, not as a hub error
     try:
         config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
         with torch.device("meta"):
@@ -97,8 +96,6 @@ def export(delta_path: str, out_dir: str, model_name: str = "", trust_remote_cod
     def fill(folder: Path) -> None:
         safetensors.torch.save_file(adapter, str(folder / WEIGHTS), metadata=carried)
         (folder / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
-        for path in folder.iterdir():
-            path.chmod(file_mode())
 
     write_folder(out, fill)
     return out

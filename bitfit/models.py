@@ -97,6 +97,17 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
 PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt")  # torch.load's pickle: loading one can run any code in it
 
 
+def local_folder(source: str) -> Path | None:
+    """The folder `source` names, or None for a hub name (NAME or OWNER/NAME); a BitfitError for a path
+    that is no folder."""
+    folder = Path(source).expanduser()
+    if folder.is_dir():
+        return folder
+    if folder.exists() or source.startswith((".", "/", "~")) or source.count("/") > 1:
+        raise BitfitError(f"no such model folder: {source}")
+    return None
+
+
 def check_folder(folder: Path, trust_pickle_weights: bool) -> None:
     """Refuse a local model folder that cannot hold a model, or whose only weights are pickle files."""
     config = folder / "config.json"
@@ -123,12 +134,9 @@ def load(name: str, device: torch.device = torch.device("cpu"), dtype: torch.dty
     from loading (a missing, empty or broken folder, a truncated weights file, an unknown architecture,
     custom code without `trust_remote_code`, no hub) is one BitfitError naming the model."""
     source = resolve(name)
-    folder = Path(source).expanduser()
     offline = ""
-    if folder.is_dir():
+    if folder := local_folder(source):
         check_folder(folder, trust_pickle_weights)
-    elif folder.exists() or source.startswith((".", "/", "~")) or source.count("/") > 1:
-        raise BitfitError(f"no such model folder: {source}")
     else:  # a hub name: ask in seconds whether the hub is there at all
         offline = hub.unreachable(f"the model {name!r}")
     try:
