@@ -30,7 +30,7 @@ from bitfit.data import load_examples
 from bitfit.delta import base_fingerprint, save_delta
 from bitfit.errors import BitfitError, Interrupted, NonFiniteError
 from bitfit.evaluate import base_eval_cache, exact_match, heldout_loss
-from bitfit.files import write_atomically
+from bitfit.files import write_atomically, write_json
 from bitfit.flat import FlatBiases
 from bitfit.interrupt import graceful_stop
 from bitfit.loop import fit, lr_factor
@@ -204,9 +204,17 @@ def setup_evaluation(cfg: TrainConfig, tokenizer) -> dict | None:
     records, examples, _ = load_examples(source, cfg.eval_split, tokenizer, cfg.max_len, cfg.template,
                                          role="evaluation data")
     # What the numbers depend on besides the model: the rows, and the token ids the tokenizer made of them.
-    what = json.dumps([records, [[e["input_ids"], e["labels"]] for e in examples]], sort_keys=True, default=str)
     return {"records": records, "examples": examples, "name": f"{source} {cfg.eval_split}",
-            "hash": hashlib.sha256(what.encode()).hexdigest()[:16]}
+            "hash": digest([records, token_ids(examples)])}
+
+
+def token_ids(examples: list) -> list:
+    return [[e["input_ids"], e["labels"]] for e in examples]
+
+
+def digest(value) -> str:
+    """16 hex digits of the SHA-256 of `value` as JSON: a change to any part of it changes them."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def check_inputs(cfg: TrainConfig, model, flat: FlatBiases, added: list[str], examples: list, out_dir: Path) -> str:
@@ -214,8 +222,7 @@ def check_inputs(cfg: TrainConfig, model, flat: FlatBiases, added: list[str], ex
     checks, and returns the base's fingerprint ('' elsewhere); every process stops if it refuses."""
     error, inputs = "", {"model": ""}
     if distributed.is_main():
-        data = hashlib.sha256(json.dumps([[e["input_ids"], e["labels"]] for e in examples]).encode()).hexdigest()[:16]
-        inputs = {"model": base_fingerprint(model, flat, added), "training data": data}
+        inputs = {"model": base_fingerprint(model, flat, added), "training data": digest(token_ids(examples))}
         try:
             run_folder.same_inputs(out_dir, inputs, resuming=bool(cfg.resume))
         except BitfitError as refused:
@@ -282,10 +289,10 @@ def evaluate_untrained(model, tokenizer, held_out: dict, cfg: TrainConfig, devic
         before, source = evaluate(model, tokenizer, held_out, cfg, device), "measured"
         try:
             cached.parent.mkdir(parents=True, exist_ok=True)
-            write_atomically(cached, (json.dumps(before, indent=2, allow_nan=False) + "\n").encode())
+            write_json(cached, before)
         except (OSError, BitfitError):  # a cache that cannot be written costs time next run, nothing else
             pass
-    write_atomically(path, (json.dumps(before, indent=2, allow_nan=False) + "\n").encode())
+    write_json(path, before)
     log(f"before training: held-out loss {before['loss']:.4f}, exact match {100 * before['exact_match']:.1f}% "
         f"({len(held_out['records'])} examples of {held_out['name']}; {source})")
     return before
@@ -334,7 +341,7 @@ def save_results(model, tokenizer, held_out, cfg: TrainConfig, device, out_dir: 
         results["best"] = best
         log(f"best held-out loss: {best['loss']:.4f} after step {best['step']}")
     results["total_seconds"] = time.perf_counter() - started
-    write_atomically(out_dir / "results.json", (json.dumps(results, indent=2, allow_nan=False) + "\n").encode())
+    write_json(out_dir / "results.json", results)
     model_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
     log(f"saved the bias delta to {delta_path} ({delta_path.stat().st_size / 2**10:,.0f} KiB; "
         f"the full model is {model_mb:,.0f} MiB)")

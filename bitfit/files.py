@@ -9,6 +9,7 @@ Files get the permissions any new file of the user gets (0o666 less the umask: 0
 """
 
 import errno
+import json
 import os
 import shutil
 import tempfile
@@ -75,6 +76,12 @@ def write_atomically(path: Path, data: bytes) -> None:
             temporary.unlink(missing_ok=True)
 
 
+def write_json(path: Path, value) -> None:
+    """`value` as indented, strict JSON (a NaN or inf raises ValueError, never reaches the file), written
+    with write_atomically."""
+    write_atomically(path, (json.dumps(value, indent=2, allow_nan=False) + "\n").encode())
+
+
 def check_new_folder(given: str, flag: str) -> Path:
     """`given` as an absolute path, if bitfit may create a folder there: it does not exist, or is an empty
     folder, in a place this user may write. Never a file, never a folder that holds anything (a base
@@ -96,8 +103,9 @@ def check_new_folder(given: str, flag: str) -> Path:
 
 def write_folder(out: Path, fill: Callable[[Path], None]) -> None:
     """Make the folder `out` (checked by check_new_folder) whole or not at all: `fill` writes (and may
-    check) a hidden folder beside it, whose files are flushed to the disk and which is renamed to `out`
-    only when `fill` returns. A failure, a Ctrl-C or a full disk leaves no `out` and no hidden folder
+    check) a hidden folder beside it; its files and folders then get a new file's usual permissions
+    (safetensors and mkdtemp write 0600 and 0700, and a model folder is meant to be shared) and are
+    flushed to the disk, and it is renamed to `out`. A failure, a Ctrl-C or a full disk leaves no `out` and no hidden folder
     (parent folders created for it stay)."""
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -107,9 +115,10 @@ def write_folder(out: Path, fill: Callable[[Path], None]) -> None:
     try:
         fill(staging)
         for path in staging.rglob("*"):
+            os.chmod(path, folder_mode() if path.is_dir() else file_mode())
             if path.is_file():
                 fsync(path)  # the files reach the disk before the name that says they are whole
-        os.chmod(staging, folder_mode())  # mkdtemp makes it 0700
+        os.chmod(staging, folder_mode())
         staging.rename(out)  # replaces an empty folder; fails, writing nothing, if one appeared meanwhile
         fsync(out.parent)
     except OSError as error:

@@ -12,7 +12,6 @@ writes over a base model's folder, a run folder or anything else already there.
 import argparse
 import copy
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from .biases import add_zero_bias, is_bias
 from .cli import ArgumentParser
 from .delta import apply_delta, read_delta
 from .errors import BitfitError
-from .files import check_new_folder, file_mode, folder_mode, fsync, write_folder
+from .files import check_new_folder, write_folder
 
 BIAS_FLAGS = ("attention_bias", "mlp_bias")  # config switches that give Llama-family layers their biases
 
@@ -64,18 +63,6 @@ def tuned_logits(model: nn.Module, vocab_size: int) -> tuple[torch.Tensor, torch
         return probe, model(probe.to(model.device)).logits.cpu()
 
 
-def save_folder(model: nn.Module, tokenizer, folder: Path) -> None:
-    """save_pretrained into `folder`, every file flushed to the disk with a new file's usual permissions
-    (safetensors writes 0600, and a model folder is meant to be shared)."""
-    model.save_pretrained(folder)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(folder)
-    for path in folder.rglob("*"):
-        os.chmod(path, folder_mode() if path.is_dir() else file_mode())
-        if path.is_file():
-            fsync(path)
-
-
 def merge(model: nn.Module, delta_path: str, out_dir: str, tokenizer=None) -> Path:
     """Apply the delta to the base `model` (in place), make its architecture standard, save it, and
     check that the saved folder reloads to the same logits.
@@ -95,7 +82,9 @@ def merge(model: nn.Module, delta_path: str, out_dir: str, tokenizer=None) -> Pa
         raise BitfitError("the tuned model gives NaN or inf logits; refusing to write a model that cannot be used")
 
     def save_and_check(staging: Path) -> None:
-        save_folder(model, tokenizer, staging)
+        model.save_pretrained(staging)  # write_folder gives the files their permissions and flushes them
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
         # The promise is "loads with plain transformers to the same model": check it before saying so.
         reloaded = AutoModelForCausalLM.from_pretrained(staging, dtype=next(model.parameters()).dtype).eval()
         with torch.no_grad():

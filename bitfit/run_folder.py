@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import IO
 
 from .errors import BitfitError
+from .files import write_json
 
 MARKER = ".bitfit-run"
 # What a run writes, and so what --overwrite may delete: nothing else in the folder is touched.
@@ -102,7 +103,7 @@ def same_inputs(path: Path, inputs: dict[str, str], resuming: bool) -> None:
                               f"({', '.join(f'{n} {recorded.get(n)} then, {inputs[n]} now' for n in changed)}); "
                               "resume needs the same ones, or start a new run")
         return
-    file.write_text(json.dumps(inputs, indent=2) + "\n")
+    write_json(file, inputs)
 
 
 def clear(path: Path) -> None:
