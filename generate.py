@@ -122,15 +122,15 @@ def run(args: argparse.Namespace) -> dict:
     asked = questions(records, tokenizer, template, places)  # (prompt ids, question, expected answer or '')
     prompts = [ids for ids, _, _ in asked]
     generation = {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p} if args.sample else {"do_sample": False}
-    sides = {"BASE": None, **({"TUNED": str(deltas[0])} if len(deltas) == 1 else
-                              {chr(ord("A") + i): str(delta) for i, delta in enumerate(deltas)})}
-    for side, delta in sides.items():
-        if delta:
-            print(f"{side} = {delta} (trained on {metadata[list(sides).index(side) - 1]['base_model']!r})")
+    labels = ["TUNED"] if len(deltas) == 1 else [chr(ord("A") + i) for i in range(len(deltas))]
+    for label, delta, trained_on in zip(labels, deltas, metadata):
+        print(f"{label} = {delta} (trained on {trained_on['base_model']!r})")
     print(f"template {template!r}, {'sampling' if args.sample else 'greedy'}")
+    sides = {"BASE": None, **{label: str(delta) for label, delta in zip(labels, deltas)}}
 
     torch.manual_seed(args.seed)  # the same seed, the same draws
-    if len(prompts) == 1 and len(deltas) == 1:  # one answer per model: watch it appear, base then tuned
+    streamed = len(prompts) == 1 and len(deltas) == 1  # one answer per model: watch it appear, base then tuned
+    if streamed:
         said = {}
         for side, delta in sides.items():
             if delta:
@@ -143,24 +143,28 @@ def run(args: argparse.Namespace) -> dict:
         texts = generate_many(model, tokenizer, [(ids, delta) for delta in sides.values() for ids in prompts],
                               args.max_new_tokens, generation=generation)
         said = {side: texts[i * len(prompts) : (i + 1) * len(prompts)] for i, side in enumerate(sides)}
+    correct, checkable = mark(asked, said, shown=not streamed)
+    return {"answers": said, "correct": correct, "checkable": checkable}
 
-    correct = dict.fromkeys(sides, 0)
+
+def mark(asked: list, said: dict[str, list[str]], shown: bool) -> tuple[dict[str, int], int]:
+    """(right answers per side, checkable questions); `shown`: print every question and each side's answer
+    (a streamed answer was printed as it came)."""
+    correct = dict.fromkeys(said, 0)
     for number, (_, question, expected) in enumerate(asked, start=1):
-        checkable = bool(expected)
-        if len(prompts) > 1 or len(deltas) > 1:
-            shown = question.strip().replace("\n", " | ")
-            print(f"\n[{number}] {shown}" + (f"   (expected: {expected})" if checkable else ""))
-        for side in sides:
-            right = checkable and is_correct(said[side][number - 1], expected)
+        if shown:
+            one_line = question.strip().replace("\n", " | ")
+            print(f"\n[{number}] {one_line}" + (f"   (expected: {expected})" if expected else ""))
+        for side, texts in said.items():
+            right = bool(expected) and is_correct(texts[number - 1], expected)
             correct[side] += right
-            mark = ("  [right]" if right else "  [wrong]") if checkable else ""
-            if len(prompts) > 1 or len(deltas) > 1:
-                print(f"  {side:>5}: {said[side][number - 1].strip()!r}{mark}")
+            if shown:
+                print(f"  {side:>5}: {texts[number - 1].strip()!r}" + (("  [right]" if right else "  [wrong]") if expected else ""))
     checkable = sum(bool(expected) for _, _, expected in asked)
     if checkable:
         print("\ncorrect: " + ", ".join(f"{side.lower() if side in ('BASE', 'TUNED') else side} {n}/{checkable}"
                                        for side, n in correct.items()))
-    return {"answers": said, "correct": correct, "checkable": checkable}
+    return correct, checkable
 
 
 def main(argv: list[str] | None = None) -> int:
