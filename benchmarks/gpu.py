@@ -22,28 +22,21 @@ import json
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BloomConfig, LlamaConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer, BloomConfig, LlamaConfig
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bitfit import models  # noqa: E402
-from bitfit.biases import add_missing_biases  # noqa: E402
-from bitfit.data import encode, token_fields  # noqa: E402
-from bitfit.layout import draw_steps  # noqa: E402
+from contenders import (ACCUM, BLOOMZ_1B1, bitfit_side, device, floor_flops, matmul_peak,  # noqa: E402
+                        optimizer_steps, recipe_side)
 from workload import alpaca_like_records  # noqa: E402
 
-ACCUM, SEED, LR, MAX_LEN = 8, 0, 1e-3, 256
-BLOOMZ_1B1 = dict(vocab_size=250880, hidden_size=1536, n_layer=24, n_head=16)  # bigscience/bloomz-1b1's config.json
+LR = 1e-3  # the seeds' lr
 TINY_BLOOM = dict(vocab_size=49152, hidden_size=64, n_layer=2, n_head=4)  # --tiny: the CPU check of this script
-
-
-def device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def build_models(folder: Path, tiny: bool) -> dict[str, str]:
@@ -64,125 +57,6 @@ def build_models(folder: Path, tiny: bool) -> dict[str, str]:
         if path != Path(models.resolve(models.EMBEDDED)):
             tokenizer.save_pretrained(path)
     return {name: str(path) for name, path in folders.items()}
-
-
-def ordered_rows(jsonl: str, tokenizer, steps: int) -> list[dict]:
-    """The examples of the first `steps` steps, in the order bitfit draws them: the recipe gets exactly these."""
-    records = [json.loads(line) for line in Path(jsonl).read_text().splitlines()]
-    examples, _ = encode(records, tokenizer, MAX_LEN)
-    order = [i for step in draw_steps(len(examples), ACCUM, 1, SEED, steps) for i in step]
-    return [token_fields(examples[i]) for i in order]
-
-
-def memory() -> dict:
-    if device().type != "cuda":
-        return {"max_allocated_gb": None, "max_reserved_gb": None}
-    return {"max_allocated_gb": torch.cuda.max_memory_allocated() / 2**30,
-            "max_reserved_gb": torch.cuda.max_memory_reserved() / 2**30}
-
-
-def recipe(model_dir: str, jsonl: str, steps: int) -> dict:
-    """The seeds' recipe: Trainer + DataCollatorForSeq2Seq, 1 x 8, bf16 on a GPU, their freezing."""
-    from datasets import Dataset
-    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
-    add_missing_biases(model)  # SmolLM2 has none: the same zero biases bitfit adds (BLOOM has its own)
-    for name, param in model.named_parameters():
-        param.requires_grad = "bias" in name
-    rows = ordered_rows(jsonl, tokenizer, steps)
-    cuda = device().type == "cuda"
-    with tempfile.TemporaryDirectory() as out:
-        args = TrainingArguments(output_dir=out, per_device_train_batch_size=1, gradient_accumulation_steps=ACCUM,
-                                 learning_rate=LR, lr_scheduler_type="linear", warmup_steps=0, max_grad_norm=1.0,
-                                 max_steps=steps, logging_steps=1, save_strategy="no", report_to=[], bf16=cuda,
-                                 use_cpu=not cuda, train_sampling_strategy="sequential", dataloader_num_workers=0,
-                                 seed=SEED, disable_tqdm=True)
-        trainer = Trainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
-                          data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True))
-        if cuda:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        trainer.train()
-        if cuda:
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - start
-    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-    return {"seconds": seconds, "losses": losses, **counts(rows), **memory()}
-
-
-def bitfit(model_dir: str, jsonl: str, steps: int) -> dict:
-    """`python train.py` in this process: its defaults, plus --bf16 --bf16-weights on a GPU."""
-    import train
-    from bitfit.config import from_args
-
-    gpu_flags = ["--bf16", "--bf16-weights"] if device().type == "cuda" else []
-    with tempfile.TemporaryDirectory() as out:
-        cfg = from_args(["--model", model_dir, "--data", jsonl, "--eval-data", "none", "--lr", str(LR), "--max-steps",
-                         str(steps), "--seed", str(SEED), "--out-dir", out, "--log-every", str(10**6), *gpu_flags])
-        results = train.run(cfg)
-        losses = [json.loads(line)["loss"] for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
-    rows = ordered_rows(jsonl, AutoTokenizer.from_pretrained(model_dir), steps)
-    return {"seconds": results["train_seconds"], "losses": losses, "layout": results["layout"], **counts(rows), **memory()}
-
-
-def counts(rows: list[dict]) -> dict:
-    return {"tokens": sum(len(r["input_ids"]) for r in rows),
-            "label_tokens": sum(sum(label != -100 for label in r["labels"][1:]) for r in rows)}
-
-
-def matmul_peak(size: int, dtype: torch.dtype, repeats: int = 20) -> float:
-    """This device's matmul FLOP/s at `dtype`, best of 5: the denominator of BitFit-MFU."""
-    a, b = (torch.randn(size, size, device=device(), dtype=dtype) for _ in range(2))
-    best = 0.0
-    for _ in range(6):
-        if device().type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(repeats):
-            a @ b
-        if device().type == "cuda":
-            torch.cuda.synchronize()
-        best = max(best, 2 * size**3 * repeats / (time.perf_counter() - start))
-    return best
-
-
-def floor_flops(model_dir: str, tokens: int, label_tokens: int) -> float:
-    """4 x the matmul parameters of the blocks per token, and the LM head at label positions only."""
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
-    embeddings, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
-    blocks = sum(p.numel() for p in model.parameters() if p.dim() == 2 and p is not embeddings and p is not head)
-    return 4 * (blocks * tokens + head.numel() * label_tokens)
-
-
-def optimizer_step(repeats: int = 100) -> dict[str, float]:
-    """Seconds per AdamW step over bloomz-1b1's 146 biases: one flat buffer vs the separate tensors."""
-    with torch.device("meta"):
-        shapes = [p.shape for n, p in AutoModelForCausalLM.from_config(BloomConfig(**BLOOMZ_1B1)).named_parameters()
-                  if n.endswith(".bias")]
-    tensors = [torch.nn.Parameter(torch.randn(shape, device=device())) for shape in shapes]
-    for t in tensors:
-        t.grad = torch.randn_like(t)
-    flat = torch.nn.Parameter(torch.cat([t.detach().reshape(-1) for t in tensors]))
-    flat.grad = torch.randn_like(flat)
-    timings = {}
-    for name, params, kwargs in (("flat buffer, fused", [flat], {"fused": True}),
-                                 (f"{len(tensors)} tensors, foreach", tensors, {"foreach": True}),
-                                 (f"{len(tensors)} tensors, fused", tensors, {"fused": True})):
-        optimizer = torch.optim.AdamW(params, lr=1e-3, **kwargs)
-        for _ in range(5):
-            optimizer.step()
-        if device().type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(repeats):
-            optimizer.step()
-        if device().type == "cuda":
-            torch.cuda.synchronize()
-        timings[name] = (time.perf_counter() - start) / repeats
-    return timings
 
 
 def launch(side: str, model_dir: str, jsonl: str, steps: int, work: Path) -> dict:
@@ -238,7 +112,9 @@ def main() -> None:
     cli.add_argument("--out", help="internal")
     args = cli.parse_args()
     if args.side:
-        result = (recipe if args.side == "recipe" else bitfit)(args.model_dir, args.jsonl, args.steps)
+        gpu_flags = ["--bf16", "--bf16-weights"] if device().type == "cuda" else []  # the README's GPU flags
+        result = (recipe_side(args.model_dir, args.jsonl, args.steps, LR) if args.side == "recipe"
+                  else bitfit_side(args.model_dir, args.jsonl, args.steps, LR, gpu_flags))
         Path(args.out).write_text(json.dumps(result))
         return
 
@@ -249,14 +125,14 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(models.resolve(models.EMBEDDED))
     jsonl.write_text("".join(json.dumps(r) + "\n" for r in alpaca_like_records(tokenizer, ACCUM * args.steps)))
     folders = build_models(work, args.tiny)
-    peak = matmul_peak(256 if args.tiny else 8192, torch.bfloat16 if device().type == "cuda" else torch.float32)
+    peak = matmul_peak(256 if args.tiny else 8192, torch.bfloat16 if device().type == "cuda" else torch.float32, repeats=20)
     print(f"matmul peak measured here: {peak / 1e12:.1f} TFLOP/s ({'bf16' if device().type == 'cuda' else 'fp32'})")
     summary = {}
     for model_name, folder in folders.items():
         sides = {side: launch(side, folder, str(jsonl), args.steps, work) for side in ("recipe", "bitfit")}
         summary[model_name] = report(model_name, folder, sides, peak)
     print("\n## optimizer step over bloomz-1b1's biases")
-    for label, seconds in optimizer_step().items():
+    for label, seconds in optimizer_steps(repeats=100)["seconds_per_step"].items():
         print(f"  {label:<24} {1e6 * seconds:9.1f} us")
     memory_table()
     (work / "summary.json").write_text(json.dumps(summary, indent=2))
