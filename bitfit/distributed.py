@@ -27,7 +27,19 @@ def init() -> tuple[int, int, int]:
     if backend == "nccl":
         torch.cuda.set_device(local_rank)
     dist.init_process_group(backend=backend)
+    if dist.get_rank() != 0:
+        _quiet_progress_bars()
     return dist.get_rank(), world, local_rank
+
+
+def _quiet_progress_bars() -> None:
+    """Only rank 0 draws progress bars. Another process's half-drawn bar (written with \\r, no newline)
+    would otherwise share a line with rank 0's output, e.g. `...20/20 [00:00]error: ...`."""
+    import datasets
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
 
 
 def active() -> bool:
