@@ -46,3 +46,12 @@ def pad_batch(
             rows.append(example[key] + padding if padding_side == "right" else padding + example[key])
         batch[key] = torch.tensor(rows, dtype=torch.long)
     return batch
+
+
+def idle_pass() -> dict[str, torch.Tensor]:
+    """A pass of one token and no label: under sharded weights (bitfit.sharding) every forward is a
+    collective, so a process whose share of a step is done runs this while another still has a pass.
+    It adds nothing to the loss, the label tokens or the gradient; its one token (id 0, in every
+    vocabulary) counts as computed."""
+    return {"input_ids": torch.tensor([[0]]), "attention_mask": torch.tensor([[1]]),
+            "labels": torch.tensor([[IGNORE_INDEX]])}

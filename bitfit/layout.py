@@ -5,7 +5,8 @@ each process cuts its share into forward passes. This module decides all of it, 
     a process   under torchrun, each process takes an equal share of the step's EXAMPLES (counts differ
                 by at most one, long and short ones dealt alike), so none idles while another works
     a pass      one forward and backward: a process cuts its share into passes of at most
-                --max-pass-tokens tokens (an example longer than that gets a pass of its own)
+                --max-pass-tokens tokens (an example longer than that gets a pass of its own); under
+                --shard-weights every process runs as many passes as the busiest (idle ones if need be)
 
 The layouts differ in how a pass holds its examples:
     packed      end to end in ONE row, no padding (bitfit.packing); the default wherever the model
@@ -80,17 +81,27 @@ def cut(examples: Step, lengths: list[int], kind: str, max_tokens: int, batch_si
 
 
 def plan(steps: list[Step], lengths: list[int], kind: str, max_tokens: int, batch_size: int,
-         world: int = 1, rank: int = 0) -> list[Passes]:
-    """Process `rank`'s passes for every step: its share of the step's examples, cut by the layout."""
+         world: int = 1, rank: int = 0, lockstep: bool = False) -> list[Passes]:
+    """Process `rank`'s passes for every step: its share of the step's examples, cut by the layout.
+
+    `lockstep` (sharded weights, where every forward is a collective): every process runs as many
+    passes as the busiest one; a process with fewer gets idle passes, empty lists here (bitfit.collate
+    makes each a one-token pass with no label, so it adds nothing to the loss or the gradient)."""
     if kind not in KINDS:
         raise ValueError(f"layout must be one of {KINDS}, not {kind!r}")
-    return [cut(share(step, lengths, world, rank), lengths, kind, max_tokens, batch_size) for step in steps]
+    mine = [cut(share(step, lengths, world, rank), lengths, kind, max_tokens, batch_size) for step in steps]
+    if not lockstep or world == 1:
+        return mine
+    busiest = [max(len(cut(share(step, lengths, world, r), lengths, kind, max_tokens, batch_size)) for r in range(world))
+               for step in steps]
+    return [passes + [[] for _ in range(most - len(passes))] for passes, most in zip(mine, busiest)]
 
 
-def describe(steps: list[Step], lengths: list[int], kind: str, max_tokens: int, batch_size: int, world: int) -> str:
+def describe(steps: list[Step], lengths: list[int], kind: str, max_tokens: int, batch_size: int, world: int,
+             lockstep: bool = False) -> str:
     """The layout as it really is, for the log, e.g.
     'layout: packed | a step = 8 examples, ~215 tokens, passes of <= 128 tokens, 2 per process'."""
-    plans = [plan(steps, lengths, kind, max_tokens, batch_size, world, rank) for rank in range(world)]
+    plans = [plan(steps, lengths, kind, max_tokens, batch_size, world, rank, lockstep) for rank in range(world)]
     per_step = max(len(step) for step in steps)
     tokens = statistics.mean(sum(lengths[i] for i in step) for step in steps)
     counts = sorted({len(passes) for rank_plan in plans for passes in rank_plan})
@@ -103,4 +114,6 @@ def describe(steps: list[Step], lengths: list[int], kind: str, max_tokens: int, 
         line += f" | {world} processes, {'-'.join(map(str, sizes))} examples each"
         if per_step < world:
             line += f" ({world - per_step} idle: raise --grad-accum to at least {world})"
+    if idle := sum(not passes for rank_plan in plans for step in rank_plan for passes in step):
+        line += f" | in lockstep: {idle:,} idle one-token pass{'es' if idle > 1 else ''} over the run"
     return line

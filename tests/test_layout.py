@@ -10,10 +10,11 @@ import torch
 
 from bitfit import layout
 from bitfit.biases import add_missing_biases, select_biases
-from bitfit.collate import pad_batch
+from bitfit.collate import idle_pass, pad_batch
 from bitfit.data import encode
 from bitfit.flat import FlatBiases
 from bitfit.loop import train_step
+from bitfit.loss import label_tokens, loss_sum
 from bitfit.packing import pack_batch
 from bitfit.tasks import builtin_records
 from tiny import tiny_bloom, tiny_llama, tiny_tokenizer
@@ -140,3 +141,25 @@ def test_every_layout_gives_the_gradient_of_the_seeds_layout(make_model):
 
 def test_max_steps_draws_only_the_steps_it_needs_even_with_ten_million_epochs():
     assert layout.draw_steps(20, 8, 10_000_000, seed=0, max_steps=2) == layout.draw_steps(20, 8, 1, seed=0)[:2]
+
+
+@pytest.mark.parametrize(("world", "kind", "budget"), [case for case in CASES if case[0] > 1])
+def test_in_lockstep_every_process_runs_as_many_passes_as_the_busiest_and_idles_in_empty_ones(world, kind, budget):
+    free = plans(kind, budget, world)
+    locked = [layout.plan(STEPS, LENGTHS, kind, budget, 1, world, rank, lockstep=True) for rank in range(world)]
+    for step in range(len(STEPS)):
+        busiest = max(len(free[rank][step]) for rank in range(world))
+        for rank in range(world):
+            assert len(locked[rank][step]) == busiest
+            assert locked[rank][step] == free[rank][step] + [[]] * (busiest - len(free[rank][step]))
+
+
+def test_an_idle_pass_adds_nothing_to_the_loss_the_label_tokens_or_the_gradient():
+    model = tiny_llama()
+    add_missing_biases(model)
+    flat = FlatBiases(model, select_biases(model))
+    idle = idle_pass()
+    assert label_tokens(idle) == 0
+    loss = loss_sum(model, idle)
+    loss.backward()  # it still runs the whole model forward and backward, as a collective pass must
+    assert loss.item() == 0 and not flat.grads.any()
