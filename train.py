@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from bitfit import __version__, distributed, layout, models, packing, report, run_folder
+from bitfit import __version__, distributed, layout, models, packing, report, run_folder, sharding
 from bitfit.biases import add_missing_biases, count_trainable, describe, select_biases
 from bitfit.checkpoint import latest_checkpoint, load_checkpoint
 from bitfit.collate import pad_batch, pad_id
@@ -45,13 +45,14 @@ def run(cfg: TrainConfig) -> dict:
         log("config:", cfg.to_json())
         device = setup_device(cfg, local_rank, log)
 
-        model, tokenizer, flat, added = setup_model(cfg, device, log)
+        model, tokenizer, flat, added, memory = setup_model(cfg, device, world, rank, log)
         examples, plan, collate, data_facts = setup_data_and_layout(cfg, model, tokenizer, world, rank, log)
         base = check_inputs(cfg, model, flat, added, examples, out_dir)  # the base's fingerprint (rank 0)
-        held_out = setup_evaluation(cfg, tokenizer) if rank == 0 else None
+        # Rank 0 evaluates, the others wait; with sharded weights each forward needs them all, so all do.
+        held_out = setup_evaluation(cfg, tokenizer) if rank == 0 or cfg.shard_weights else None
         optimizer, scheduler, first_step = setup_optimizer(cfg, flat, out_dir, len(plan), device, log)
         results = {"trainable": flat.num_trainable, "total": sum(p.numel() for p in model.parameters()),
-                   **data_facts, "device": str(device), **report.environment(device)}
+                   **data_facts, **memory, "device": str(device), **report.environment(device)}
         if held_out and (before := evaluate_untrained(model, tokenizer, held_out, cfg, device, out_dir, first_step, base, log)):
             results["before"] = before
 
@@ -62,12 +63,15 @@ def run(cfg: TrainConfig) -> dict:
         stop.at_once, stop.finishing = None, "writing the delta, then stopping"
         flat.check()  # every bias still a view of the buffer the optimizer stepped
         if rank == 0:
-            save_delta(str(out_dir / "delta.safetensors"), model, flat, base_model=cfg.model, added=added, selection=cfg.biases)
+            save_delta(str(out_dir / "delta.safetensors"), model, flat, base_model=cfg.model, added=added,
+                       selection=cfg.biases, fingerprint_of_base=base)
         stop.at_once = f"after the delta was saved to {out_dir / 'delta.safetensors'}; the evaluation after training was skipped"
         if stop.asked:
             raise Interrupted(f"{stop.at_once}")
+        if held_out:
+            results["after"] = evaluate(model, tokenizer, held_out, cfg, device)
         if rank == 0:
-            save_results(model, tokenizer, held_out, cfg, device, out_dir, results, started, log)
+            save_results(model, held_out, out_dir, results, started, log)
         distributed.barrier()  # no process tears down the group while rank 0 still evaluates and writes (gloo aborts then)
     return results
 
@@ -136,21 +140,43 @@ def setup_device(cfg: TrainConfig, local_rank: int, log) -> torch.device:
     return device
 
 
-def setup_model(cfg: TrainConfig, device: torch.device, log) -> tuple:
-    """(model, tokenizer, flat biases, names of the biases bitfit added): the model frozen but for the
-    selected biases, each of them a view into the one flat fp32 buffer the optimizer steps."""
+def setup_model(cfg: TrainConfig, device: torch.device, world: int, rank: int, log) -> tuple:
+    """(model, tokenizer, flat biases, names of the biases bitfit added, where the memory went): the model
+    frozen but for the selected biases, each of them a view into the one flat fp32 buffer the optimizer
+    steps. With --shard-weights each process holds 1/N of the frozen weights (bitfit.sharding)."""
+    if cfg.shard_weights and world == 1:
+        raise BitfitError("--shard-weights splits the frozen weights between torchrun's processes, and this run has "
+                          "one: launch it with torchrun --nproc_per_node=N train.py ... (N >= 2), or drop the flag")
     weights_dtype = torch.bfloat16 if cfg.bf16_weights else torch.float32
-    model, tokenizer = models.load(cfg.model, device, weights_dtype, cfg.trust_remote_code, cfg.trust_pickle_weights)
+    model, tokenizer = models.load(cfg.model, device, weights_dtype, cfg.trust_remote_code, cfg.trust_pickle_weights,
+                                   weights_on_meta=cfg.shard_weights)
     added = add_missing_biases(model) if cfg.add_biases else []
     if added:
         log(f"added {len(added)} zero biases to bias-free linear layers inside the blocks")
     selection = select_biases(model, cfg.biases)  # THE decision of what trains (bitfit.biases.trains)
+    if cfg.shard_weights:  # the selected biases stay whole: FSDP ignores them
+        sharding.shard(model, selection, device, world)
+        sharding.fill(model, models.resolve(cfg.model), added, rank, world)
     flat = FlatBiases(model, selection)  # after the model is on its device and in its dtype
     log(describe(*count_trainable(model, selection)))
     if flat.mask is not None and cfg.weight_decay > 0:
         raise BitfitError("--weight-decay would shrink the frozen key/value entries of fused q/k/v biases under "
                           "--biases reduced; use --weight-decay 0 (the BitFit paper's setting)")
-    return model, tokenizer, flat, added
+    memory = {"weight_bytes_per_process": distributed.gather(sharding.local_weight_bytes(model)),
+              "bias_buffer_bytes_per_process": distributed.gather(flat.values.nbytes)}
+    if cfg.shard_weights:
+        frozen = sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
+        log(f"weights: sharded over {world} processes (FSDP2): {size(max(memory['weight_bytes_per_process']))} of the "
+            f"{size(frozen)} of frozen weights on each; the {size(flat.values.nbytes)} flat bias buffer whole on each")
+    return model, tokenizer, flat, added, memory
+
+
+def size(n_bytes: int) -> str:
+    """'62.1 KiB', '1.3 GiB'."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n_bytes < 1024 or unit == "GiB":
+            return f"{n_bytes:,.1f} {unit}" if unit != "B" else f"{n_bytes} B"
+        n_bytes /= 1024
 
 
 # --- data and layout --------------------------------------------------------------------------------
@@ -183,8 +209,9 @@ def setup_data_and_layout(cfg: TrainConfig, model, tokenizer, world: int, rank: 
     if cfg.warmup_steps >= len(steps):  # the first step's lr is 0, and the peak never comes
         raise BitfitError(f"--warmup-steps {cfg.warmup_steps}: the run has {len(steps)} optimizer step(s), so its lr "
                           f"would never reach --lr {cfg.lr:g}; use fewer warmup steps than that")
-    plan = layout.plan(steps, lengths, kind, cfg.max_pass_tokens, cfg.batch_size, world, rank)
-    log(layout.describe(steps, lengths, kind, cfg.max_pass_tokens, cfg.batch_size, world) + f" ({why})")
+    # Sharded weights: every forward is a collective, so every process runs the same number of passes.
+    plan = layout.plan(steps, lengths, kind, cfg.max_pass_tokens, cfg.batch_size, world, rank, cfg.shard_weights)
+    log(layout.describe(steps, lengths, kind, cfg.max_pass_tokens, cfg.batch_size, world, cfg.shard_weights) + f" ({why})")
     log(f"steps: {len(steps)} optimizer steps, {cfg.epochs} epoch(s)"
         + (f", capped by --max-steps {cfg.max_steps}" if cfg.max_steps else ""))
     facts = {"examples": len(examples), "dropped": dropped, "steps": len(steps), "layout": kind}
@@ -220,16 +247,18 @@ def digest(value) -> str:
 def check_inputs(cfg: TrainConfig, model, flat: FlatBiases, added: list[str], examples: list, out_dir: Path) -> str:
     """Record the model's and the data's hashes in the run, or refuse to resume on other ones. Rank 0
     checks, and returns the base's fingerprint ('' elsewhere); every process stops if it refuses."""
-    error, inputs = "", {"model": ""}
+    error, fingerprint = "", ""
+    if distributed.is_main() or cfg.shard_weights:  # sharded, it gathers each weight: a collective, all take part
+        fingerprint = base_fingerprint(model, flat, added)
     if distributed.is_main():
-        inputs = {"model": base_fingerprint(model, flat, added), "training data": digest(token_ids(examples))}
         try:
-            run_folder.same_inputs(out_dir, inputs, resuming=bool(cfg.resume))
+            run_folder.same_inputs(out_dir, {"model": fingerprint, "training data": digest(token_ids(examples))},
+                                   resuming=bool(cfg.resume))
         except BitfitError as refused:
             error = str(refused)
     if error := distributed.share(error):
         raise BitfitError(error)
-    return inputs["model"]
+    return fingerprint
 
 
 # --- optimizer and resume ---------------------------------------------------------------------------
@@ -273,26 +302,33 @@ def evaluate_untrained(model, tokenizer, held_out: dict, cfg: TrainConfig, devic
                        base: str, log) -> dict | None:
     """The evaluation before training, kept in eval_before.json (a resumed run reports it) and in a cache
     shared by runs (a second run on the same base and held-out data does not measure it again). A resumed
-    run holds trained biases: it reads the untrained numbers back, never measures them (None if lost)."""
+    run holds trained biases: it reads the untrained numbers back, never measures them (None if lost).
+    Under sharded weights every process calls this: rank 0 reads, and all measure or none does."""
     path = out_dir / "eval_before.json"
     cached = base_eval_cache({"base": base, "held-out data": held_out["hash"], "template": cfg.template,
                               "max_new_tokens": cfg.max_new_tokens, "bf16": cfg.bf16, "bf16_weights": cfg.bf16_weights,
                               "device": device.type, "bitfit": __version__})
-    if first_step and (before := read_cached(path)) is not None:  # what the run measured when it started
-        source = "this run's eval_before.json"
-    elif (before := read_cached(cached)) is not None:
-        source = f"cached in {cached}"
-    elif first_step:
+    before, source = None, ""
+    if distributed.is_main():
+        if first_step and (before := read_cached(path)) is not None:  # what the run measured when it started
+            source = "this run's eval_before.json"
+        elif (before := read_cached(cached)) is not None:
+            source = f"cached in {cached}"
+    if sharding.is_sharded(model):
+        before, source = distributed.share((before, source))
+    if before is None and first_step:
         log("before training: not reported (the run's eval_before.json is gone, and the cache has no entry)")
         return None
-    else:
+    if before is None:
         before, source = evaluate(model, tokenizer, held_out, cfg, device), "measured"
         try:
-            cached.parent.mkdir(parents=True, exist_ok=True)
-            write_json(cached, before)
+            if distributed.is_main():
+                cached.parent.mkdir(parents=True, exist_ok=True)
+                write_json(cached, before)
         except (OSError, BitfitError):  # a cache that cannot be written costs time next run, nothing else
             pass
-    write_json(path, before)
+    if distributed.is_main():
+        write_json(path, before)
     log(f"before training: held-out loss {before['loss']:.4f}, exact match {100 * before['exact_match']:.1f}% "
         f"({len(held_out['records'])} examples of {held_out['name']}; {source})")
     return before
@@ -322,13 +358,11 @@ def evaluate_during(model, tokenizer, held_out: dict, cfg: TrainConfig, device) 
     return measured
 
 
-def save_results(model, tokenizer, held_out, cfg: TrainConfig, device, out_dir: Path, results: dict, started: float,
-                 log) -> None:
-    """After the delta is saved (what training made must not wait on evaluation): the evaluation after
-    training, results.json and the loss curve."""
+def save_results(model, held_out, out_dir: Path, results: dict, started: float, log) -> None:
+    """After the delta is saved (what training made must not wait on evaluation) and evaluated: results.json
+    and the loss curve (rank 0)."""
     delta_path = out_dir / "delta.safetensors"
     if held_out:
-        results["after"] = evaluate(model, tokenizer, held_out, cfg, device)
         before = results.get("before")  # None for a resumed run that lost it
         gain = f" ({100 * (results['after']['exact_match'] - before['exact_match']):+.1f} points)" if before else ""
         log(f"after training:  held-out loss {results['after']['loss']:.4f}, exact match "

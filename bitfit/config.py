@@ -75,6 +75,9 @@ class TrainConfig:
                                 "biases and optimizer state stay fp32")
     bf16_weights: bool = _option(False, "store the frozen weights in bf16 (half their memory); needs --bf16")
     seed: int = _option(0, "seed of the data order and of torch's random generators")
+    shard_weights: bool = _option(False, "under torchrun: split the frozen weights between the processes (FSDP2), each "
+                                         "holding 1/N, gathered block by block, so a model bigger than one GPU trains; "
+                                         "the trained biases stay whole on every process (bitfit/sharding.py)")
     deterministic: bool = _option(False, "ask torch for deterministic kernels (slower on CUDA)")
     # --- logging, evaluation and output ---
     log_every: int = _option(10, "print a log line every N optimizer steps")
@@ -131,6 +134,9 @@ class TrainConfig:
             raise BitfitError("--eval-every needs evaluation data: give --eval-data (a file, folder or dataset)")
         if self.eval_every_exact_match and not self.eval_every:
             raise BitfitError("--eval-every-exact-match needs --eval-every N: it says what to measure every N steps")
+        if self.shard_weights and self.trust_pickle_weights:
+            raise BitfitError("--shard-weights reads each process's part of the weights from safetensors files; "
+                              "convert pickle weights to safetensors (or train without --shard-weights)")
         if self.bf16_weights and not self.bf16:
             raise BitfitError("--bf16-weights needs --bf16: bf16 weights with fp32 activations cannot multiply")
 

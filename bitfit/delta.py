@@ -27,6 +27,7 @@ from .biases import add_zero_bias, is_bias
 from .errors import BitfitError
 from .files import write_atomically
 from .flat import FlatBiases
+from .sharding import whole
 
 FORMAT = "bitfit-delta/2"
 FOREIGN = "peft-beft"  # read from a BEFT adapter folder that bitfit did not write (bitfit.adapter)
@@ -58,7 +59,7 @@ def fingerprint(named_params: Iterable[tuple[str, torch.Tensor]], exclude: Itera
     for name, tensor in sorted(named_params, key=lambda item: item[0]):
         if name in skip:
             continue
-        values = tensor.detach().reshape(-1)
+        values = whole(tensor).detach().reshape(-1)  # a sharded weight is gathered, one tensor at a time
         if samples is not None:
             count = min(values.numel(), samples)
             # Integer arithmetic: float positions round past the end of tensors over 2**24 values.
@@ -75,8 +76,12 @@ def base_fingerprint(model: nn.Module, flat: FlatBiases, added: list[str]) -> st
     return fingerprint(((name, base.get(name, param)) for name, param in model.named_parameters()), exclude=added)
 
 
-def save_delta(path: str, model: nn.Module, flat: FlatBiases, *, base_model: str, added: list[str], selection: str = "all") -> None:
+def save_delta(path: str, model: nn.Module, flat: FlatBiases, *, base_model: str, added: list[str], selection: str = "all",
+               fingerprint_of_base: str | None = None) -> None:
     """Write `tuned - base` of every trained bias, with what is needed to check the base on load.
+
+    `fingerprint_of_base`: the base's fingerprint when it is known already (train.py takes it before
+    training; under sharded weights only all processes together can compute it), else computed here.
 
     Refuses a delta with a NaN or inf (never saved as if it were good) and a delta of zeros (a loop
     that trained nothing). Written atomically: a crash or a full disk leaves any earlier file at `path`
@@ -92,7 +97,7 @@ def save_delta(path: str, model: nn.Module, flat: FlatBiases, *, base_model: str
     metadata = {
         "format": FORMAT,
         "base_model": base_model,
-        "base_fingerprint": base_fingerprint(model, flat, added),
+        "base_fingerprint": fingerprint_of_base or base_fingerprint(model, flat, added),
         "added_biases": json.dumps(added),
         "dtype": "float32",
         "selection": selection,

@@ -76,6 +76,15 @@ def share(value):
     return box[0]
 
 
+def gather(value) -> list:
+    """Every rank's value, in rank order, on every rank ([value] in one process)."""
+    if not active():
+        return [value]
+    values = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values
+
+
 def barrier() -> None:
     if active():
         dist.barrier()

@@ -14,6 +14,7 @@ from .collate import pad_batch, pad_id
 from .data import Example, questions
 from .loss import label_tokens, loss_sum
 from .models import cache_dir
+from .sharding import is_sharded
 from .tasks import is_correct
 
 
@@ -62,8 +63,9 @@ def answers(
         chunk = [{"input_ids": i, "attention_mask": [1] * len(i)} for i in prompts[start : start + batch_size]]
         batch = {k: v.to(device) for k, v in pad_batch(chunk, pad, padding_side="left").items()}
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            out = model.generate(**batch, max_new_tokens=max_new_tokens, pad_token_id=pad,
-                                 eos_token_id=tokenizer.eos_token_id, **(generation or {"do_sample": False}))
+            # synced_gpus: with sharded weights a process whose answers ended keeps stepping with the others
+            out = model.generate(**batch, max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id,
+                                 synced_gpus=is_sharded(model), **(generation or {"do_sample": False}))
         new_tokens = out[:, batch["input_ids"].shape[1] :]
         texts += tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
     model.train(was_training)

@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from . import distributed
 from .checkpoint import latest_checkpoint, save_checkpoint
+from .collate import idle_pass
 from .config import TrainConfig
 from .data import Example
 from .errors import Interrupted, NonFiniteError
@@ -121,7 +122,7 @@ def fit(model: nn.Module, flat: FlatBiases, optimizer: torch.optim.Optimizer,
                  disable=not main) as bar:
         for step in range(first_step + 1, len(plan) + 1):
             stop.at_once, stop.finishing = None, f"step {step}, then writing a checkpoint"
-            passes = [collate([examples[i] for i in indices]) for indices in plan[step - 1]]
+            passes = [collate([examples[i] for i in indices]) if indices else idle_pass() for indices in plan[step - 1]]
             lr = optimizer.param_groups[0]["lr"]
             started = time.perf_counter()
             try:
@@ -140,7 +141,8 @@ def fit(model: nn.Module, flat: FlatBiases, optimizer: torch.optim.Optimizer,
             record["tokens_per_s"] = record["tokens"] / (time.perf_counter() - started)
             record["time"] = datetime.now().astimezone().isoformat(timespec="milliseconds")
             if held_out and cfg.eval_every and step % cfg.eval_every == 0 and step < len(plan):
-                record.update(held_out())
+                record.update(held_out())  # rank 0; every process under sharded weights, where it is a collective
+            if main and "eval_loss" in record:
                 bar.write(f"step {step:>5}/{len(plan)} | held-out loss {record['eval_loss']:.4f}" + (
                     f" | exact match {100 * record['eval_exact_match']:.1f}%" if "eval_exact_match" in record else ""))
 

@@ -6,6 +6,7 @@ refuses `save_pretrained` and `.float()`. So we dequantize the tensors once into
 built from the GGUF's config, and cache that as an ordinary model folder: later runs load it in seconds.
 """
 
+import contextlib
 import fcntl
 import importlib.util
 import json
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from . import hub
 from .errors import BitfitError
@@ -127,12 +128,16 @@ def check_folder(folder: Path, trust_pickle_weights: bool) -> None:
 
 
 def load(name: str, device: torch.device = torch.device("cpu"), dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
-         trust_pickle_weights: bool = False) -> tuple[nn.Module, object]:
+         trust_pickle_weights: bool = False, weights_on_meta: bool = False) -> tuple[nn.Module, object]:
     """(model in train mode on `device`, tokenizer) for a hub name, a local folder or 'embedded'.
 
     Weights are read from safetensors only, unless `trust_pickle_weights`. Anything that stops a model
     from loading (a missing, empty or broken folder, a truncated weights file, an unknown architecture,
-    custom code without `trust_remote_code`, no hub) is one BitfitError naming the model."""
+    custom code without `trust_remote_code`, no hub) is one BitfitError naming the model.
+
+    `weights_on_meta`: the model built from its config with every parameter on the meta device (no
+    memory, no values; its buffers, such as RoPE's frequencies, are real), for bitfit.sharding to shard
+    and then fill from the checkpoint: no process ever holds the whole model."""
     source = resolve(name)
     offline = ""
     if folder := local_folder(source):
@@ -141,6 +146,13 @@ def load(name: str, device: torch.device = torch.device("cpu"), dtype: torch.dty
         offline = hub.unreachable(f"the model {name!r}")
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+        if weights_on_meta:
+            config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+            with parameters_on_meta():
+                model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+            with contextlib.suppress(OSError):  # generation defaults (eos ids...) where the model has them
+                model.generation_config = GenerationConfig.from_pretrained(source)
+            return model.train(), tokenizer
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=trust_remote_code,
                                                      use_safetensors=None if trust_pickle_weights else True)
     except Exception as error:  # noqa: BLE001: every reason a model cannot load is the user's to fix, said in one line
@@ -150,3 +162,22 @@ def load(name: str, device: torch.device = torch.device("cpu"), dtype: torch.dty
         hint = "; pass --trust-remote-code if you trust that code" if "trust_remote_code" in str(error) else ""
         raise BitfitError(f"could not load model {name!r}: {type(error).__name__}: {first_line}{hint}") from None
     return model.to(device).train(), tokenizer
+
+
+@contextlib.contextmanager
+def parameters_on_meta():
+    """Inside: every parameter a module registers goes to the meta device (a shape and dtype, no memory),
+    while buffers are made as usual. A parameter already on meta keeps its identity, so weights that
+    the model ties (the LM head to the embeddings) stay one parameter."""
+    register = nn.Module.register_parameter
+
+    def on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        if param is not None and param.device.type != "meta":
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+
+    nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
