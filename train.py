@@ -47,7 +47,7 @@ def run(cfg: TrainConfig) -> dict:
 
         model, tokenizer, flat, added, memory = setup_model(cfg, device, world, rank, log)
         examples, plan, collate, data_facts = setup_data_and_layout(cfg, model, tokenizer, world, rank, log)
-        base = check_inputs(cfg, model, flat, added, examples, out_dir)  # the base's fingerprint (rank 0)
+        base = check_inputs(cfg, model, flat, added, examples, out_dir)  # the base's fingerprint
         # Rank 0 evaluates, the others wait; with sharded weights each forward needs them all, so all do.
         held_out = setup_evaluation(cfg, tokenizer) if rank == 0 or cfg.shard_weights else None
         optimizer, scheduler, first_step = setup_optimizer(cfg, flat, out_dir, len(plan), device, log)
@@ -66,7 +66,7 @@ def run(cfg: TrainConfig) -> dict:
             save_delta(str(out_dir / "delta.safetensors"), model, flat, base_model=cfg.model, added=added,
                        selection=cfg.biases, fingerprint_of_base=base)
         stop.at_once = f"after the delta was saved to {out_dir / 'delta.safetensors'}; the evaluation after training was skipped"
-        if stop.asked:
+        if distributed.any_rank(stop.asked, device):  # all stop, or none: the evaluation may be a collective
             raise Interrupted(f"{stop.at_once}")
         if held_out:
             results["after"] = evaluate(model, tokenizer, held_out, cfg, device)
@@ -146,7 +146,9 @@ def setup_model(cfg: TrainConfig, device: torch.device, world: int, rank: int, l
     steps. With --shard-weights each process holds 1/N of the frozen weights (bitfit.sharding)."""
     if cfg.shard_weights and world == 1:
         raise BitfitError("--shard-weights splits the frozen weights between torchrun's processes, and this run has "
-                          "one: launch it with torchrun --nproc_per_node=N train.py ... (N >= 2), or drop the flag")
+                          "one: launch it with torchrun --nproc_per_node=N train.py ... (N >= 2)"
+                          + (" (the run was started with --shard-weights, and a resumed run keeps its config)"
+                             if cfg.resume else ", or drop the flag"))
     weights_dtype = torch.bfloat16 if cfg.bf16_weights else torch.float32
     model, tokenizer = models.load(cfg.model, device, weights_dtype, cfg.trust_remote_code, cfg.trust_pickle_weights,
                                    weights_on_meta=cfg.shard_weights)
@@ -246,7 +248,8 @@ def digest(value) -> str:
 
 def check_inputs(cfg: TrainConfig, model, flat: FlatBiases, added: list[str], examples: list, out_dir: Path) -> str:
     """Record the model's and the data's hashes in the run, or refuse to resume on other ones. Rank 0
-    checks, and returns the base's fingerprint ('' elsewhere); every process stops if it refuses."""
+    checks, and returns the base's fingerprint (every process does under sharded weights, '' elsewhere);
+    every process stops if it refuses."""
     error, fingerprint = "", ""
     if distributed.is_main() or cfg.shard_weights:  # sharded, it gathers each weight: a collective, all take part
         fingerprint = base_fingerprint(model, flat, added)
@@ -307,14 +310,14 @@ def evaluate_untrained(model, tokenizer, held_out: dict, cfg: TrainConfig, devic
     path = out_dir / "eval_before.json"
     cached = base_eval_cache({"base": base, "held-out data": held_out["hash"], "template": cfg.template,
                               "max_new_tokens": cfg.max_new_tokens, "bf16": cfg.bf16, "bf16_weights": cfg.bf16_weights,
-                              "device": device.type, "bitfit": __version__})
+                              "device": device.type, "sharded": cfg.shard_weights, "bitfit": __version__})
     before, source = None, ""
     if distributed.is_main():
         if first_step and (before := read_cached(path)) is not None:  # what the run measured when it started
             source = "this run's eval_before.json"
         elif (before := read_cached(cached)) is not None:
             source = f"cached in {cached}"
-    if sharding.is_sharded(model):
+    if cfg.shard_weights:  # every process measures, or none does
         before, source = distributed.share((before, source))
     if before is None and first_step:
         log("before training: not reported (the run's eval_before.json is gone, and the cache has no entry)")

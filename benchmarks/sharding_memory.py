@@ -19,8 +19,9 @@ counts are exact. Per GPU, with the README's big-model flags (--bf16 --bf16-weig
     logits       tokens x vocab x 10 bytes                  bf16 logits, their fp32 copy, its gradient
 
 A pass holds `tokens` tokens: --max-pass-tokens, by default --batch-size x --max-len = 256. An estimate,
-not a measurement: the CUDA context and the allocator's fragmentation are the RESERVE kept free of an
-80 GB card's 79.6 GiB. No GPU was lent to check it (see --check for the term a CPU can measure).
+not a measurement: the CUDA context, FSDP's all-gather staging buffers, the norms' fp32 copies and the
+allocator's fragmentation come out of the RESERVE kept free of an 80 GB card's 79.6 GiB. No GPU was lent
+to check it; --check confirms the weight term only (the shards FSDP made), not a peak.
 """
 
 import argparse
@@ -119,7 +120,7 @@ def check() -> None:
         results = json.loads((run / "results.json").read_text())
     predicted = 4 * s["frozen"] / 2  # fp32 here
     print(f"\ncheck (2 CPU processes, SmolLM2-135M, fp32): predicted {predicted / 2**20:,.1f} MiB of weights per process, "
-          f"measured from the local shards {', '.join(f'{b / 2**20:,.1f}' for b in results['weight_bytes_per_process'])} MiB; "
+          f"in the local shards {', '.join(f'{b / 2**20:,.1f}' for b in results['weight_bytes_per_process'])} MiB; "
           f"bias buffer predicted {4 * s['biases'] / 2**20:.2f} MiB, measured "
           f"{', '.join(f'{b / 2**20:.2f}' for b in results['bias_buffer_bytes_per_process'])} MiB")
 

@@ -7,8 +7,9 @@ the seed); each takes its share of every step's examples (bitfit.layout.share) a
 passes. After its passes, ONE all-reduce sums the flat gradient buffer (4 bytes per bias: 1.6 MB for
 bloomz-1b1) and one more sums three numbers (the loss, the label tokens, the input tokens), so the step
 is normalized by the whole step's label tokens exactly as in one process; every process then takes the
-same AdamW step. Rank 0 alone prints, evaluates, writes metrics, checkpoints and the delta. Without
-torchrun (no WORLD_SIZE, or 1) none of this runs and every helper is a no-op.
+same AdamW step. Rank 0 alone prints, evaluates (all do under --shard-weights: bitfit.sharding), writes
+metrics, checkpoints and the delta. Without torchrun (no WORLD_SIZE, or 1) none of this runs and every
+helper is a no-op.
 """
 
 import os

@@ -107,7 +107,8 @@ def fit(model: nn.Module, flat: FlatBiases, optimizer: torch.optim.Optimizer,
     """Train the steps of `plan` (this process's passes of every step) after `first_step`; return one
     record per step, also appended to run_dir/metrics.jsonl as it is made, with its time and tokens/s.
 
-    Between steps: the held-out measures of `held_out()` every --eval-every steps (rank 0; the last
+    Between steps: the held-out measures of `held_out()` every --eval-every steps (rank 0, every
+    process under sharded weights; the last
     step's are the evaluation after training), a log line every --log-every steps, a checkpoint every
     --save-every steps, and on a Ctrl-C/SIGTERM a checkpoint and Interrupted (all processes agree
     first). A NaN or inf (in the loss or gradient, caught before AdamW steps; or in the biases after it)

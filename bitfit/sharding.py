@@ -42,10 +42,14 @@ def shard(model: nn.Module, selection: Selection, device: torch.device, world: i
     """Make a model whose parameters are on the meta device a sharded one on `device`: each block one
     FSDP2 group, the root another, the selected biases ignored (whole on every process). Parameters
     get memory but no values yet (see `fill`); buffers keep theirs."""
+    stacks = block_lists(model)
+    if not stacks:  # one root group would gather the whole model at once: no memory saved
+        raise BitfitError(f"--shard-weights shards a model block by block, and this {type(model).__name__} has no "
+                          "stack of blocks (no nn.ModuleList); train it without --shard-weights")
     params = dict(model.named_parameters())
     ignored = {params[name] for name in selection}
     mesh = init_device_mesh(device.type, (world,))
-    for _, blocks in block_lists(model):
+    for _, blocks in stacks:
         for block in blocks:
             fully_shard(block, mesh=mesh, ignored_params=ignored)
     # The root too is freed after the forward and gathered again for the backward, like every block.
@@ -59,11 +63,13 @@ def shard(model: nn.Module, selection: Selection, device: torch.device, world: i
         buffer.copy_(buffers[name])
 
 
+INDEX = "model.safetensors.index.json"
+
+
 def checkpoint_files(folder: Path) -> dict[str, Path]:
     """{tensor name: the safetensors file holding it} of a model folder (one file, or an index of several)."""
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        return {name: folder / file for name, file in json.loads(index.read_text())["weight_map"].items()}
+    if (folder / INDEX).is_file():
+        return {name: folder / file for name, file in json.loads((folder / INDEX).read_text())["weight_map"].items()}
     where = {}
     for file in sorted(folder.glob("*.safetensors")):
         with safe_open(str(file), "pt") as tensors:
@@ -72,51 +78,67 @@ def checkpoint_files(folder: Path) -> dict[str, Path]:
 
 
 def model_folder(source: str) -> Path:
-    """The local folder of a model's safetensors files: `source` itself, or the hub's download of it."""
+    """The local folder of a model's safetensors files: `source` itself, or the hub's download of them
+    (the files its index names, or model.safetensors: not a repository's other copies of the weights)."""
     folder = Path(source).expanduser()
     if folder.is_dir():
         return folder
-    from huggingface_hub import snapshot_download  # transformers' own dependency
+    from huggingface_hub import hf_hub_download, snapshot_download  # transformers' own dependency
 
-    return Path(snapshot_download(source, allow_patterns=["*.safetensors", "*.safetensors.index.json"]))
+    try:
+        try:
+            index = json.loads(Path(hf_hub_download(source, INDEX)).read_text())
+            wanted = [INDEX, *sorted(set(index["weight_map"].values()))]
+        except Exception:  # noqa: BLE001: no index, so one file
+            wanted = ["model.safetensors"]
+        return Path(snapshot_download(source, allow_patterns=wanted))
+    except Exception as error:  # noqa: BLE001: offline, gated, missing: the user's to fix, in one line
+        raise BitfitError(f"--shard-weights: could not download the safetensors weights of {source!r}: "
+                          f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}") from None
 
 
 @torch.no_grad()
 def fill(model: nn.Module, source: str, added: list[str], rank: int, world: int) -> None:
     """Read this process's part of every parameter from the checkpoint: its rows of a sharded weight,
-    all of an ignored bias; the biases bitfit added are zeros. A parameter the checkpoint lacks is a
-    BitfitError naming it (checkpoints whose names transformers renames on loading are not read here)."""
+    all of an ignored bias; the biases bitfit added are zeros. A parameter the checkpoint lacks, or holds
+    in another shape, is a BitfitError naming it (checkpoints whose names transformers renames on
+    loading are not read here)."""
     files = checkpoint_files(model_folder(source))
+    if not files:
+        raise BitfitError(f"--shard-weights reads safetensors files, and {source} has none; train it without --shard-weights")
     prefix = getattr(model, "base_model_prefix", "") + "."  # hub BLOOM files say 'h.0...', the model 'transformer.h.0...'
-    missing, opened = [], {}
-    for name, param in model.named_parameters():
+    opened: dict[Path, object] = {}
+
+    def stored(name: str):
+        """The checkpoint's tensor for `name` (read lazily, by slices), or None."""
         key = name if name in files else name.removeprefix(prefix)
+        if key not in files:
+            return None
+        if files[key] not in opened:
+            opened[files[key]] = safe_open(str(files[key]), "pt")
+        return opened[files[key]].get_slice(key)
+
+    for name, param in model.named_parameters():
         if name in added:
             param.zero_()
             continue
-        if key not in files:
-            missing.append(name)
-            continue
-        if files[key] not in opened:
-            opened[files[key]] = safe_open(str(files[key]), "pt")
-        stored = opened[files[key]].get_slice(key)
+        tensor = stored(name)
+        if tensor is None or tuple(tensor.get_shape()) != tuple(param.shape):
+            found = "no tensor" if tensor is None else f"a tensor of shape {tuple(tensor.get_shape())}"
+            raise BitfitError(f"--shard-weights: the checkpoint of {source} has {found} for {name} {tuple(param.shape)}; "
+                              "it reads safetensors by the model's parameter names, so train this model without "
+                              "--shard-weights")
         if isinstance(param, DTensor):  # rows [rank * ceil(R/N), ...) of a dim-0 shard
             local = param.to_local()
             rows = -(-param.shape[0] // world)
             start = min(rank * rows, param.shape[0])
             assert local.shape[0] == min(rows, param.shape[0] - start), (name, local.shape, param.shape)
-            local.copy_(stored[start : start + local.shape[0]])
+            local.copy_(tensor[start : start + local.shape[0]])
         else:
-            param.copy_(stored[:])
+            param.copy_(tensor[:])
     for name, buffer in model.named_buffers():  # a buffer the checkpoint holds (most are computed, not stored)
-        key = name if name in files else name.removeprefix(prefix)
-        if key in files:
-            opened.setdefault(files[key], safe_open(str(files[key]), "pt"))
-            buffer.copy_(opened[files[key]].get_tensor(key))
-    if missing:
-        raise BitfitError(f"--shard-weights: the checkpoint of {source} has no tensor for {len(missing)} parameter(s), "
-                          f"the first {missing[0]}; it reads safetensors by the model's parameter names, so train "
-                          "this model without --shard-weights")
+        if (tensor := stored(name)) is not None:
+            buffer.copy_(tensor[:])
 
 
 def is_sharded(model: nn.Module) -> bool:

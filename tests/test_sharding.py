@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
+from transformers import BloomConfig, BloomForCausalLM
 
 import train
 from bitfit.biases import fused_qkv_parts
@@ -65,13 +67,22 @@ def test_two_processes_with_sharded_weights_give_the_delta_and_loss_log_of_one_w
     assert [s["generated"] for s in after_one["samples"]] == [s["generated"] for s in after_two["samples"]]
 
 
+def odd_bloom() -> BloomForCausalLM:
+    """tiny_bloom with 401 token embeddings: its largest weight's rows split 201 + 200."""
+    torch.manual_seed(0)
+    return BloomForCausalLM(BloomConfig(vocab_size=401, hidden_size=32, n_layer=2, n_head=4, initializer_range=0.2)).eval()
+
+
 def test_each_process_holds_half_the_frozen_weight_bytes_and_the_whole_bias_buffer(tmp_path):
-    model_dir = saved(tiny_bloom, tmp_path / "model", "left")
-    launched = torchrun("--model", model_dir, *ARGS, "--max-steps", "1", "--eval-data", "none", "--shard-weights",
-                        "--out-dir", str(tmp_path / "run"))
+    model_dir = saved(odd_bloom, tmp_path / "model", "left")
+    args = ["--model", model_dir, *ARGS, "--max-steps", "1", "--eval-data", "none"]
+    launched = torchrun(*args, "--shard-weights", "--out-dir", str(tmp_path / "run"))
     assert launched.returncode == 0, launched.stderr[-3000:]
+    assert one_process(*args, "--out-dir", str(tmp_path / "one")) == 0
+    fingerprints = (read_delta(str(tmp_path / run / "delta.safetensors"))[1]["base_fingerprint"] for run in ("run", "one"))
+    assert len(set(fingerprints)) == 1  # the uneven shards hold every row of the base, once
     results = json.loads((tmp_path / "run" / "results.json").read_text())
-    model = tiny_bloom()
+    model = odd_bloom()
     biases = [p for name, p in model.named_parameters() if name.endswith(".bias")]
     frozen = sum(p.nbytes for name, p in model.named_parameters() if not name.endswith(".bias"))
     # Measured from each process's local shards: half of every weight's rows (one more row at most when a
@@ -102,17 +113,30 @@ def test_resuming_a_sharded_run_is_bitwise_equal_to_an_uninterrupted_one(tmp_pat
     assert delta.keys() == straight.keys() and all(torch.equal(delta[name], straight[name]) for name in delta)
 
 
+def test_sharded_bf16_weights_train_and_evaluate_every_n_steps(tmp_path):
+    model_dir = saved(tiny_llama, tmp_path / "model")
+    launched = torchrun("--model", model_dir, *ARGS, "--max-steps", "4", "--eval-every", "2", "--bf16", "--bf16-weights",
+                        "--shard-weights", "--out-dir", str(tmp_path / "run"))
+    assert launched.returncode == 0, launched.stderr[-3000:]
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "eval_loss" in r] == [2]  # step 4's is the evaluation after training
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["after"]["loss"] > 0
+
+
 def test_sharding_the_weights_of_a_run_with_one_process_is_refused(tmp_path, capsys):
     model_dir = saved(tiny_llama, tmp_path / "model")
     assert train.main(["--model", model_dir, "--shard-weights", "--out-dir", str(tmp_path / "run")]) == 2
     assert "error: --shard-weights splits the frozen weights between torchrun's processes" in capsys.readouterr().err
 
 
-def test_a_checkpoint_without_a_parameter_of_the_model_is_refused_naming_it(tmp_path):
+@pytest.mark.parametrize("change", ["removed", "reshaped"])
+def test_a_checkpoint_without_a_parameter_of_the_model_in_its_shape_is_refused_naming_it(change, tmp_path):
     model_dir = Path(saved(tiny_llama, tmp_path / "model"))
-    from safetensors.torch import load_file, save_file
     tensors = load_file(model_dir / "model.safetensors")
-    del tensors["model.norm.weight"]
+    if change == "removed":
+        del tensors["model.norm.weight"]
+    else:
+        tensors["model.norm.weight"] = tensors["model.norm.weight"][:1].clone()  # one row would broadcast: refused
     save_file(tensors, model_dir / "model.safetensors", metadata={"format": "pt"})
     launched = torchrun("--model", str(model_dir), "--shard-weights", "--out-dir", str(tmp_path / "run"))
     errors = [line for line in launched.stderr.splitlines() if line.startswith("error:")]
