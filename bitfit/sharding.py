@@ -36,6 +36,7 @@ from torch.distributed.tensor import DTensor, init_device_mesh
 
 from .biases import Selection, block_lists
 from .errors import BitfitError
+from .models import local_folder
 
 
 def shard(model: nn.Module, selection: Selection, device: torch.device, world: int) -> None:
@@ -80,8 +81,7 @@ def checkpoint_files(folder: Path) -> dict[str, Path]:
 def model_folder(source: str) -> Path:
     """The local folder of a model's safetensors files: `source` itself, or the hub's download of them
     (the files its index names, or model.safetensors: not a repository's other copies of the weights)."""
-    folder = Path(source).expanduser()
-    if folder.is_dir():
+    if folder := local_folder(source):  # models.load's rule for what is a folder and what a hub name
         return folder
     from huggingface_hub import hf_hub_download, snapshot_download  # transformers' own dependency
 
