@@ -10,24 +10,28 @@ examples and the layout are pure functions of the seed. So is the LR schedule.
 
 import json
 import re
-import shutil
 from pathlib import Path
 
+import safetensors.torch
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from . import __version__
 from .errors import BitfitError, NonFiniteError
-from .files import cannot_write, file_mode, fsync
+from .files import write_folder
 from .flat import FlatBiases
 
 STATE = "state.safetensors"
+FILES = (STATE, "state.json")  # all a checkpoint folder holds: what deleting one may delete
 NAME = re.compile(r"^step-(\d+)$")
+STAGING = re.compile(r"^\.step-\d+\.writing-")  # files.write_folder's hidden folder: a checkpoint being written
 
 
 def checkpoints(run_dir: Path) -> list[Path]:
-    """A run's complete checkpoints, oldest first (ordered by step number, not by name)."""
-    found = [(int(match[1]), path) for path in (run_dir / "checkpoints").glob("step-*") if (match := NAME.match(path.name))]
+    """A run's complete checkpoints (folders step-N holding every file of one), oldest first (ordered by
+    step number, not by name)."""
+    found = [(int(match[1]), path) for path in (run_dir / "checkpoints").glob("step-*")
+             if (match := NAME.match(path.name)) and all((path / name).is_file() for name in FILES)]
     return [path for _, path in sorted(found)]
 
 
@@ -40,37 +44,59 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 def save_checkpoint(run_dir: Path, step: int, flat: FlatBiases, optimizer: torch.optim.Optimizer, keep: int) -> Path:
     """Write the checkpoint after optimizer step `step` and keep only the newest `keep`. Returns its folder.
 
-    Written into a hidden temporary folder, flushed to disk, then renamed: a crash mid-write leaves a
-    temporary folder that is never read, never a checkpoint that looks whole but is not.
+    Written whole or not at all (files.write_folder): a crash or a full disk mid-write leaves the earlier
+    checkpoints and no folder that looks like a checkpoint. Older ones go file by file (remove): a file
+    someone else put in a checkpoint folder stays.
     """
     if not bool(torch.isfinite(flat.values).all()):  # the loop stops before this; a checkpoint must never hold one
         raise NonFiniteError(f"refusing to write checkpoint {step}: the biases hold NaN or inf")
-    root = run_dir / "checkpoints"
-    final = root / f"step-{step:06d}"
-    staging = root / f".writing-{final.name}"
+    final = run_dir / "checkpoints" / f"step-{step:06d}"
     adam = optimizer.state.get(flat.param, {})
     tensors = {"values": flat.values, "rng_cpu": torch.get_rng_state()}
     if adam:
         tensors |= {"exp_avg": adam["exp_avg"], "exp_avg_sq": adam["exp_avg_sq"], "adam_step": adam["step"].reshape(1)}
     if torch.cuda.is_available():
         tensors |= {f"rng_cuda_{i}": state for i, state in enumerate(torch.cuda.get_rng_state_all())}
-    try:
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
-        save_file({name: t.detach().cpu().contiguous() for name, t in tensors.items()}, str(staging / STATE))
-        (staging / "state.json").write_text(json.dumps({"step": step, "bitfit": __version__}) + "\n")
-        for file in staging.iterdir():
-            file.chmod(file_mode())  # safetensors writes 0600
-            fsync(file)
-        shutil.rmtree(final, ignore_errors=True)
-        staging.rename(final)
-        fsync(root)  # the rename itself reaches the disk
-    except OSError as error:  # a full disk, say: the earlier checkpoints stay, the half-written one goes
-        shutil.rmtree(staging, ignore_errors=True)
-        raise cannot_write(final, error) from None
+    state = safetensors.torch.save({name: t.detach().cpu().contiguous() for name, t in tensors.items()})
+
+    def fill(folder: Path) -> None:
+        (folder / STATE).write_bytes(state)
+        (folder / "state.json").write_text(json.dumps({"step": step, "bitfit": __version__}) + "\n")
+
+    if final.exists():  # an earlier run's step of the same number (the folder is bitfit's: run_folder.claim)
+        remove(final)
+    write_folder(final, fill)
     for old in checkpoints(run_dir)[:-keep]:
-        shutil.rmtree(old)
+        remove(old)
     return final
+
+
+def remove(path: Path) -> list[str]:
+    """Delete a checkpoint: the files bitfit writes into one, then its folder if nothing else is left in
+    it. Returns the names of what was left (someone else's files: never deleted)."""
+    for name in FILES:
+        (path / name).unlink(missing_ok=True)
+    left = sorted(entry.name for entry in path.iterdir())
+    if not left:
+        path.rmdir()
+    return left
+
+
+def remove_all(run_dir: Path) -> list[Path]:
+    """--overwrite: delete every checkpoint of a run, and half-written ones a killed run left, file by
+    file (remove); then checkpoints/ if it is empty. Returns what stays: files bitfit did not write."""
+    root = run_dir / "checkpoints"
+    if not root.is_dir():
+        return []
+    kept = []
+    for path in sorted(root.iterdir()):
+        if path.is_dir() and not path.is_symlink() and (NAME.match(path.name) or STAGING.match(path.name)):
+            kept += [path / name for name in remove(path)]
+        else:
+            kept.append(path)
+    if not kept:
+        root.rmdir()
+    return kept
 
 
 def read_checkpoint(path: Path, flat: FlatBiases) -> tuple[int, dict[str, torch.Tensor]]:

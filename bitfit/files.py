@@ -11,10 +11,12 @@ Files get the permissions any new file of the user gets (0o666 less the umask: 0
 import errno
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 from .errors import BitfitError
 
@@ -45,10 +47,54 @@ def fsync(path: Path) -> None:
         os.close(fd)
 
 
+# How libraries that write without Python's file objects (safetensors, tokenizers: Rust) report an OSError.
+OS_ERROR_IN_TEXT = re.compile(r"os error (\d+)|\[Errno (\d+)\]")
+NEARLY_FULL = 2**20  # bytes: with less free, a library's unexplained failure while writing is taken as a full disk
+
+
+def free_bytes(path: Path) -> int | None:
+    """Free bytes on the file system `path` is (or would be) on; None if that cannot be read."""
+    folder = next((p for p in (path, *path.parents) if p.exists()), Path("/"))
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return None
+
+
+def free_space(path: Path) -> str:
+    """'12.0 MiB free there' for the file system `path` is (or would be) on."""
+    free = free_bytes(path)
+    if free is None:
+        return "free space unknown"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if free < 1024 or unit == "TiB":
+            return (f"{free} B" if unit == "B" else f"{free:,.1f} {unit}") + " free there"
+        free /= 1024
+
+
+def write_error(path: Path, error: BaseException) -> BitfitError | None:
+    """The one-line error for `error` met while writing `path`, whichever library raised it (an OSError,
+    safetensors' or tokenizers' own error type carrying an OS error code, or any failure on a disk that
+    is full); None when it is no write error (a bug, which keeps its traceback). Says plainly when the
+    disk is full, and how much space is free there."""
+    code = None
+    if isinstance(error, OSError):
+        code, reason = error.errno, error.strerror or str(error)
+    elif match := OS_ERROR_IN_TEXT.search(str(error)):
+        code = int(match[1] or match[2])
+        reason = os.strerror(code)
+    elif (free := free_bytes(path)) is not None and free < NEARLY_FULL:
+        code, reason = errno.ENOSPC, ""
+    else:
+        return None
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        reason = "the disk is full"
+    return BitfitError(f"cannot write {path}: {reason} ({free_space(path)})")
+
+
 def cannot_write(path: Path, error: OSError) -> BitfitError:
-    """A one-line error for an OSError met while writing `path`, saying plainly when the disk is full."""
-    reason = "the disk is full" if error.errno in (errno.ENOSPC, errno.EDQUOT) else (error.strerror or str(error))
-    return BitfitError(f"cannot write {path}: {reason}")
+    """A one-line error for an OSError met while writing `path` (see write_error)."""
+    return write_error(path, error)
 
 
 def write_atomically(path: Path, data: bytes) -> None:
@@ -121,7 +167,28 @@ def write_folder(out: Path, fill: Callable[[Path], None]) -> None:
         os.chmod(staging, folder_mode())
         staging.rename(out)  # replaces an empty folder; fails, writing nothing, if one appeared meanwhile
         fsync(out.parent)
-    except OSError as error:
-        raise cannot_write(out, error) from None
+    except BitfitError:  # `fill` refused (a check failed): its own words
+        raise
+    except Exception as error:  # noqa: BLE001: a library's write error (safetensors' is no OSError) is one line
+        if (failure := write_error(out, error)) is None:
+            raise  # not a write error: a bug, with its traceback
+        raise failure from None
     finally:  # gone after the rename; otherwise whatever was written so far
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def append(file: BinaryIO, path: Path, data: bytes) -> None:
+    """Add `data` to the end of `file` (opened 'ab' with buffering=0, so nothing waits in a buffer for a
+    close that could fail), whole or not at all: after a failed write (a full disk) the file is cut back
+    to where it ended, so it never ends in half a line, and the error is one line (write_error)."""
+    end = file.seek(0, os.SEEK_END)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[file.write(view) :]
+    except OSError as error:
+        try:
+            file.truncate(end)
+        except OSError:
+            pass
+        raise cannot_write(path, error) from None

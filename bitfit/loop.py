@@ -24,7 +24,7 @@ from .collate import idle_pass
 from .config import TrainConfig
 from .data import Example
 from .errors import Interrupted, NonFiniteError
-from .files import cannot_write
+from .files import append
 from .flat import FlatBiases
 from .interrupt import StopRequest
 from .layout import Passes
@@ -118,7 +118,9 @@ def fit(model: nn.Module, flat: FlatBiases, optimizer: torch.optim.Optimizer,
     device = flat.values.device
     main = distributed.is_main()  # under torchrun, rank 0 alone logs and writes
     records, since_log, tokens_since_log = [], time.perf_counter(), 0
-    with open(run_dir / "metrics.jsonl" if main else os.devnull, "a") as metrics, \
+    # Unbuffered: each line reaches the file whole or not at all (files.append), and closing it has nothing
+    # left to write, so a full disk is one error, said once.
+    with open(run_dir / "metrics.jsonl" if main else os.devnull, "ab", buffering=0) as metrics, \
             tqdm(total=len(plan), initial=first_step, desc="training", unit="step", dynamic_ncols=True,
                  disable=not main) as bar:
         for step in range(first_step + 1, len(plan) + 1):
@@ -148,11 +150,7 @@ def fit(model: nn.Module, flat: FlatBiases, optimizer: torch.optim.Optimizer,
                     f" | exact match {100 * record['eval_exact_match']:.1f}%" if "eval_exact_match" in record else ""))
 
             records.append(record)
-            try:
-                metrics.write(json.dumps(record, allow_nan=False) + "\n")  # strict JSON: every number finite
-                metrics.flush()
-            except OSError as error:
-                raise cannot_write(run_dir / "metrics.jsonl", error) from None
+            append(metrics, run_dir / "metrics.jsonl", (json.dumps(record, allow_nan=False) + "\n").encode())  # strict JSON
             bar.update()
             bar.set_postfix(loss=f"{record['loss']:.4f}")
             tokens_since_log += record["tokens"]

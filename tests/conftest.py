@@ -1,6 +1,7 @@
 """Fixtures more than one test file uses."""
 
 import socket
+import subprocess
 import types
 
 import datasets
@@ -35,3 +36,29 @@ def hub(monkeypatch):
 def own_eval_cache(tmp_path, monkeypatch):
     """Each test its own cache of base evaluations: a test never reuses another's (nor the user's)."""
     monkeypatch.setenv("BITFIT_EVAL_CACHE", str(tmp_path / "base-evals"))
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A folder on a file system of its own (a 16 MiB tmpfs), and `fill()`, which writes a filler file
+    there until the disk is full: every later write meets a real ENOSPC, from whichever library makes it.
+    Mounting needs root (CI and this project's machines run as root); elsewhere the test is skipped."""
+    folder = tmp_path / "disk"
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(folder)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small file system here (needs root): {mounted.stderr.decode().strip()}")
+
+    def fill() -> None:
+        with open(folder / "filler", "wb", buffering=0) as filler:  # unbuffered: closing it writes nothing more
+            for size in (65536, 4096, 512, 1):  # the last blocks in smaller and smaller pieces
+                try:
+                    while True:
+                        filler.write(b"\0" * size)
+                except OSError:
+                    pass
+
+    try:
+        yield types.SimpleNamespace(path=folder, fill=fill)
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], capture_output=True)
