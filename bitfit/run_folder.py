@@ -6,33 +6,34 @@
 
 So `--out-dir` pointing at a model's folder, a home directory or any folder with files that bitfit did
 not write is refused before anything is written, and two runs never share a folder (two runs started
-in the same second, or two given the same `--out-dir`).
+in the same second, or two given the same `--out-dir`). A run that fails before it recorded a step gives
+the folder back as it found it (`release`): no folder holding only a config.json passes for a run.
 """
 
 import fcntl
 import json
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import IO
 
+from . import checkpoint
 from .errors import BitfitError
-from .files import write_json
+from .files import write_error, write_json
 
 MARKER = ".bitfit-run"
 # What a run writes, and so what --overwrite may delete: nothing else in the folder is touched.
 RUN_FILES = ("delta.safetensors", "results.json", "eval_before.json", "metrics.jsonl", "loss.png", "config.json",
              "inputs.json", "bias_change.png")
 
-_held: list[IO] = []  # the open, locked marker files of this process's runs, until release()
+_held: list[tuple[IO, Path, bool]] = []  # this process's runs: open, locked marker, folder, created by it; until release()
 
 
 def is_run_folder(path: Path) -> bool:
     return (path / MARKER).is_file()
 
 
-def _lock(path: Path) -> None:
+def _lock(path: Path, created: bool) -> None:
     """Take the folder's lock, or say which process holds it. The OS drops it when this process ends,
     however it ends, so a killed run never leaves a folder locked."""
     marker = open(path / MARKER, "a+")
@@ -43,10 +44,17 @@ def _lock(path: Path) -> None:
         owner = marker.read().strip() or "?"
         marker.close()
         raise BitfitError(f"{path} is in use by another run (pid {owner}); wait for it, or pick another --out-dir") from None
-    marker.truncate(0)
-    marker.write(f"{os.getpid()}\n")
-    marker.flush()
-    _held.append(marker)
+    try:
+        marker.truncate(0)
+        marker.write(f"{os.getpid()}\n")
+        marker.flush()
+    except OSError:  # a full disk: the folder is given back as it was
+        marker.close()
+        (path / MARKER).unlink(missing_ok=True)
+        if created:
+            path.rmdir()
+        raise
+    _held.append((marker, path, created))
 
 
 def _new_default(root: Path = Path("runs")) -> Path:
@@ -70,7 +78,7 @@ def claim(out_dir: str) -> Path:
     bitfit run marked; anything else is refused untouched."""
     try:
         if not out_dir:
-            path = _new_default()
+            path, created = _new_default(), True
         else:
             path = Path(out_dir)
             if path.exists() and not path.is_dir():
@@ -78,17 +86,34 @@ def claim(out_dir: str) -> Path:
             if path.is_dir() and any(path.iterdir()) and not is_run_folder(path):
                 raise BitfitError(f"--out-dir {path} holds files bitfit did not write (it has no {MARKER}); bitfit "
                                   "writes only into a new or empty folder or one of its own runs: pick another --out-dir")
+            created = not path.exists()
             path.mkdir(parents=True, exist_ok=True)
-        _lock(path)
+        _lock(path, created)
     except OSError as error:
-        raise BitfitError(f"cannot write to the output folder {out_dir or 'runs/'}: {error.strerror}") from None
+        raise write_error(Path(out_dir or "runs"), error) from None
     return path
 
 
-def release() -> None:
-    """Drop this process's folder locks (a run ends; the OS drops them anyway when the process exits)."""
+def release(failed: bool = False) -> None:
+    """Drop this process's folder locks (a run ends; the OS drops them anyway when the process exits).
+
+    A run that `failed` before it recorded anything of its training (no metrics line, checkpoint or
+    delta) gives its folder back as it found it: the files it wrote go, and the folder too if the run
+    made it. An earlier run's steps, and anything bitfit did not write, always stay."""
     while _held:
-        _held.pop().close()
+        marker, path, created = _held.pop()
+        if failed and not _holds_training(path):
+            for name in (*RUN_FILES, MARKER):
+                (path / name).unlink(missing_ok=True)
+            if created and not any(path.iterdir()):
+                path.rmdir()
+        marker.close()
+
+
+def _holds_training(path: Path) -> bool:
+    metrics = path / "metrics.jsonl"
+    return (path / "delta.safetensors").exists() or bool(checkpoint.checkpoints(path)) or (
+        metrics.is_file() and metrics.stat().st_size > 0)
 
 
 def same_inputs(path: Path, inputs: dict[str, str], resuming: bool) -> None:
@@ -96,18 +121,29 @@ def same_inputs(path: Path, inputs: dict[str, str], resuming: bool) -> None:
     if they differ from the recorded ones: the data order and the biases would no longer match."""
     file = path / "inputs.json"
     if resuming and file.is_file():
-        recorded = json.loads(file.read_text())
-        changed = [name for name in inputs if recorded.get(name) != inputs[name]]
+        try:
+            recorded = json.loads(file.read_text())
+        except (OSError, ValueError) as error:  # ValueError: not JSON, not UTF-8
+            recorded = f"cannot be read ({error})"
+        if not isinstance(recorded, dict) or not all(isinstance(recorded.get(name), str) for name in inputs):
+            why = recorded if isinstance(recorded, str) else f"does not hold the {' and '.join(inputs)} hashes"
+            raise BitfitError(f"--resume {path}: {file} {why}; it records the hashes of the model and data the run "
+                              "started with, which a resume must match: restore it, or start a new run")
+        changed = [name for name in inputs if recorded[name] != inputs[name]]
         if changed:
             raise BitfitError(f"--resume {path}: the {' and the '.join(changed)} changed since the run started "
-                              f"({', '.join(f'{n} {recorded.get(n)} then, {inputs[n]} now' for n in changed)}); "
+                              f"({', '.join(f'{n} {recorded[n]} then, {inputs[n]} now' for n in changed)}); "
                               "resume needs the same ones, or start a new run")
         return
     write_json(file, inputs)
 
 
-def clear(path: Path) -> None:
-    """--overwrite: delete what an earlier run wrote here (only that; the folder is bitfit's, see claim)."""
+def clear(path: Path) -> list[Path]:
+    """--overwrite: delete what an earlier run wrote here, by name (RUN_FILES, the hidden temporary files
+    of a write it did not finish, its checkpoints file by file), and nothing else. Returns what stays:
+    anything bitfit did not write, which the run then names in its log."""
     for name in RUN_FILES:
         (path / name).unlink(missing_ok=True)
-    shutil.rmtree(path / "checkpoints", ignore_errors=True)
+        for unfinished in path.glob(f".{name}.*.writing"):  # files.write_atomically's, left by a killed run
+            unfinished.unlink(missing_ok=True)
+    return checkpoint.remove_all(path)
