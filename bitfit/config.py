@@ -15,7 +15,10 @@ from .data import is_hub_name
 from .errors import BitfitError
 from .layout import KINDS
 
-
+# Bounds on values that look valid but destroy the biases; each one's reason is in its flag's --help.
+MAX_LR = 0.1
+MAX_DECAY_PER_STEP = 0.01  # --lr x --weight-decay
+MAX_DRAWS = 10_000_000  # examples drawn in one run (--epochs x the examples), checked before the plan is drawn
 
 
 def _option(default, help: str):
@@ -59,15 +62,21 @@ class TrainConfig:
                                       "the most one micro-batch of the seeds' recipe can hold, so no pass needs more "
                                       "activation memory than the recipe's largest")
     lr: float = _option(5e-3, "peak learning rate of AdamW; 5e-3 was best (or tied) on each of three tasks in a sweep "
-                              "of 1e-3 to 2e-2 (benchmarks/lr_sweep.py; the BitFit paper's code used 1e-3)")
+                              "of 1e-3 to 2e-2 (benchmarks/lr_sweep.py; the BitFit paper's code used 1e-3). At most "
+                              f"{MAX_LR:g}: AdamW moves every bias by up to about lr per step whatever its gradient, so "
+                              "above that a few steps carry biases far past any pretrained model's scale")
     beta1: float = _option(0.9, "AdamW beta1")
     beta2: float = _option(0.999, "AdamW beta2")
     eps: float = _option(1e-8, "AdamW epsilon (the optimizer state is fp32, so 1e-8 cannot underflow)")
-    weight_decay: float = _option(0.0, "AdamW decoupled weight decay")
+    weight_decay: float = _option(0.0, "AdamW decoupled weight decay. --lr x --weight-decay at most "
+                                       f"{MAX_DECAY_PER_STEP:g}: every step multiplies each bias by (1 - lr x "
+                                       "weight_decay), which at 0.01 halves it in 70 steps whatever the data says, at "
+                                       "1 zeroes it and above 2 makes it grow without bound")
     grad_clip: float = _option(1.0, "clip the gradient's global L2 norm to this (0 = no clipping)")
     warmup_steps: int = _option(0, "optimizer steps of linear warmup from 0 to --lr")
     schedule: str = _option("linear", "after warmup: 'linear' or 'cosine' decay to 0, or 'constant'")
-    epochs: int = _option(1, "passes over the training data")
+    epochs: int = _option(1, "passes over the training data (at most "
+                             f"{MAX_DRAWS:,} examples drawn in all, so a typo cannot plan for hours; see --max-steps)")
     max_steps: int = _option(0, "stop after this many optimizer steps (0 = run all --epochs)")
     # --- device and precision ---
     device: str = _option("auto", "'auto' (CUDA if available, else CPU), 'cpu', 'cuda' or 'cuda:N'")
@@ -114,6 +123,15 @@ class TrainConfig:
                 raise BitfitError(f"--{name.replace('_', '-')} must not be negative, not {getattr(self, name)}")
         if self.lr <= 0 or self.eps <= 0:
             raise BitfitError(f"--lr and --eps must be positive, not {self.lr} and {self.eps} (eps divides AdamW's step)")
+        if self.lr > MAX_LR:
+            raise BitfitError(f"--lr {self.lr:g} is above {MAX_LR:g}: AdamW moves every bias by up to about lr per step "
+                              "whatever its gradient, so a few steps would carry the biases far past any pretrained "
+                              "model's scale (BitFit uses 1e-4 to 1e-2)")
+        if self.lr * self.weight_decay > MAX_DECAY_PER_STEP:
+            raise BitfitError(f"--lr {self.lr:g} x --weight-decay {self.weight_decay:g} = {self.lr * self.weight_decay:g} "
+                              f"is above {MAX_DECAY_PER_STEP:g}: each step multiplies every bias by (1 - lr x "
+                              "weight_decay), which would wipe out what the data teaches (at 1 it zeroes the biases, "
+                              "above 2 they grow without bound)")
         for name in ("beta1", "beta2"):
             if not 0 <= getattr(self, name) < 1:
                 raise BitfitError(f"--{name} must be in [0, 1), not {getattr(self, name)}")
@@ -141,12 +159,22 @@ class TrainConfig:
             raise BitfitError("--bf16-weights needs --bf16: bf16 weights with fp32 activations cannot multiply")
 
     @classmethod
-    def from_dict(cls, values: dict) -> "TrainConfig":
-        """A config from a dict (a saved config.json), refusing keys this version does not know."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
+    def from_dict(cls, values: object) -> "TrainConfig":
+        """A config from a dict (a saved config.json), refusing keys this version does not know and values
+        of the wrong type (a hand-edited file: "lr": "fast" would otherwise fail deep inside a run)."""
+        if not isinstance(values, dict):
+            raise BitfitError(f"a config is a JSON object of flag values, not {type(values).__name__}")
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - set(fields))
         if unknown:
-            raise BitfitError(f"unknown config keys {unknown}; known keys are {sorted(known)}")
+            raise BitfitError(f"unknown config keys {unknown}; known keys are {sorted(fields)}")
+        for name, value in values.items():
+            wanted = fields[name].type
+            # JSON has one number type: an int is a valid float, but a bool is not a number here.
+            ok = isinstance(value, wanted) and not (wanted is not bool and isinstance(value, bool)) or (
+                wanted is float and isinstance(value, int) and not isinstance(value, bool))
+            if not ok:
+                raise BitfitError(f"config key {name!r} must be {wanted.__name__}, not {type(value).__name__} {value!r:.40}")
         return cls(**values)
 
     def to_json(self) -> str:
