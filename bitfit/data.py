@@ -1,10 +1,13 @@
 """Rows in, token ids with -100 prompt labels out.
 
-Sources (`load_records`): the built-in task, a local .json file (a list of rows) or .jsonl file (one row
-a line), a folder written by `Dataset.save_to_disk`, or a hub dataset. Every row comes with its place,
-so an error names what a user can open and look at:
+Sources (`load_records`): the built-in task, a local .json file (a list of rows), .jsonl file (one row
+a line), .csv file (a header line, then one row a record; a `messages` cell holds its conversation as
+JSON text) or .parquet file, a folder written by `Dataset.save_to_disk`, or a hub dataset. Every row comes
+with its place, so an error names what a user can open and look at:
     data.jsonl line 12        a JSONL line, counted from 1 as editors count
+    data.csv line 12          the line a CSV record starts on, counted from 1 (a quoted cell may span lines)
     data.json element 3       an element of a JSON list, counted from 0 as Python counts
+    data.parquet row 3        a Parquet row, counted from 0
     saved train row 7         a dataset row (save_to_disk, hub, built-in), counted from 0
 A split picks and slices, the same way for every source: NAME or NAME[START:END], a bound being a number
 or a percentage (train, train[:1000], train[10%:-5]). A file or a saved single Dataset has one split,
@@ -16,16 +19,19 @@ Row shapes (`check_record`), the three that instruction data comes in:
                                  every assistant turn learned, the other turns not
     prompt, completion           plain text (TRL's convention): the prompt verbatim, the completion learned
 
-Examples (`encode`, `load_examples`): every row is checked before it is tokenized, so a bad row stops the
-run at load time, naming its place, never as a NaN or a crash deep inside the training loop. Only what
+Examples (`read_records`, `encode`): every row is read and checked before a model or tokenizer is even
+loaded (`read_records`), so a bad row stops the run in seconds, naming its place, never as a NaN or a crash deep inside the training loop. Only what
 fits in `max_len` tokens is tokenized, so a row with a 50 MB field costs what a short one does.
 Asking (`questions`): the prompt ids a model continues to answer a row, for evaluation and generate.py.
 """
 
+import csv
 import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
+
+from tqdm import tqdm
 
 from . import hub
 from .errors import BitfitError
@@ -36,7 +42,8 @@ Example = dict  # input_ids, attention_mask, labels (lists of equal length), row
 Piece = tuple[str, bool]  # a stretch of an example's text, and whether the model learns it (keeps its labels)
 Question = tuple[list[int], str, str]  # prompt ids, the question in words, the answer the row expects ('' if none)
 
-DATA_FILE_SUFFIXES = (".json", ".jsonl")
+DATA_FILE_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
+ENCODE_CHUNK = 2000  # rows tokenized at a time; a source with more gets a progress bar
 SHAPES = "instruction/input/output (Alpaca), messages (chat) or prompt/completion"
 FIELDS = {"alpaca": ("instruction", "input", "output"), "chat": ("messages",), "text": ("prompt", "completion")}
 
@@ -123,6 +130,52 @@ def _read_json(path: Path, bounds: slice) -> tuple[list, list[str]]:
     return [rows[i] for i in indices], [f"{path} element {i}" for i in indices]
 
 
+def _read_csv(path: Path, bounds: slice) -> tuple[list, list[str]]:
+    """The records of a CSV file: its first line names the fields; each record is placed at the line it
+    starts on. Every cell is text; a `messages` cell holds the conversation as JSON text."""
+    reader = csv.reader(text + "\n" for _, text in read_lines(path))  # read_lines: the UTF-8 check, by line
+    rows, places = [], []
+    try:
+        header = next(reader, None)
+        if header is None:
+            return [], []
+        if len(set(header)) != len(header) or not all(name.strip() for name in header):
+            raise BitfitError(f"{path} line 1: the header must name every field once, found {header}")
+        start = reader.line_num + 1
+        for cells in reader:
+            place = f"{path} line {start}"
+            start = reader.line_num + 1
+            if not cells:  # a blank line
+                continue
+            if len(cells) != len(header):
+                raise BitfitError(f"{place}: {len(cells)} fields, but the header (line 1) names {len(header)}")
+            row = dict(zip(header, cells))
+            if "messages" in row:
+                try:
+                    row["messages"] = json.loads(row["messages"])
+                except json.JSONDecodeError as error:
+                    raise BitfitError(f"{place}: a 'messages' cell holds the conversation as JSON text "
+                                      f"([{{\"role\": ..., \"content\": ...}}, ...]), and this one is not JSON "
+                                      f"({error.msg})") from None
+            rows.append(row)
+            places.append(place)
+    except csv.Error as error:
+        raise BitfitError(f"{path} line {reader.line_num}: not valid CSV ({error})") from None
+    indices = select(len(rows), bounds)
+    return [rows[i] for i in indices], [places[i] for i in indices]
+
+
+def _read_parquet(path: Path, bounds: slice) -> tuple[list, list[str]]:
+    import pyarrow.parquet  # datasets' own dependency; imported here, as datasets is below
+
+    try:
+        table = pyarrow.parquet.read_table(path)
+    except Exception as error:  # noqa: BLE001: pyarrow's error types for a file that is no Parquet
+        raise BitfitError(f"{path} is not a readable Parquet file ({str(error).strip().splitlines()[0]})") from None
+    indices = select(table.num_rows, bounds)
+    return table.take(list(indices)).to_pylist(), [f"{path} row {i}" for i in indices]  # converts only the rows used
+
+
 def _read_dataset(dataset, name: str, bounds: slice) -> tuple[list, list[str]]:
     indices = select(len(dataset), bounds)
     return dataset.select(indices).to_list(), [f"{name} row {i}" for i in indices]  # converts only the rows used
@@ -143,12 +196,12 @@ def is_hub_name(source: str) -> bool:
 def load_records(source: str, split: str = "train") -> tuple[list, list[str]]:
     """The rows of a data source's split, in order, and the place of each ("data.jsonl line 12").
 
-    `source` is "builtin" (the built-in task, splits "train" and "heldout"), a .json or .jsonl file, a
-    folder written by `Dataset.save_to_disk`, or the name of a hub dataset. `split` selects and slices:
+    `source` is "builtin" (the built-in task, splits "train" and "heldout"), a .json, .jsonl, .csv or
+    .parquet file, a folder written by `Dataset.save_to_disk`, or the name of a hub dataset. `split` selects and slices:
     "train", "train[:1000]", "heldout[10%:20%]". Rows are returned as they are; `check_record` checks them.
     """
     if not source.strip():
-        raise BitfitError("no data source given (an empty name); give 'builtin', a .json/.jsonl file, a "
+        raise BitfitError("no data source given (an empty name); give 'builtin', a .json/.jsonl/.csv/.parquet file, a "
                           "save_to_disk folder or a hub dataset name")
     name, bounds = parse_split(split)
     if source == "builtin":
@@ -163,11 +216,13 @@ def load_records(source: str, split: str = "train") -> tuple[list, list[str]]:
     if path.is_file():
         suffix = path.suffix.lower()  # DATA.JSONL is a JSONL file too
         if suffix not in DATA_FILE_SUFFIXES:
-            raise BitfitError(f"{path}: a data file must be .json or .jsonl, not {suffix or 'without a suffix'}")
+            raise BitfitError(f"{path}: a data file must be .json, .jsonl, .csv or .parquet, not "
+                              f"{suffix or 'without a suffix'}")
         if name != "train":
             raise BitfitError(f"{path} is a data file, which has one split, 'train': give train or train[START:END], "
                               f"not {split!r}")
-        return (_read_jsonl if suffix == ".jsonl" else _read_json)(path, bounds)
+        readers = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}
+        return readers[suffix](path, bounds)
     if not path.is_dir() and _looks_local(source):
         raise BitfitError(f"no such file or folder: {path}")
 
@@ -211,7 +266,7 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 def _text(row: dict, key: str, place: str, required: bool = True, name: str = "") -> str | None:
     """row[key], checked to be text; None where it is missing and not `required`."""
     name = name or repr(key)
-    if key not in row:
+    if key not in row or (row[key] is None and not required):  # a table's empty cell (Parquet: null) is missing
         if required:
             raise BitfitError(f"{place}: no {name} field (keys: {sorted(row)})")
         return None
@@ -263,6 +318,10 @@ def _check_messages(messages: object, place: str, need_answer: bool) -> list[dic
             raise BitfitError(f"{place}: messages[{number}] must be a {{role, content}} turn, found {message!r:.60}")
         for key in ("role", "content"):
             _text(message, key, place, name=f"messages[{number}].{key}")
+    if messages[0]["role"] == "assistant":
+        raise BitfitError(f"{place}: messages[0] is an assistant turn with nothing before it; an assistant turn is "
+                          "learned as the answer to the turns before it, so start the conversation with a user (or "
+                          "system) turn")
     if need_answer and not any(message["role"] == "assistant" for message in messages):
         raise BitfitError(f"{place}: 'messages' has no assistant turn, so nothing to learn")
     return messages
@@ -393,6 +452,7 @@ def encode(
     max_len: int = 256,
     template: str = "alpaca",
     places: list[str] | None = None,
+    progress: bool = True,
 ) -> tuple[list[Example], int]:
     """Tokenize records into training examples; returns (examples, number dropped).
 
@@ -400,30 +460,41 @@ def encode(
     exactly as tokenizing each whole piece and cutting would give. A learned answer ends with eos, so the
     model learns to stop (a chat template's end-of-turn marker counts where it is the eos). An example
     whose answers are cut away entirely would have no label to learn from (and a 0/0 loss), so it is
-    dropped and counted. `places` name the rows in errors (default: "row 0", "row 1", ...).
+    dropped and counted. `places` name the rows in errors (default: "row 0", "row 1", ...). More than
+    ENCODE_CHUNK records are tokenized chunk by chunk under a progress bar (when `progress`).
     """
     check_tokenizer(tokenizer, template)
     places = places or [f"row {index}" for index in range(len(records))]
-    rendered = [render(*check_record(row, place), tokenizer, template, place) for row, place in zip(records, places)]
-
     examples, dropped = [], 0
-    for row, ((pieces, templated), pieces_ids) in enumerate(zip(rendered, _tokenize(tokenizer, rendered, max_len))):
-        last_answer = max(k for k, (_, learned) in enumerate(pieces) if learned)
-        input_ids, labels = [], []
-        for k, ((_, learned), ids) in enumerate(zip(pieces, pieces_ids)):
-            if k == last_answer and (not templated or tokenizer.eos_token_id not in ids):
-                ids = ids + [tokenizer.eos_token_id]
-            input_ids += ids
-            labels += ids if learned else [IGNORE_INDEX] * len(ids)
-        input_ids, labels = input_ids[:max_len], labels[:max_len]
-        if all(label == IGNORE_INDEX for label in labels):
-            dropped += 1
-            continue
-        # "row" (the index of its record) and "place" (where that record is) are for error messages; the
-        # collator ignores them.
-        examples.append({"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels, "row": row,
-                         "place": places[row]})
+    with tqdm(total=len(records), desc="tokenizing", unit="row", disable=not progress or len(records) <= ENCODE_CHUNK) as bar:
+        for start in range(0, len(records), ENCODE_CHUNK):
+            chunk = range(start, min(start + ENCODE_CHUNK, len(records)))
+            rendered = [render(*check_record(records[i], places[i]), tokenizer, template, places[i]) for i in chunk]
+            for row, (pieces, templated), pieces_ids in zip(chunk, rendered, _tokenize(tokenizer, rendered, max_len)):
+                example = _example(pieces, pieces_ids, templated, tokenizer.eos_token_id, max_len)
+                if example is None:
+                    dropped += 1
+                    continue
+                # "row" (the index of its record) and "place" (where that record is) are for error messages;
+                # the collator ignores them.
+                examples.append({**example, "row": row, "place": places[row]})
+            bar.update(len(chunk))
     return examples, dropped
+
+
+def _example(pieces: list[Piece], pieces_ids: list[list[int]], templated: bool, eos: int, max_len: int) -> Example | None:
+    """One row's input_ids, attention_mask and labels, or None when max_len cut away every learned token."""
+    last_answer = max(k for k, (_, learned) in enumerate(pieces) if learned)
+    input_ids, labels = [], []
+    for k, ((_, learned), ids) in enumerate(zip(pieces, pieces_ids)):
+        if k == last_answer and (not templated or eos not in ids):
+            ids = ids + [eos]
+        input_ids += ids
+        labels += ids if learned else [IGNORE_INDEX] * len(ids)
+    input_ids, labels = input_ids[:max_len], labels[:max_len]
+    if all(label == IGNORE_INDEX for label in labels):
+        return None
+    return {"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels}
 
 
 def questions(records: list, tokenizer, template: str = "alpaca", places: list[str] | None = None) -> list[Question]:
@@ -451,6 +522,36 @@ def token_fields(example: Example) -> dict:
     return {key: example[key] for key in ("input_ids", "attention_mask", "labels")}
 
 
+def read_records(source: str, split: str, role: str = "training data") -> tuple[list, list[str]]:
+    """(records, places) of a source's split, every row checked (check_record): all that can be wrong with
+    the data itself is found here, before any model or tokenizer loads. An empty split is an error.
+    Every error starts with `role` ('training data' or 'evaluation data'), so it says which flags to fix."""
+    try:
+        records, places = load_records(source, split)
+        if not records:
+            raise BitfitError(f"{source} {split} holds no records")
+        for row, place in zip(records, places):
+            check_record(row, place)
+    except BitfitError as error:
+        raise BitfitError(f"{role}: {error}") from None
+    return records, places
+
+
+def examples_of(records: list, places: list[str], name: str, tokenizer, max_len: int = 256, template: str = "alpaca",
+                role: str = "training data", progress: bool = True) -> tuple[list[Example], int]:
+    """(examples, number dropped) of records from read_records (of the source and split `name`): encode,
+    where records none of which keeps a label within max_len are an error that starts with `role`."""
+    check_tokenizer(tokenizer, template)  # its problems are the model's, not the data's: no `role`
+    try:
+        examples, dropped = encode(records, tokenizer, max_len, template, places, progress)
+        if not examples:
+            raise BitfitError(f"no usable examples in {name}: {dropped} dropped because max_len "
+                              f"{max_len} cut away their whole response")
+    except BitfitError as error:
+        raise BitfitError(f"{role}: {error}") from None
+    return examples, dropped
+
+
 def load_examples(
     source: str,
     split: str,
@@ -459,19 +560,7 @@ def load_examples(
     template: str = "alpaca",
     role: str = "training data",
 ) -> tuple[list, list[Example], int]:
-    """(records, examples, number dropped) of a source's split: load_records, then encode.
-
-    A split with no records, or none that keeps a label within max_len, is an error. Every error about
-    the data starts with `role` ('training data' or 'evaluation data'), so it says which flags to fix."""
-    check_tokenizer(tokenizer, template)  # before the data: its problems are the model's, not the data's
-    try:
-        records, places = load_records(source, split)
-        if not records:
-            raise BitfitError(f"{source} {split} holds no records")
-        examples, dropped = encode(records, tokenizer, max_len, template, places)
-        if not examples:
-            raise BitfitError(f"no usable examples in {source} {split}: {dropped} dropped because max_len "
-                              f"{max_len} cut away their whole response")
-    except BitfitError as error:
-        raise BitfitError(f"{role}: {error}") from None
-    return records, examples, dropped
+    """(records, examples, number dropped) of a source's split: read_records, then examples_of."""
+    check_tokenizer(tokenizer, template)
+    records, places = read_records(source, split, role)
+    return (records, *examples_of(records, places, f"{source} {split}", tokenizer, max_len, template, role))

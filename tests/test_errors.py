@@ -62,11 +62,19 @@ RECORD = {"instruction": "Say hi.", "input": "", "output": "hi"}
         ("data.json", json.dumps([RECORD, {"input": "x", "output": "y"}]), "data.json element 1: no 'instruction' field"),
         ("data.json", json.dumps([{"instruction": "a"}]), "data.json element 0: no 'output' field"),
         ("data.json", json.dumps([{**RECORD, "output": 42}]), "element 0: 'output' must be a string, found int"),
-        ("data.json", json.dumps([{**RECORD, "input": None}]), "element 0: 'input' must be a string, found NoneType"),
+        ("data.json", json.dumps([{**RECORD, "output": None}]), "element 0: 'output' must be a string, found NoneType"),
         ("data.jsonl", "\n\n" + json.dumps({**RECORD, "output": "\ud800"}), "data.jsonl line 3: 'output' holds a lone surrogate"),
         ("data.jsonl", json.dumps({"text": "hi"}), "line 1: a row needs the fields instruction/input/output .*, messages"),
         ("data.jsonl", json.dumps({"messages": [{"role": "user", "content": "hi"}]}), "line 1: 'messages' has no assistant turn"),
-        ("notes.txt", "hello", "notes.txt: a data file must be .json or .jsonl, not .txt"),
+        ("notes.txt", "hello", "notes.txt: a data file must be .json, .jsonl, .csv or .parquet, not .txt"),
+        ("data.csv", "instruction,input,output\nSay hi.,,hi\nBad,row\n", r"data.csv line 3: 2 fields, but the header \(line 1\) names 3"),
+        ("data.csv", 'instruction,output\n"two\nlines",ok\nshort\n', "data.csv line 4: 1 fields"),  # a record's own line
+        ("data.csv", 'messages\n"not json"\n', "data.csv line 2: a 'messages' cell holds the conversation as JSON text"),
+        ("data.csv", "instruction,instruction\na,b\n", "data.csv line 1: the header must name every field once"),
+        ("data.csv", "prompt,output\na,b\n", "data.csv line 2: a row has the fields of one shape"),
+        ("data.jsonl", json.dumps({"messages": [{"role": "assistant", "content": "Hi!"}, {"role": "user", "content": "2+2"},
+                                                {"role": "assistant", "content": "4"}]}),
+         r"line 1: messages\[0\] is an assistant turn with nothing before it; .* start the conversation with a user"),
     ],
 )
 def test_bad_data_is_a_one_line_error_naming_the_file_or_row(name, content, message, model_dir, tmp_path, capsys):
@@ -198,7 +206,7 @@ def test_a_tokenizer_without_eos_is_a_one_line_error(tmp_path, capsys):
 def test_an_output_directory_that_cannot_be_written_is_a_one_line_error(model_dir, tmp_path, capsys):
     (tmp_path / "a_file").write_text("")
     assert train.main(["--model", model_dir, *QUICK, "--out-dir", str(tmp_path / "a_file" / "run")]) == 2
-    fails_with(capsys, 2, "cannot write to the output folder")
+    fails_with(capsys, 2, "cannot write .*a_file/run: Not a directory")
 
 
 def test_the_packed_layout_on_a_model_without_position_ids_is_a_one_line_error(model_dir, tmp_path, capsys):
