@@ -22,11 +22,13 @@ from transformers import TextStreamer
 
 from bitfit import models
 from bitfit.cli import ArgumentParser, check_device
+from bitfit.collate import pad_batch, pad_id
 from bitfit.data import load_records, questions, read_lines
 from bitfit.delta import apply_delta, read_delta
 from bitfit.errors import BitfitError
 from bitfit.evaluate import answers
-from bitfit.mixed import generate_many
+from bitfit.finite import nonfinite_outputs
+from bitfit.mixed import DeltaTable, generate_many
 from bitfit.run_folder import is_run_folder
 from bitfit.tasks import is_correct
 
@@ -50,10 +52,14 @@ def read_prompts(args: argparse.Namespace) -> tuple[list[dict], list[str]]:
         return [{"instruction": text} for text in args.prompt], [f"--prompt {n}" for n in range(1, len(args.prompt) + 1)]
     if args.prompts_file:
         path = Path(args.prompts_file)
-        if path.suffix.lower() in (".json", ".jsonl"):
-            return load_records(str(path))
-        lines = [(number, line) for number, line in read_lines(path) if line.strip()]
-        return [{"instruction": line} for _, line in lines], [f"{path} line {number}" for number, _ in lines]
+        if path.suffix.lower() in (".json", ".jsonl", ".csv", ".parquet"):
+            records, places = load_records(str(path))
+        else:
+            lines = [(number, line) for number, line in read_lines(path) if line.strip()]
+            records, places = [{"instruction": line} for _, line in lines], [f"{path} line {number}" for number, _ in lines]
+        if not records:
+            raise BitfitError(f"--prompts-file {path} holds no prompts (no records, or only empty lines)")
+        return records, places
     return load_records("builtin", f"heldout[:{args.n}]")
 
 
@@ -112,8 +118,7 @@ def run(args: argparse.Namespace) -> dict:
                           "of one base, or name the one to use with --model")
     if not bases[0]:
         raise BitfitError(f"{deltas[0]} does not name its base model: pass --model")
-    run_config = deltas[0].parent / "config.json"  # the run's template, where the delta is a run's
-    trained = json.loads(run_config.read_text()).get("template") if is_run_folder(deltas[0].parent) else None
+    trained = trained_template(deltas[0]) if not args.template else None
     template = args.template or trained or "alpaca"
     device = models.pick_device(args.device)
     model, tokenizer = models.load(bases[0], device, torch.float32, args.trust_remote_code, args.trust_pickle_weights)
@@ -121,6 +126,10 @@ def run(args: argparse.Namespace) -> dict:
     records, places = read_prompts(args)
     asked = questions(records, tokenizer, template, places)  # (prompt ids, question, expected answer or '')
     prompts = [ids for ids, _, _ in asked]
+    most = models.new_tokens_within_context(model, max(map(len, prompts)), args.max_new_tokens)
+    if most < args.max_new_tokens:
+        print(f"note: --max-new-tokens {args.max_new_tokens} is past the model's context of "
+              f"{models.context_length(model)} tokens: at most {most} new tokens after the longest prompt")
     generation = {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p} if args.sample else {"do_sample": False}
     labels = ["TUNED"] if len(deltas) == 1 else [chr(ord("A") + i) for i in range(len(deltas))]
     for label, delta, trained_on in zip(labels, deltas, metadata):
@@ -130,21 +139,53 @@ def run(args: argparse.Namespace) -> dict:
 
     torch.manual_seed(args.seed)  # the same seed, the same draws
     streamed = len(prompts) == 1 and len(deltas) == 1  # one answer per model: watch it appear, base then tuned
+    probe = pad_batch([{"input_ids": ids, "attention_mask": [1] * len(ids)} for ids in prompts[:4]], pad_id(tokenizer))
     if streamed:
         said = {}
         for side, delta in sides.items():
             if delta:
                 apply_delta(model, delta)  # refuses, naming the delta's base, if this is not that base
+                refuse_broken(model, probe, delta)
             print(f"{side:>5}: ", end="", flush=True)
             streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
             said[side] = answers(model, tokenizer, prompts, device, False, args.max_new_tokens,
                                  generation={**generation, "streamer": streamer})
     else:  # every side's answers in one batched generation: each row adds its own delta
+        table = DeltaTable(model, [str(delta) for delta in deltas])  # the check: every row with one delta
+        try:
+            for number, delta in enumerate(deltas, start=1):
+                with table.use([number] * len(probe["input_ids"])):
+                    refuse_broken(model, probe, str(delta))
+        finally:
+            table.remove()
         texts = generate_many(model, tokenizer, [(ids, delta) for delta in sides.values() for ids in prompts],
                               args.max_new_tokens, generation=generation)
         said = {side: texts[i * len(prompts) : (i + 1) * len(prompts)] for i, side in enumerate(sides)}
     correct, checkable = mark(asked, said, shown=not streamed)
     return {"answers": said, "correct": correct, "checkable": checkable}
+
+
+def refuse_broken(model, probe: dict, delta: str) -> None:
+    """A BitfitError if the tuned model's outputs on the first prompts are not finite (bitfit.finite): its
+    answers would be empty or garbage, from a delta whose run diverged."""
+    if problem := nonfinite_outputs(model, probe):
+        raise BitfitError(f"the model tuned by {delta} is broken: {problem}; the run that wrote the delta diverged "
+                          "(train again with a lower --lr)")
+
+
+def trained_template(delta: Path) -> str | None:
+    """The template a run trained with (its config.json), where the delta is a run's; None otherwise."""
+    if not is_run_folder(delta.parent):
+        return None
+    try:
+        template = json.loads((delta.parent / "config.json").read_text()).get("template")
+    except (OSError, ValueError, AttributeError) as error:  # gone, not JSON, not an object
+        raise BitfitError(f"{delta.parent / 'config.json'} cannot be read ({error}); pass --template to say which "
+                          "template the run trained with") from None
+    if template not in ("alpaca", "chat"):
+        raise BitfitError(f"{delta.parent / 'config.json'} names template {template!r}, not 'alpaca' or 'chat'; "
+                          "pass --template")
+    return template
 
 
 def mark(asked: list, said: dict[str, list[str]], shown: bool) -> tuple[dict[str, int], int]:

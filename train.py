@@ -25,12 +25,13 @@ from bitfit import __version__, distributed, layout, models, packing, report, ru
 from bitfit.biases import add_missing_biases, count_trainable, describe, select_biases
 from bitfit.checkpoint import latest_checkpoint, load_checkpoint
 from bitfit.collate import pad_batch, pad_id
-from bitfit.config import TrainConfig, from_args
-from bitfit.data import load_examples
+from bitfit.config import MAX_DRAWS, TrainConfig, from_args
+from bitfit.data import examples_of, read_records
 from bitfit.delta import base_fingerprint, save_delta
 from bitfit.errors import BitfitError, Interrupted, NonFiniteError
-from bitfit.evaluate import base_eval_cache, exact_match, heldout_loss
+from bitfit.evaluate import base_eval_cache, exact_match, heldout_loss, stored_evaluation_problem
 from bitfit.files import write_atomically, write_json
+from bitfit.finite import nonfinite_outputs
 from bitfit.flat import FlatBiases
 from bitfit.interrupt import graceful_stop
 from bitfit.loop import fit, lr_factor
@@ -41,15 +42,16 @@ def run(cfg: TrainConfig) -> dict:
     rank, world, local_rank = distributed.init()  # (0, 1, 0) unless launched by torchrun
     log = print if rank == 0 else (lambda *args, **kwargs: None)  # rank 0 speaks for all
     with graceful_stop(announce=rank == 0) as stop:  # Ctrl-C / SIGTERM, until the delta is on disk (bitfit.interrupt)
-        cfg, out_dir = setup_run_dir(cfg)
+        cfg, out_dir = setup_run_dir(cfg, log)
         log("config:", cfg.to_json())
+        rows = read_data(cfg)  # every row read and checked before the model loads: a typo fails in seconds
         device = setup_device(cfg, local_rank, log)
 
         model, tokenizer, flat, added, memory = setup_model(cfg, device, world, rank, log)
-        examples, plan, collate, data_facts = setup_data_and_layout(cfg, model, tokenizer, world, rank, log)
+        examples, plan, collate, data_facts = setup_data_and_layout(cfg, rows, model, tokenizer, world, rank, log)
         base = check_inputs(cfg, model, flat, added, examples, out_dir)  # the base's fingerprint
         # Rank 0 evaluates, the others wait; with sharded weights each forward needs them all, so all do.
-        held_out = setup_evaluation(cfg, tokenizer) if rank == 0 or cfg.shard_weights else None
+        held_out = setup_evaluation(cfg, rows, tokenizer) if rank == 0 or cfg.shard_weights else None
         optimizer, scheduler, first_step = setup_optimizer(cfg, flat, out_dir, len(plan), device, log)
         results = {"trainable": flat.num_trainable, "total": sum(p.numel() for p in model.parameters()),
                    **data_facts, **memory, "device": str(device), **report.environment(device)}
@@ -62,6 +64,7 @@ def run(cfg: TrainConfig) -> dict:
         results["train_seconds"] = time.perf_counter() - train_start
         stop.at_once, stop.finishing = None, "writing the delta, then stopping"
         flat.check()  # every bias still a view of the buffer the optimizer stepped
+        check_outputs(model, tokenizer, examples, held_out, cfg, len(plan))  # finite biases, but finite outputs?
         if rank == 0:
             save_delta(str(out_dir / "delta.safetensors"), model, flat, base_model=cfg.model, added=added,
                        selection=cfg.biases, fingerprint_of_base=base)
@@ -69,7 +72,7 @@ def run(cfg: TrainConfig) -> dict:
         if distributed.any_rank(stop.asked, device):  # all stop, or none: the evaluation may be a collective
             raise Interrupted(f"{stop.at_once}")
         if held_out:
-            results["after"] = evaluate(model, tokenizer, held_out, cfg, device)
+            results["after"] = evaluate_trained(model, tokenizer, held_out, cfg, device, out_dir)
         if rank == 0:
             save_results(model, held_out, out_dir, results, started, log)
         distributed.barrier()  # no process tears down the group while rank 0 still evaluates and writes (gloo aborts then)
@@ -87,11 +90,15 @@ def resumed_config(given: TrainConfig) -> TrainConfig:
                if getattr(given, f.name) != getattr(TrainConfig(resume=given.resume), f.name)]
     if ignored:
         print(f"--resume continues with the run's own config; ignoring {', '.join('--' + n.replace('_', '-') for n in ignored)}")
-    saved = TrainConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
+    try:
+        saved = TrainConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
+    except (OSError, ValueError, BitfitError) as error:  # ValueError: not JSON, not UTF-8
+        raise BitfitError(f"--resume {run_dir}: its config.json, the config the run started with, is broken ({error}); "
+                          "restore it, or start a new run") from None
     return dataclasses.replace(saved, resume=given.resume, out_dir=given.resume)
 
 
-def claim_run_dir(cfg: TrainConfig) -> Path:
+def claim_run_dir(cfg: TrainConfig, log) -> Path:
     """The run's folder (bitfit.run_folder: new, empty or bitfit's own, locked), refusing to mix two runs in one."""
     out_dir = run_folder.claim(cfg.out_dir)
     if (out_dir / "delta.safetensors").exists() and not cfg.overwrite:
@@ -103,11 +110,13 @@ def claim_run_dir(cfg: TrainConfig) -> Path:
         raise BitfitError(f"{out_dir} holds an interrupted run; continue it with: python train.py --resume {out_dir} "
                           "(or pass --overwrite to start over)")
     if cfg.overwrite and not cfg.resume:  # nothing of the old run may pass for part of the new one
-        run_folder.clear(out_dir)
+        if kept := run_folder.clear(out_dir):
+            log(f"--overwrite: deleted the earlier run's files; kept {len(kept)} that bitfit did not write: "
+                + ", ".join(str(path) for path in kept[:5]) + (" ..." if len(kept) > 5 else ""))
     return out_dir
 
 
-def setup_run_dir(cfg: TrainConfig) -> tuple[TrainConfig, Path]:
+def setup_run_dir(cfg: TrainConfig, log) -> tuple[TrainConfig, Path]:
     """The resolved config and the run's folder, with the config saved in it. Under torchrun rank 0 claims
     the folder and tells the others its name, or the error that every process then stops with."""
     if cfg.resume:
@@ -115,12 +124,10 @@ def setup_run_dir(cfg: TrainConfig) -> tuple[TrainConfig, Path]:
     claimed, error = "", ""
     if distributed.is_main():
         try:
-            claimed = str(claim_run_dir(cfg))
-            (Path(claimed) / "config.json").write_text(dataclasses.replace(cfg, out_dir=claimed).to_json() + "\n")
+            claimed = str(claim_run_dir(cfg, log))
+            write_atomically(Path(claimed) / "config.json", (dataclasses.replace(cfg, out_dir=claimed).to_json() + "\n").encode())
         except BitfitError as failure:
             error = str(failure)
-        except OSError as failure:
-            error = f"cannot write to the output folder {claimed}: {failure.strerror}"
     claimed, error = distributed.share((claimed, error))
     if error:
         raise BitfitError(error)
@@ -161,6 +168,9 @@ def setup_model(cfg: TrainConfig, device: torch.device, world: int, rank: int, l
         sharding.fill(model, models.resolve(cfg.model), added, rank, world)
     flat = FlatBiases(model, selection)  # after the model is on its device and in its dtype
     log(describe(*count_trainable(model, selection)))
+    if (context := models.context_length(model)) and cfg.max_len > context:
+        log(f"warning: --max-len {cfg.max_len} is past the model's context of {context} tokens: an example longer than "
+            f"{context} tokens trains positions the model never saw; --max-len {context} keeps them within it")
     if flat.mask is not None and cfg.weight_decay > 0:
         raise BitfitError("--weight-decay would shrink the frozen key/value entries of fused q/k/v biases under "
                           "--biases reduced; use --weight-decay 0 (the BitFit paper's setting)")
@@ -197,17 +207,40 @@ def choose_layout(cfg: TrainConfig, model, examples: list, pad) -> tuple[str, st
     return "padded", f"not packed: {why_not}"
 
 
-def setup_data_and_layout(cfg: TrainConfig, model, tokenizer, world: int, rank: int, log) -> tuple:
+def read_data(cfg: TrainConfig) -> dict:
+    """The training rows and the held-out rows (or None), each as (records, places), every row checked:
+    what can be wrong with the data is said before the model loads."""
+    source = eval_source(cfg)
+    return {"train": read_records(cfg.data, cfg.split),
+            "held_out": read_records(source, cfg.eval_split, role="evaluation data") if source else None}
+
+
+def eval_source(cfg: TrainConfig) -> str:
+    """The held-out data's source, or '' for none: --eval-data '' means the built-in held-out split when
+    --data is builtin, and no evaluation otherwise."""
+    return {"": "builtin" if cfg.data == "builtin" else "", "none": ""}.get(cfg.eval_data, cfg.eval_data)
+
+
+def setup_data_and_layout(cfg: TrainConfig, rows: dict, model, tokenizer, world: int, rank: int, log) -> tuple:
     """(examples, this process's passes of every step, the collator that makes a pass a batch, and the facts
     for results.json: examples kept and dropped, steps, layout)."""
-    _, examples, dropped = load_examples(cfg.data, cfg.split, tokenizer, cfg.max_len, cfg.template)
+    records, places = rows["train"]
+    examples, dropped = examples_of(records, places, f"{cfg.data} {cfg.split}", tokenizer, cfg.max_len, cfg.template,
+                                    progress=rank == 0)
     lengths = [len(e["input_ids"]) for e in examples]
     log(f"data: {len(examples)} examples from {cfg.data} {cfg.split}, {dropped} dropped (response cut away by "
         f"max_len {cfg.max_len}), {sum(lengths) / len(lengths):.1f} tokens on average")
 
     pad = padder(tokenizer)
     kind, why = choose_layout(cfg, model, examples, pad)
-    steps = layout.draw_steps(len(examples), cfg.batch_size * cfg.grad_accum, cfg.epochs, cfg.seed, cfg.max_steps)
+    per_step = cfg.batch_size * cfg.grad_accum
+    all_steps = cfg.epochs * -(-len(examples) // per_step)  # every epoch, before --max-steps: known before drawing any
+    draws = min(cfg.epochs * len(examples), cfg.max_steps * per_step or math.inf)
+    if draws > MAX_DRAWS:  # the plan would take minutes and gigabytes before the first step
+        raise BitfitError(f"--epochs {cfg.epochs} over {len(examples):,} examples is {draws:,} examples to train on "
+                          f"({all_steps:,} optimizer steps); a run draws at most {MAX_DRAWS:,}: lower --epochs, or "
+                          "set --max-steps")
+    steps = layout.draw_steps(len(examples), per_step, cfg.epochs, cfg.seed, cfg.max_steps)
     if cfg.warmup_steps >= len(steps):  # the first step's lr is 0, and the peak never comes
         raise BitfitError(f"--warmup-steps {cfg.warmup_steps}: the run has {len(steps)} optimizer step(s), so its lr "
                           f"would never reach --lr {cfg.lr:g}; use fewer warmup steps than that")
@@ -215,7 +248,7 @@ def setup_data_and_layout(cfg: TrainConfig, model, tokenizer, world: int, rank: 
     plan = layout.plan(steps, lengths, kind, cfg.max_pass_tokens, cfg.batch_size, world, rank, cfg.shard_weights)
     log(layout.describe(steps, lengths, kind, cfg.max_pass_tokens, cfg.batch_size, world, cfg.shard_weights) + f" ({why})")
     log(f"steps: {len(steps)} optimizer steps, {cfg.epochs} epoch(s)"
-        + (f", capped by --max-steps {cfg.max_steps}" if cfg.max_steps else ""))
+        + (f", capped by --max-steps {cfg.max_steps} (of {all_steps})" if len(steps) < all_steps else ""))
     facts = {"examples": len(examples), "dropped": dropped, "steps": len(steps), "layout": kind}
     return examples, plan, packing.pack_batch if kind == "packed" else pad, facts
 
@@ -225,16 +258,16 @@ def padder(tokenizer):
     return partial(pad_batch, pad_token_id=pad_id(tokenizer), padding_side=tokenizer.padding_side)
 
 
-def setup_evaluation(cfg: TrainConfig, tokenizer) -> dict | None:
+def setup_evaluation(cfg: TrainConfig, rows: dict, tokenizer) -> dict | None:
     """The held-out records and examples to evaluate on before and after training, or None."""
-    source = {"": "builtin" if cfg.data == "builtin" else "", "none": ""}.get(cfg.eval_data, cfg.eval_data)
-    if not source:
+    if rows["held_out"] is None:
         return None
-    records, examples, _ = load_examples(source, cfg.eval_split, tokenizer, cfg.max_len, cfg.template,
-                                         role="evaluation data")
+    records, places = rows["held_out"]
+    name = f"{eval_source(cfg)} {cfg.eval_split}"
+    examples, _ = examples_of(records, places, name, tokenizer, cfg.max_len, cfg.template, role="evaluation data",
+                              progress=distributed.is_main())
     # What the numbers depend on besides the model: the rows, and the token ids the tokenizer made of them.
-    return {"records": records, "examples": examples, "name": f"{source} {cfg.eval_split}",
-            "hash": digest([records, token_ids(examples)])}
+    return {"records": records, "examples": examples, "name": name, "hash": digest([records, token_ids(examples)])}
 
 
 def token_ids(examples: list) -> list:
@@ -279,7 +312,7 @@ def setup_optimizer(cfg: TrainConfig, flat: FlatBiases, out_dir: Path, n_steps: 
         first_step = load_checkpoint(checkpoint, flat, optimizer)
         log(f"resuming from {checkpoint}: after step {first_step}")
     metrics = out_dir / "metrics.jsonl"  # it holds exactly the steps done: none, or the checkpoint's
-    done = metrics.read_text().splitlines()[:first_step] if first_step and metrics.is_file() else []
+    done = recorded_steps(metrics, first_step) if first_step and distributed.is_main() else []
     if distributed.is_main():
         write_atomically(metrics, "".join(line + "\n" for line in done).encode())
     for group in optimizer.param_groups:
@@ -291,6 +324,28 @@ def setup_optimizer(cfg: TrainConfig, flat: FlatBiases, out_dir: Path, n_steps: 
     return optimizer, scheduler, first_step
 
 
+def recorded_steps(path: Path, steps: int) -> list[str]:
+    """The lines of the first `steps` steps of a resumed run's metrics.jsonl, each checked to be the record
+    of its step (the loss curve and the best step are drawn from them); none if the file is gone."""
+    try:
+        lines = path.read_text().splitlines()[:steps]
+    except FileNotFoundError:
+        return []
+    except (OSError, ValueError) as error:  # ValueError: not UTF-8
+        raise BitfitError(f"--resume: {path} cannot be read ({error})") from None
+    for number, line in enumerate(lines, start=1):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        loss = record.get("loss") if isinstance(record, dict) else None
+        if record is None or not isinstance(record, dict) or record.get("step") != number or not (
+                isinstance(loss, (int, float)) and math.isfinite(loss)):
+            raise BitfitError(f"--resume: {path} line {number} is not the record of step {number} that bitfit wrote; "
+                              f"restore it, or delete {path.name} to resume without the records of steps 1-{steps}")
+    return lines
+
+
 # --- evaluate and save ------------------------------------------------------------------------------
 
 def evaluate(model, tokenizer, held_out: dict, cfg: TrainConfig, device) -> dict:
@@ -299,6 +354,28 @@ def evaluate(model, tokenizer, held_out: dict, cfg: TrainConfig, device) -> dict
     loss = finite_loss(heldout_loss(model, held_out["examples"], padder(tokenizer), device, cfg.bf16))
     result = exact_match(model, tokenizer, held_out["records"], cfg.template, device, cfg.bf16, cfg.max_new_tokens)
     return {"loss": loss, **result, "seconds": time.perf_counter() - start}
+
+
+def evaluate_trained(model, tokenizer, held_out: dict, cfg: TrainConfig, device, out_dir: Path) -> dict:
+    """The evaluation after training. A NaN held-out loss means the tuned model is broken on data it did
+    not train on: the delta written just before is deleted, so nothing broken is left named like a result."""
+    try:
+        return evaluate(model, tokenizer, held_out, cfg, device)
+    except NonFiniteError as error:
+        if distributed.is_main():
+            (out_dir / "delta.safetensors").unlink(missing_ok=True)
+        raise NonFiniteError(f"after training, {error}: the tuned model is broken on the held-out data, so its delta "
+                             f"was deleted (try a lower --lr)") from None
+
+
+def check_outputs(model, tokenizer, examples: list, held_out: dict | None, cfg: TrainConfig, steps: int) -> None:
+    """NonFiniteError unless the trained model's outputs on a few training examples are finite: biases can
+    be finite while the logits are not, and such a model must never be saved as a result. Every process
+    checks the same examples (a collective forward under sharded weights), so all agree."""
+    probe = padder(tokenizer)([{key: e[key] for key in ("input_ids", "attention_mask")} for e in examples[:4]])
+    if problem := nonfinite_outputs(model, probe, cfg.bf16):
+        raise NonFiniteError(f"after step {steps}, {problem}: the biases diverged and no delta was written (try a "
+                             "lower --lr)")
 
 
 def evaluate_untrained(model, tokenizer, held_out: dict, cfg: TrainConfig, device, out_dir: Path, first_step: int,
@@ -313,9 +390,9 @@ def evaluate_untrained(model, tokenizer, held_out: dict, cfg: TrainConfig, devic
                               "device": device.type, "sharded": cfg.shard_weights, "bitfit": __version__})
     before, source = None, ""
     if distributed.is_main():
-        if first_step and (before := read_cached(path)) is not None:  # what the run measured when it started
+        if first_step and (before := read_cached(path, log)) is not None:  # what the run measured when it started
             source = "this run's eval_before.json"
-        elif (before := read_cached(cached)) is not None:
+        elif (before := read_cached(cached, log)) is not None:
             source = f"cached in {cached}"
     if cfg.shard_weights:  # every process measures, or none does
         before, source = distributed.share((before, source))
@@ -344,12 +421,20 @@ def finite_loss(loss: float) -> float:
     return loss
 
 
-def read_cached(path: Path) -> dict | None:
-    """A cached evaluation, or None when there is none (or it cannot be read: then it is measured again)."""
+def read_cached(path: Path, log) -> dict | None:
+    """A stored evaluation, or None when there is none, or when it fails validation (then it is measured
+    again where it can be, and the log says why)."""
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
+        stored = json.loads(path.read_text())
+    except FileNotFoundError:
         return None
+    except (OSError, ValueError) as error:  # ValueError: not JSON, not UTF-8
+        problem = f"it cannot be read ({error})"
+    else:
+        if (problem := stored_evaluation_problem(stored)) is None:
+            return stored
+    log(f"ignoring the stored evaluation {path}: {problem}")
+    return None
 
 
 def evaluate_during(model, tokenizer, held_out: dict, cfg: TrainConfig, device) -> dict:
@@ -376,7 +461,8 @@ def save_results(model, held_out, out_dir: Path, results: dict, started: float, 
     points = report.held_out_points(records, results.get("before"), results.get("after"), results["steps"])
     if best := report.best_step(points):
         results["best"] = best
-        log(f"best held-out loss: {best['loss']:.4f} after step {best['step']}")
+        log(f"best held-out loss: {best['loss']:.4f} after step {best['step']}" if best["step"] else
+            f"best held-out loss: {best['loss']:.4f}, the untrained base's: no trained step beat it (try another --lr)")
     results["total_seconds"] = time.perf_counter() - started
     write_json(out_dir / "results.json", results)
     model_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
@@ -388,21 +474,51 @@ def save_results(model, held_out, out_dir: Path, results: dict, started: float, 
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Exit codes: 0 done, 2 a problem with the input, 3 a non-finite loss or gradient, 130 interrupted."""
+    """Exit codes: 0 done, 2 a problem with the input (out of memory too), 3 a non-finite loss, gradient or
+    output, 130 interrupted. A run that fails before it recorded a step gives its folder back as it was."""
+    cfg, code = None, 1
     try:
-        run(from_args(argv))
+        cfg = from_args(argv)
+        run(cfg)
+        code = 0
     except BitfitError as error:
-        return exit_with(f"error: {error}", 2, own_error=True)
+        code = exit_with(f"error: {error}", 2, own_error=True)
     except NonFiniteError as error:
-        return exit_with(f"error: non-finite values, run stopped: {error}", 3)
+        code = exit_with(f"error: non-finite values, run stopped: {error}", 3)
     except Interrupted as error:
-        return exit_with(f"interrupted: {error}", 130)
+        code = exit_with(f"interrupted: {error}", 130)
     except KeyboardInterrupt:
-        return exit_with("interrupted twice: stopped at once, without a checkpoint", 130)
+        code = exit_with("interrupted twice: stopped at once, without a checkpoint", 130)
+    except Exception as error:  # noqa: BLE001: out of memory is said in one line with the knobs; the rest are bugs
+        if not out_of_memory(error):
+            raise
+        code = exit_with(f"error: {memory_advice(cfg, error)}", 2, own_error=True)
     finally:
-        run_folder.release()
+        run_folder.release(failed=code != 0)
         distributed.finish()
-    return 0
+    return code
+
+
+def out_of_memory(error: Exception) -> bool:
+    """Whether `error` is the device or the host running out of memory (torch's CPU allocator says so in a
+    RuntimeError of its own)."""
+    said = str(error).lower()
+    return isinstance(error, (torch.OutOfMemoryError, MemoryError)) or (
+        isinstance(error, RuntimeError) and ("can't allocate memory" in said or "out of memory" in said))
+
+
+def memory_advice(cfg: TrainConfig, error: Exception) -> str:
+    """One line: memory ran out, and which flags lower it by about how much."""
+    first_line = (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
+    if cfg.layout == "seeds":
+        knobs = (f"a pass is --batch-size {cfg.batch_size} rows of at most --max-len {cfg.max_len} tokens, and halving "
+                 "either about halves them")
+    else:
+        knobs = (f"at most --max-pass-tokens {cfg.max_pass_tokens} here, and halving it about halves them; --max-len "
+                 f"{cfg.max_len} caps the longest example (one longer than a pass gets a pass of its own)")
+    return (f"out of memory ({first_line}). A forward pass's activations grow with its tokens: {knobs}. "
+            "--bf16 --bf16-weights halves the frozen weights' memory"
+            + (" (a resumed run keeps its config: these need a new run)" if cfg.resume else ""))
 
 
 def exit_with(message: str, code: int, own_error: bool = False) -> int:

@@ -14,7 +14,9 @@ delta (`generate.py --delta my-adapter/`, `python -m bitfit.merge --delta my-ada
 against its base as the delta was; an adapter trained by PEFT itself has none, and its base is not checked.
 
 A bias that is not on a linear layer (LayerNorm biases: BLOOM trains them) has no place in BEFT: the
-export is refused, naming them, never dropped silently.
+export is refused, naming them, never dropped silently. The export loads the base, applies the delta
+(checked against the base's fingerprint) and refuses a tuned model whose outputs are not finite
+(bitfit.finite): an adapter of a run that diverged is never written.
 """
 
 import argparse
@@ -26,40 +28,37 @@ import safetensors.torch
 import torch
 from safetensors import safe_open
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM
-
 from . import models
 from .cli import ArgumentParser
-from .delta import FOREIGN, FORMAT, FORMAT_1, read_delta
+from .delta import FOREIGN, FORMAT, FORMAT_1, apply_delta, read_delta
 from .errors import BitfitError
 from .files import check_new_folder, write_folder
+from .finite import nonfinite_outputs, text_probe
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
 PREFIX, SUFFIX = "base_model.model.", ".beft_bias"  # PEFT's names: the base model's module path, wrapped
 
 
-def is_beft_folder(path: str | Path) -> bool:
-    path = Path(path)
-    if not (path / CONFIG).is_file():
-        return False
+def adapter_type(path: str | Path) -> str | None:
+    """The peft_type of a PEFT adapter folder ('BEFT', 'LORA', ...), or None for any other path."""
+    config = Path(path) / CONFIG
+    if not config.is_file():
+        return None
     try:
-        return json.loads((path / CONFIG).read_text()).get("peft_type") == "BEFT"
+        kind = json.loads(config.read_text()).get("peft_type")
     except (OSError, ValueError, AttributeError):
-        return False
+        return None
+    return kind if isinstance(kind, str) else None
 
 
-def linear_modules(model_name: str, names: list[str], trust_remote_code: bool = False) -> dict[str, nn.Module]:
-    """The modules that hold the biases `names`, in the base's architecture (built on the meta device
-    from its config: no weights are read). A bias bitfit added sits on a linear layer that has none."""
-    source = models.resolve(model_name)
-    models.local_folder(source)  # a path that is no folder: said plainly, not as a hub error
-    try:
-        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-    except Exception as error:  # noqa: BLE001: a missing folder, no hub, custom code: the user's to fix
-        raise BitfitError(f"cannot read the base model {model_name!r}'s config: {str(error).splitlines()[0]}") from None
+def is_beft_folder(path: str | Path) -> bool:
+    return adapter_type(path) == "BEFT"
+
+
+def linear_modules(model: nn.Module, model_name: str, names: list[str]) -> dict[str, nn.Module]:
+    """The modules of `model` that hold the biases `names` (a bias bitfit added sits on a linear layer
+    that has none)."""
     modules = dict(model.named_modules())
     missing = [name for name in names if name.removesuffix(".bias") not in modules]
     if missing:
@@ -78,12 +77,19 @@ def to_beft(tensors: dict[str, torch.Tensor], modules: dict[str, nn.Module]) -> 
     return {PREFIX + name.removesuffix(".bias") + SUFFIX: tensor.reshape(1, -1).contiguous() for name, tensor in tensors.items()}
 
 
-def export(delta_path: str, out_dir: str, model_name: str = "", trust_remote_code: bool = False) -> Path:
-    """Write the delta as a BEFT adapter folder (new or empty, written whole or not at all)."""
+def export(delta_path: str, out_dir: str, model_name: str = "", trust_remote_code: bool = False,
+           trust_pickle_weights: bool = False) -> Path:
+    """Write the delta as a BEFT adapter folder (new or empty, written whole or not at all), once the base
+    plus the delta proved to be a working model."""
     out = check_new_folder(out_dir, "--out")
     tensors, metadata = read_delta(delta_path)
     base = model_name or metadata["base_model"]
-    adapter = to_beft(tensors, linear_modules(base, list(tensors), trust_remote_code))
+    model, tokenizer = models.load(base, torch.device("cpu"), torch.float32, trust_remote_code, trust_pickle_weights)
+    adapter = to_beft(tensors, linear_modules(model, base, list(tensors)))
+    apply_delta(model, delta_path)  # refuses a base the delta was not trained on
+    if problem := nonfinite_outputs(model, text_probe(tokenizer)):
+        raise BitfitError(f"the model tuned by {delta_path} is broken: {problem}; refusing to export it (the run that "
+                          "wrote the delta diverged)")
     config = {
         "peft_type": "BEFT", "task_type": "CAUSAL_LM", "target_modules": sorted(n.removesuffix(".bias") for n in tensors),
         # PEFT loads the base by this name; the embedded default is a folder in bitfit's cache.
@@ -131,9 +137,12 @@ def main(argv: list[str] | None = None) -> int:
     cli.add_argument("--out", required=True, help="a new (or empty) folder for the PEFT adapter")
     cli.add_argument("--model", default="", help="the base model; '' means the one the delta names")
     cli.add_argument("--trust-remote-code", action="store_true", help="let transformers run code shipped with the model")
+    cli.add_argument("--trust-pickle-weights", action="store_true",
+                     help="load weights stored as pickle (.bin/.pt), which can run any code they contain")
     try:
         args = cli.parse_args(argv)
-        out = export(args.delta, args.out, args.model, args.trust_remote_code)
+        check_new_folder(args.out, "--out")  # before the model is loaded: a refusal should not take a minute
+        out = export(args.delta, args.out, args.model, args.trust_remote_code, args.trust_pickle_weights)
     except BitfitError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

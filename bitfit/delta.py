@@ -145,9 +145,13 @@ def read_delta(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     refused with a one-line BitfitError unless well formed: its metadata complete, every tensor a
     finite 1-D fp32 bias."""
     if Path(path).is_dir():
-        from .adapter import is_beft_folder, read_beft  # here: bitfit.adapter imports this module
+        from .adapter import adapter_type, is_beft_folder, read_beft  # here: bitfit.adapter imports this module
 
         if not is_beft_folder(path):
+            if kind := adapter_type(path):
+                raise BitfitError(f"{path} is a PEFT {kind} adapter, which changes weights; bitfit applies BitFit "
+                                  "deltas and PEFT BEFT adapters (bias vectors) only: load it with "
+                                  "peft.PeftModel.from_pretrained(base, folder)")
             raise BitfitError(f"{path} is a folder, but neither a delta file nor a PEFT BEFT adapter folder")
         tensors, metadata = read_beft(path)
     else:
@@ -169,8 +173,12 @@ def _read_file(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
             # A whole model passed as --delta: do not read its gigabytes to say it is no delta.
             is_delta = metadata.get("format") in (FORMAT, FORMAT_1)
             tensors = {name: file.get_tensor(name) for name in file.keys()} if is_delta else {}
+            lora = not is_delta and any("lora_" in name for name in file.keys())
     except Exception as error:  # safetensors raises its own error type for corrupt and truncated files
         raise BitfitError(f"{path} is not a readable safetensors file, corrupt or truncated ({error})") from None
+    if lora:
+        raise BitfitError(f"{path} holds a LoRA adapter's weights (lora_A/lora_B matrices), not a bitfit delta: LoRA "
+                          "changes weights, BitFit only biases; load it with peft.PeftModel.from_pretrained")
     if not is_delta:
         raise BitfitError(f"{path} is not a bitfit delta (format {metadata.get('format')!r}, expected {FORMAT!r})")
     return tensors, metadata

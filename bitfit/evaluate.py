@@ -3,6 +3,7 @@ untrained base's, which every run on the same base and held-out data would other
 
 import hashlib
 import json
+import math
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -13,7 +14,7 @@ from torch import nn
 from .collate import pad_batch, pad_id
 from .data import Example, questions
 from .loss import label_tokens, loss_sum
-from .models import cache_dir
+from .models import cache_dir, new_tokens_within_context
 from .sharding import is_sharded
 from .tasks import is_correct
 
@@ -54,7 +55,8 @@ def answers(
     """Answers to prompts (token ids, from bitfit.data.questions), generated in left-padded batches and cut at eos.
 
     Greedy unless `generation` says otherwise (do_sample, temperature, top_p, a streamer...: passed
-    to `model.generate`)."""
+    to `model.generate`). At most as many new tokens as the model's context leaves after the prompts
+    (models.new_tokens_within_context)."""
     was_training = model.training
     model.eval()
     pad = pad_id(tokenizer)
@@ -64,7 +66,8 @@ def answers(
         batch = {k: v.to(device) for k, v in pad_batch(chunk, pad, padding_side="left").items()}
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             # synced_gpus: with sharded weights a process whose answers ended keeps stepping with the others
-            out = model.generate(**batch, max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id,
+            most = new_tokens_within_context(model, batch["input_ids"].shape[1], max_new_tokens)
+            out = model.generate(**batch, max_new_tokens=most, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id,
                                  synced_gpus=is_sharded(model), **(generation or {"do_sample": False}))
         new_tokens = out[:, batch["input_ids"].shape[1] :]
         texts += tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
@@ -97,3 +100,24 @@ def base_eval_cache(depends_on: dict) -> Path:
     folder = Path(os.environ["BITFIT_EVAL_CACHE"]) if "BITFIT_EVAL_CACHE" in os.environ else cache_dir() / "base-evals"
     key = hashlib.sha256(json.dumps(depends_on, sort_keys=True).encode()).hexdigest()[:24]
     return folder / f"{key}.json"
+
+
+def stored_evaluation_problem(value: object) -> str | None:
+    """What is wrong with an evaluation read back from a file (a run's eval_before.json, a cache entry),
+    or None when it has every field `exact_match` and the loss give, each of its type and range."""
+    if not isinstance(value, dict):
+        return f"it holds a {type(value).__name__}, not a JSON object"
+    for key in ("loss", "exact_match", "seconds"):
+        number = value.get(key)
+        if not isinstance(number, (int, float)) or isinstance(number, bool) or not math.isfinite(number):
+            return f"its {key!r} is {number!r:.40}, not a finite number"
+    shares = value.get("by_task")
+    if not 0 <= value["exact_match"] <= 1 or not isinstance(shares, dict) or not all(
+            isinstance(share, (int, float)) and not isinstance(share, bool) and 0 <= share <= 1 for share in shares.values()):
+        return "its exact match shares are not numbers from 0 to 1"
+    samples = value.get("samples")
+    if not isinstance(samples, list) or not all(
+            isinstance(sample, dict) and all(isinstance(sample.get(key), str) for key in ("prompt", "expected", "generated"))
+            for sample in samples):
+        return "its 'samples' are not a list of {prompt, expected, generated} texts"
+    return None

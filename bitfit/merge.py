@@ -25,6 +25,7 @@ from .cli import ArgumentParser
 from .delta import apply_delta, read_delta
 from .errors import BitfitError
 from .files import check_new_folder, write_folder
+from .finite import nonfinite_outputs, text_probe
 
 BIAS_FLAGS = ("attention_bias", "mlp_bias")  # config switches that give Llama-family layers their biases
 
@@ -55,12 +56,19 @@ def standard_config(model: nn.Module, added: list[str]) -> tuple[object, list[st
     return config, extra
 
 
-def tuned_logits(model: nn.Module, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(a fixed probe of token ids, the model's logits for it on the CPU)."""
-    probe = torch.arange(1, 17).unsqueeze(0) % vocab_size
+def probe_of(tokenizer, vocab_size: int) -> dict[str, torch.Tensor]:
+    """What the merge checks the model on: everyday text (bitfit.finite), or fixed token ids without a tokenizer."""
+    if tokenizer is not None:
+        return text_probe(tokenizer)
+    ids = torch.arange(1, 17).unsqueeze(0) % vocab_size
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def logits(model: nn.Module, probe: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The model's logits for the probe, on the CPU."""
     model.eval()
     with torch.no_grad():
-        return probe, model(probe.to(model.device)).logits.cpu()
+        return model(**{key: tensor.to(model.device) for key, tensor in probe.items()}).logits.cpu()
 
 
 def merge(model: nn.Module, delta_path: str, out_dir: str, tokenizer=None) -> Path:
@@ -77,19 +85,19 @@ def merge(model: nn.Module, delta_path: str, out_dir: str, tokenizer=None) -> Pa
     for name in zero_biases:
         add_zero_bias(modules[name.rsplit(".", 1)[0]])
     model.config = config
-    probe, expected = tuned_logits(model, config.vocab_size)
-    if not torch.isfinite(expected).all():
-        raise BitfitError("the tuned model gives NaN or inf logits; refusing to write a model that cannot be used")
+    probe = probe_of(tokenizer, config.vocab_size)
+    if problem := nonfinite_outputs(model, probe):
+        raise BitfitError(f"the tuned model is broken: {problem}; refusing to write a model that cannot be used "
+                          "(the run that wrote the delta diverged)")
+    expected = logits(model, probe)
 
     def save_and_check(staging: Path) -> None:
         model.save_pretrained(staging)  # write_folder gives the files their permissions and flushes them
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
         # The promise is "loads with plain transformers to the same model": check it before saying so.
-        reloaded = AutoModelForCausalLM.from_pretrained(staging, dtype=next(model.parameters()).dtype).eval()
-        with torch.no_grad():
-            found = reloaded(probe).logits
-        difference = (found - expected).abs().max().item()
+        reloaded = AutoModelForCausalLM.from_pretrained(staging, dtype=next(model.parameters()).dtype)
+        difference = (logits(reloaded, probe) - expected).abs().max().item()
         if not difference <= 1e-6:  # not `difference > 1e-6`: NaN > 1e-6 is False, and NaN must fail
             raise BitfitError(f"the merged model does not reproduce the tuned logits (max difference {difference:.2e}); "
                               f"nothing was written to {out}")

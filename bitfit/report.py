@@ -66,9 +66,12 @@ def held_out_points(records: list[dict], before: dict | None, after: dict | None
 
 
 def best_step(points: list[dict]) -> dict | None:
-    """The trained point (step > 0) with the lowest held-out loss, or None without one."""
-    trained = [point for point in points if point["step"] > 0]
-    return min(trained, key=lambda point: point["loss"]) if trained else None
+    """The point with the lowest held-out loss, the untrained base (step 0) included: when no trained step
+    beats it, the best is the base, and saying a trained step was best would be false. None without a
+    trained point (there is nothing to choose between)."""
+    if not any(point["step"] > 0 for point in points):
+        return None
+    return min(points, key=lambda point: (point["loss"], point["step"] == 0))  # a tie goes to the first trained step
 
 
 def save_loss_curve(records: list[dict], points: list[dict], path: Path) -> None:

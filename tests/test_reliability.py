@@ -2,6 +2,7 @@
 
 import errno
 import json
+import math
 import os
 import re
 import signal
@@ -9,9 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import bitfit.checkpoint
+import bitfit.config
+import bitfit.files
 import bitfit.loop
 import train
 from bitfit.checkpoint import latest_checkpoint
@@ -95,32 +98,37 @@ def test_save_every_keeps_the_newest_k_checkpoints_with_fp32_optimizer_state(mod
 
 
 def test_a_crash_while_writing_a_checkpoint_leaves_no_checkpoint_that_looks_whole(model_dir, tmp_path, monkeypatch):
-    real = bitfit.checkpoint.save_file
+    real = bitfit.files.fsync
 
-    def killed_after_writing(tensors, path, *args, **kwargs):  # as if the process died here: nothing cleans up
-        real(tensors, path, *args, **kwargs)
-        raise SystemExit("killed")
+    def killed_while_flushing(path):  # as if the process died here, its files half on the disk: nothing cleans up
+        real(path)
+        if ".step-" in str(path):
+            raise SystemExit("killed")
 
-    monkeypatch.setattr(bitfit.checkpoint, "save_file", killed_after_writing)
+    monkeypatch.setattr(bitfit.files, "fsync", killed_while_flushing)
+    monkeypatch.setattr(bitfit.files.shutil, "rmtree", lambda *args, **kwargs: None)
     with pytest.raises(SystemExit):
         train.main(["--model", model_dir, *ARGS, "--save-every", "2", "--out-dir", str(tmp_path / "run")])
     assert latest_checkpoint(tmp_path / "run") is None
-    assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == [".writing-step-000002"]
+    [left] = (tmp_path / "run" / "checkpoints").iterdir()
+    assert left.name.startswith(".step-000002.writing-")  # hidden: never read as a checkpoint
 
 
-def test_a_full_disk_while_writing_a_checkpoint_is_one_error_line_and_keeps_the_previous_checkpoint(model_dir, tmp_path, monkeypatch, capsys):
-    real, calls = bitfit.checkpoint.save_file, []
+def test_a_full_disk_while_writing_a_checkpoint_is_one_error_line_and_keeps_the_previous_checkpoint(model_dir, small_disk, monkeypatch, capsys):
+    real, calls = bitfit.checkpoint.write_folder, []
 
-    def disk_full_on_the_second(tensors, path, *args, **kwargs):
-        calls.append(path)
+    def disk_full_at_the_second(out, fill):
+        calls.append(out)
         if len(calls) == 2:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        real(tensors, path, *args, **kwargs)
+            small_disk.fill()
+        real(out, fill)
 
-    monkeypatch.setattr(bitfit.checkpoint, "save_file", disk_full_on_the_second)
-    assert train.main(["--model", model_dir, *ARGS, "--save-every", "2", "--out-dir", str(tmp_path / "run")]) == 2
-    assert capsys.readouterr().err.strip().splitlines()[-1].endswith("step-000004: the disk is full")
-    assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["step-000002"]  # no half file beside it
+    monkeypatch.setattr(bitfit.checkpoint, "write_folder", disk_full_at_the_second)
+    run = small_disk.path / "run"
+    assert train.main(["--model", model_dir, *ARGS, "--save-every", "2", "--out-dir", str(run)]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert re.fullmatch(rf"error: cannot write {run}/checkpoints/step-000004: the disk is full \(\d+ B free there\)", last)
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-000002"]  # no half file beside it
 
 
 def test_a_nan_loss_stops_the_run_naming_the_step_where_its_examples_are_and_the_last_good_checkpoint(model_dir, tmp_path, monkeypatch, capsys):
@@ -160,16 +168,19 @@ def test_a_resumed_run_keeps_its_config_and_reports_the_evaluation_of_the_untrai
     assert train.main(["--model", model_dir, *ARGS, "--out-dir", str(tmp_path / "run")]) == 130
     before = json.loads((tmp_path / "run" / "eval_before.json").read_text())
     monkeypatch.undo()
-    assert train.main(["--resume", str(tmp_path / "run"), "--lr", "0.5"]) == 0
+    assert train.main(["--resume", str(tmp_path / "run"), "--lr", "0.05"]) == 0
     assert "ignoring --lr" in capsys.readouterr().out
     assert json.loads((tmp_path / "run" / "config.json").read_text())["lr"] == 1e-2
     assert json.loads((tmp_path / "run" / "results.json").read_text())["before"] == before
 
 
 def test_the_newest_checkpoint_is_found_by_step_number_not_by_name(tmp_path):
-    for name in ("step-999999", "step-1000000", ".writing-step-1000001", "step-000005-03"):
+    for name in ("step-999999", "step-1000000", ".step-1000001.writing-x", "step-000005-03", "step-1000002"):
         (tmp_path / "checkpoints" / name).mkdir(parents=True)
-    assert latest_checkpoint(tmp_path).name == "step-1000000"  # unfinished and foreign folders are not checkpoints
+        if name != "step-1000002":  # a folder of that name, without a checkpoint's files
+            for file in bitfit.checkpoint.FILES:
+                (tmp_path / "checkpoints" / name / file).touch()
+    assert latest_checkpoint(tmp_path).name == "step-1000000"  # unfinished, empty and foreign folders are not checkpoints
 
 
 def interrupted_run(model_dir, tmp_path, monkeypatch, *extra) -> Path:
@@ -194,9 +205,9 @@ def test_resuming_after_the_training_data_changed_is_refused(model_dir, tmp_path
     (lambda ckpt: (ckpt / "state.safetensors").write_bytes((ckpt / "state.safetensors").read_bytes()[:100]), "cannot be read"),
     (lambda ckpt: (ckpt / "state.safetensors").write_bytes(os.urandom(4096)), "cannot be read"),
     (lambda ckpt: (ckpt / "state.json").write_text("{}"), "cannot be read"),
-    (lambda ckpt: bitfit.checkpoint.save_file({k: v for k, v in load_file(ckpt / "state.safetensors").items() if k != "exp_avg"},
+    (lambda ckpt: save_file({k: v for k, v in load_file(ckpt / "state.safetensors").items() if k != "exp_avg"},
                                               str(ckpt / "state.safetensors")), "lacks exp_avg"),
-    (lambda ckpt: bitfit.checkpoint.save_file({**load_file(ckpt / "state.safetensors"), "values": torch.zeros(3)},
+    (lambda ckpt: save_file({**load_file(ckpt / "state.safetensors"), "values": torch.zeros(3)},
                                               str(ckpt / "state.safetensors")), "holds values of shape"),
 ])
 def test_a_damaged_checkpoint_is_one_error_line_and_nothing_is_resumed(model_dir, tmp_path, monkeypatch, capsys, damage, message):
@@ -207,7 +218,8 @@ def test_a_damaged_checkpoint_is_one_error_line_and_nothing_is_resumed(model_dir
     assert last.startswith(f"error: checkpoint {latest_checkpoint(run)}") and message in last
 
 
-def test_biases_driven_to_inf_by_a_huge_lr_stop_the_run_and_nothing_non_finite_is_saved(model_dir, tmp_path, capsys):
+def test_biases_driven_to_inf_by_a_huge_lr_stop_the_run_and_nothing_non_finite_is_saved(model_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(bitfit.config, "MAX_LR", math.inf)  # the bound on --lr lifted, as a fork might
     run = tmp_path / "run"
     assert train.main(["--model", model_dir, *ARGS[:-2], "--lr", "1e308", "--save-every", "1", "--out-dir", str(run)]) == 3
     assert "the AdamW step left NaN or inf in the biases" in capsys.readouterr().err

@@ -1,0 +1,43 @@
+"""The one check that a model still works: its outputs on a few examples are finite.
+
+Finite biases do not make a finite model. A run whose last step pushed biases to huge (finite) values
+gives NaN logits everywhere, and a delta file cannot show it. So every place that hands a tuned model
+on runs this check first: train.py after the last step, before anything is written; generate.py before
+it answers; `python -m bitfit.merge` before it writes a model; `python -m bitfit.adapter` before it
+writes an adapter. Each refuses, with one line, a model this check finds broken.
+"""
+
+import torch
+from torch import nn
+
+from .collate import pad_batch, pad_id
+
+# What the tools that have no examples of their own run the model on: short, everyday text.
+PROBE_TEXTS = ("Add these two numbers.\n12 30", "The capital of France is", "Write a short poem about the sea.")
+
+
+def text_probe(tokenizer) -> dict[str, torch.Tensor]:
+    """PROBE_TEXTS as one padded batch of this tokenizer's ids."""
+    rows = [tokenizer(text)["input_ids"] for text in PROBE_TEXTS]
+    return pad_batch([{"input_ids": ids, "attention_mask": [1] * len(ids)} for ids in rows], pad_id(tokenizer))
+
+
+def nonfinite_outputs(model: nn.Module, batch: dict[str, torch.Tensor], bf16: bool = False) -> str | None:
+    """None if every logit of `model` on `batch` (input_ids and attention_mask, a few rows) is finite at
+    the real (not padding) positions; else what is not, in words. Under sharded weights every process
+    must call it (the forward is a collective). The model's train/eval mode is kept."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+                           use_cache=False).logits
+    finally:
+        model.train(was_training)
+    real = batch["attention_mask"].to(device).bool()
+    broken = (~torch.isfinite(logits.float())).any(dim=-1) & real  # [rows, positions]
+    if not bool(broken.any()):
+        return None
+    rows = int(broken.any(dim=1).sum())
+    return f"its logits hold NaN or inf on {rows} of {len(real)} probe inputs ({int(broken.sum())} positions)"
