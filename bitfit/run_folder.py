@@ -26,14 +26,16 @@ MARKER = ".bitfit-run"
 RUN_FILES = ("delta.safetensors", "results.json", "eval_before.json", "metrics.jsonl", "loss.png", "config.json",
              "inputs.json", "bias_change.png")
 
-_held: list[tuple[IO, Path, bool]] = []  # this process's runs: open, locked marker, folder, created by it; until release()
+# This process's runs until release(): the open, locked marker, the folder, and the folders the run created
+# for it (the folder and any parents that did not exist, deepest first).
+_held: list[tuple[IO, Path, list[Path]]] = []
 
 
 def is_run_folder(path: Path) -> bool:
     return (path / MARKER).is_file()
 
 
-def _lock(path: Path, created: bool) -> None:
+def _lock(path: Path, created: list[Path]) -> None:
     """Take the folder's lock, or say which process holds it. The OS drops it when this process ends,
     however it ends, so a killed run never leaves a folder locked."""
     marker = open(path / MARKER, "a+")
@@ -49,10 +51,12 @@ def _lock(path: Path, created: bool) -> None:
         marker.write(f"{os.getpid()}\n")
         marker.flush()
     except OSError:  # a full disk: the folder is given back as it was
-        marker.close()
+        try:
+            marker.close()  # it tries the write once more, and fails again
+        except OSError:
+            pass
         (path / MARKER).unlink(missing_ok=True)
-        if created:
-            path.rmdir()
+        _remove_empty(created)
         raise
     _held.append((marker, path, created))
 
@@ -78,7 +82,9 @@ def claim(out_dir: str) -> Path:
     bitfit run marked; anything else is refused untouched."""
     try:
         if not out_dir:
-            path, created = _new_default(), True
+            created = _missing(Path("runs"))
+            path = _new_default()
+            created.insert(0, path)
         else:
             path = Path(out_dir)
             if path.exists() and not path.is_dir():
@@ -86,7 +92,7 @@ def claim(out_dir: str) -> Path:
             if path.is_dir() and any(path.iterdir()) and not is_run_folder(path):
                 raise BitfitError(f"--out-dir {path} holds files bitfit did not write (it has no {MARKER}); bitfit "
                                   "writes only into a new or empty folder or one of its own runs: pick another --out-dir")
-            created = not path.exists()
+            created = _missing(path)
             path.mkdir(parents=True, exist_ok=True)
         _lock(path, created)
     except OSError as error:
@@ -105,9 +111,22 @@ def release(failed: bool = False) -> None:
         if failed and not _holds_training(path):
             for name in (*RUN_FILES, MARKER):
                 (path / name).unlink(missing_ok=True)
-            if created and not any(path.iterdir()):
-                path.rmdir()
+            _remove_empty(created)
         marker.close()
+
+
+def _missing(path: Path) -> list[Path]:
+    """`path` and those of its parents that do not exist yet, deepest first: what making it creates."""
+    return [folder for folder in (path, *path.parents) if not folder.exists()]
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove the folders a run created, deepest first, each only if empty: what else is there stays."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:  # not empty, or gone
+            return
 
 
 def _holds_training(path: Path) -> bool:

@@ -40,8 +40,9 @@ def own_eval_cache(tmp_path, monkeypatch):
 
 @pytest.fixture
 def small_disk(tmp_path):
-    """A folder on a file system of its own (a 16 MiB tmpfs), and `fill()`, which writes a filler file
-    there until the disk is full: every later write meets a real ENOSPC, from whichever library makes it.
+    """A folder on a file system of its own (a 16 MiB tmpfs), and `fill(leave=0)`, which writes a filler
+    file there until the disk is full but for `leave` bytes: a later write that needs more meets a real
+    ENOSPC, from whichever library makes it.
     Mounting needs root (CI and this project's machines run as root); elsewhere the test is skipped."""
     folder = tmp_path / "disk"
     folder.mkdir()
@@ -49,7 +50,8 @@ def small_disk(tmp_path):
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount a small file system here (needs root): {mounted.stderr.decode().strip()}")
 
-    def fill() -> None:
+    def fill(leave: int = 0) -> None:
+        """Fill the disk, then give `leave` bytes back (tmpfs counts whole 4 KiB pages)."""
         with open(folder / "filler", "wb", buffering=0) as filler:  # unbuffered: closing it writes nothing more
             for size in (65536, 4096, 512, 1):  # the last blocks in smaller and smaller pieces
                 try:
@@ -57,6 +59,7 @@ def small_disk(tmp_path):
                         filler.write(b"\0" * size)
                 except OSError:
                     pass
+            filler.truncate(max(0, filler.tell() - leave))
 
     try:
         yield types.SimpleNamespace(path=folder, fill=fill)

@@ -1,3 +1,4 @@
+import csv
 import json
 import pathlib
 
@@ -5,8 +6,9 @@ import datasets
 import huggingface_hub
 import pytest
 
+import bitfit.data
 from bitfit.data import (CHARS_PER_TOKEN, IGNORE_INDEX, alpaca_prompt, encode, load_examples, load_records,
-                         parse_split, questions, token_fields)
+                         parse_split, questions, read_records, token_fields)
 from bitfit.errors import BitfitError
 from tiny import tiny_tokenizer
 
@@ -276,6 +278,54 @@ def test_jsonl_json_and_save_to_disk_give_the_same_records(tmp_path):
     datasets.DatasetDict({"train": datasets.Dataset.from_list(RECORDS)}).save_to_disk(str(tmp_path / "saved_dict"))
     for source in ("data.json", "data.jsonl", "saved", "saved_dict"):
         assert load_records(str(tmp_path / source))[0] == RECORDS, source
+
+
+def test_csv_and_parquet_give_the_same_records_as_jsonl(tmp_path):
+    datasets.Dataset.from_list(RECORDS).to_csv(str(tmp_path / "data.csv"), index=False)
+    datasets.Dataset.from_list(RECORDS).to_parquet(str(tmp_path / "data.parquet"))
+    for source in ("data.csv", "data.parquet"):
+        assert load_records(str(tmp_path / source))[0] == RECORDS, source
+        assert load_records(str(tmp_path / source), "train[1:]")[0] == RECORDS[1:], source
+
+
+def test_a_csv_record_is_placed_at_the_line_it_starts_on_and_its_messages_cell_is_json(tmp_path):
+    path = tmp_path / "data.csv"
+    path.write_text('instruction,output\n"two\nlines",a\n\nthird,b\n')  # a quoted cell spans lines; a blank line
+    assert load_records(str(path)) == ([{"instruction": "two\nlines", "output": "a"}, {"instruction": "third", "output": "b"}],
+                                       [f"{path} line 2", f"{path} line 5"])
+    with path.open("w", newline="") as file:
+        csv.writer(file).writerows([["messages"], [json.dumps(CHAT["messages"])]])  # the JSON text, CSV-quoted
+    assert load_records(str(path))[0] == [CHAT]
+
+
+def test_a_parquet_null_input_is_no_input_and_a_null_output_an_error_naming_the_row(tmp_path):
+    path = tmp_path / "data.parquet"
+    datasets.Dataset.from_list([{**RECORDS[1], "input": None}, RECORDS[0]]).to_parquet(str(path))
+    tokenizer = tiny_tokenizer()
+    assert encode(load_records(str(path))[0][:1], tokenizer)[0][0]["input_ids"] == \
+        encode([{**RECORDS[1], "input": ""}], tokenizer)[0][0]["input_ids"]
+    datasets.Dataset.from_list([RECORDS[0], {**RECORDS[1], "output": None}]).to_parquet(str(path))
+    with pytest.raises(BitfitError, match=f"^training data: {path} row 1: 'output' must be a string, found NoneType"):
+        read_records(str(path), "train")
+
+
+def test_a_file_that_is_not_parquet_is_a_clear_error(tmp_path):
+    (tmp_path / "data.parquet").write_text("instruction,output\n")
+    with pytest.raises(BitfitError, match="data.parquet is not a readable Parquet file"):
+        load_records(str(tmp_path / "data.parquet"))
+
+
+def test_every_row_is_checked_when_read_before_any_tokenizer_is_needed(tmp_path):
+    path = write(tmp_path / "data.jsonl", [*RECORDS, {"instruction": "no output"}])
+    with pytest.raises(BitfitError, match=r"^training data: .*data.jsonl line 4: no 'output' field"):
+        read_records(path, "train")
+
+
+def test_encoding_in_chunks_gives_the_examples_of_encoding_at_once(monkeypatch):
+    rows = [{**RECORDS[i % 3], "output": f"{i}"} for i in range(7)]
+    whole = encode(rows, tiny_tokenizer())
+    monkeypatch.setattr(bitfit.data, "ENCODE_CHUNK", 3)  # 3 chunks: 3, 3 and 1 rows, under a progress bar
+    assert encode(rows, tiny_tokenizer()) == whole
 
 
 def test_split_expressions_slice_local_sources(tmp_path):

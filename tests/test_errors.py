@@ -356,3 +356,98 @@ def test_a_delta_holding_a_nan_is_a_one_line_error_for_generate_and_merge(finish
     assert merge.main(["--delta", str(tmp_path / "nan.safetensors"), "--out", str(tmp_path / "merged")]) == 2
     only_line_is_error(capsys, f"not a valid bitfit delta: {re.escape(name)} holds NaN or inf values")
     assert not (tmp_path / "merged").exists()
+
+
+# --- values that look valid but destroy or never end ------------------------------------------------
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--lr", "0.5"], r"--lr 0.5 is above 0.1: AdamW moves every bias by up to about lr per step"),
+    (["--weight-decay", "100"], r"--lr 0.005 x --weight-decay 100 = 0.5 is above 0.01: each step multiplies every bias"),
+    (["--lr", "0.1", "--weight-decay", "1"], r"= 0.1 is above 0.01"),
+])
+def test_a_flag_value_that_would_destroy_the_biases_is_refused_with_its_reason(flags, message, model_dir, tmp_path, capsys):
+    assert run_on(model_dir, tmp_path, *flags) == 2
+    fails_with(capsys, 2, message)
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_help_gives_the_reason_of_every_bound():
+    text = " ".join(parser().format_help().split())
+    assert "At most 0.1: AdamW moves every bias by up to about lr per step" in text
+    assert "--lr x --weight-decay at most 0.01: every step multiplies each bias by (1 - lr x weight_decay)" in text
+    assert "at most 10,000,000 examples drawn in all" in text
+
+
+@pytest.mark.parametrize("flags", [["--epochs", "1000000000000"], ["--epochs", "1000000000000", "--max-steps", "2000000"]])
+def test_a_run_of_more_examples_than_any_plan_holds_is_refused_before_the_plan_is_drawn(flags, model_dir, tmp_path, capsys):
+    assert run_on(model_dir, tmp_path, "--split", "train[:16]", *flags) == 2
+    fails_with(capsys, 2, r"--epochs 1000000000000 over 16 examples is [\d,]+ examples to train on .*: lower --epochs, or "
+                          "set --max-steps")
+
+
+def test_the_log_says_capped_by_max_steps_only_when_the_flag_cut_the_run(model_dir, tmp_path, capsys):
+    assert run_on(model_dir, tmp_path, "--split", "train[:16]", "--max-steps", "100", "--eval-data", "none") == 0
+    assert "steps: 2 optimizer steps, 1 epoch(s)\n" in capsys.readouterr().out  # the data set 2 steps, not the flag
+    assert train.main(["--model", model_dir, "--split", "train[:16]", "--max-steps", "1", "--eval-data", "none",
+                       "--out-dir", str(tmp_path / "capped")]) == 0
+    assert "steps: 1 optimizer steps, 1 epoch(s), capped by --max-steps 1 (of 2)" in capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def short_context(tmp_path_factory) -> str:
+    """A tiny Llama built for 64 positions."""
+    def llama_of_64():
+        model = tiny_llama()
+        model.config.max_position_embeddings = 64
+        return model
+
+    return saved(llama_of_64, tmp_path_factory.mktemp("short") / "llama")
+
+
+def test_a_max_len_past_the_models_context_is_warned(short_context, tmp_path, capsys):
+    assert train.main(["--model", short_context, "--split", "train[:8]", "--eval-data", "none", "--max-len", "100",
+                       "--out-dir", str(tmp_path / "run")]) == 0
+    assert ("warning: --max-len 100 is past the model's context of 64 tokens: an example longer than 64 tokens trains "
+            "positions the model never saw; --max-len 64 keeps them within it") in capsys.readouterr().out
+
+
+def test_generation_stops_at_the_models_context_whatever_max_new_tokens_asks(short_context, tmp_path, capsys):
+    assert train.main(["--model", short_context, "--split", "train[:8]", "--eval-data", "none",
+                       "--out-dir", str(tmp_path / "run")]) == 0
+    assert generate.main(["--delta", str(tmp_path / "run"), "--prompt", "Add these two numbers.\n1 2",
+                          "--max-new-tokens", "1000000000"]) == 0
+    out = capsys.readouterr().out
+    said = re.search(r"note: --max-new-tokens 1000000000 is past the model's context of 64 tokens: at most (\d+) new "
+                     r"tokens after the longest prompt", out)
+    assert said and 0 < int(said[1]) < 64
+
+
+# --- generate's inputs ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("name", "content"), [("prompts.txt", ""), ("prompts.txt", "\n  \n\n"), ("prompts.jsonl", "")])
+def test_an_empty_prompts_file_is_a_one_line_error(name, content, finished_run, tmp_path, capsys):
+    (tmp_path / name).write_text(content)
+    assert generate.main(["--delta", str(finished_run), "--prompts-file", str(tmp_path / name)]) == 2
+    fails_with(capsys, 2, f"--prompts-file .*{name} holds no prompts")
+
+
+def test_a_lora_adapter_given_as_a_delta_is_named_as_lora(tmp_path, capsys):
+    (tmp_path / "lora").mkdir()
+    (tmp_path / "lora" / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8}))
+    save_file({"base_model.model.q_proj.lora_A.weight": torch.zeros(8, 32)}, str(tmp_path / "lora" / "adapter_model.safetensors"))
+    for given in ("lora", "lora/adapter_model.safetensors"):
+        assert generate.main(["--delta", str(tmp_path / given), "-n", "1"]) == 2
+        fails_with(capsys, 2, "(is a PEFT LORA adapter|holds a LoRA adapter's weights).*load it with peft.PeftModel.from_pretrained")
+
+
+def test_bad_data_is_refused_before_the_model_loads(model_dir, tmp_path, monkeypatch, capsys):
+    def load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the data was checked")
+
+    monkeypatch.setattr(train.models, "load", load)
+    bad = data_file(tmp_path, "data.jsonl", json.dumps(RECORD) + "\n" + json.dumps({"instruction": "no answer"}) + "\n")
+    assert run_on(model_dir, tmp_path, "--data", bad) == 2
+    fails_with(capsys, 2, "^error: training data: .*data.jsonl line 2: no 'output' field")
+    bad_eval = data_file(tmp_path, "eval.csv", "instruction,output\nx\n")
+    assert run_on(model_dir, tmp_path, "--eval-data", bad_eval, "--eval-split", "train") == 2
+    fails_with(capsys, 2, "^error: evaluation data: .*eval.csv line 2: 1 fields")

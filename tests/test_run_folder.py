@@ -49,6 +49,39 @@ def test_overwrite_deletes_only_what_a_run_wrote(model_dir, tmp_path):
     assert (out / "my_notes.txt").read_text() == "mine"
 
 
+def test_overwrite_deletes_checkpoints_file_by_file_keeps_a_users_files_among_them_and_says_so(model_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train.main(["--model", model_dir, *QUICK, "--max-steps", "2", "--save-every", "1", "--keep-checkpoints", "2",
+                       "--out-dir", str(out)]) == 0
+    mine = [out / "checkpoints" / "notes.txt", out / "checkpoints" / "step-000002" / "mine.txt",
+            out / "checkpoints" / "best" / "state.json", out / "checkpoints" / "step-000009" / "state.json"]
+    for path in mine:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("mine")
+    (out / ".delta.safetensors.x1y2.writing").write_bytes(b"half")  # what a killed write of bitfit's leaves
+    capsys.readouterr()
+    assert train.main(["--model", model_dir, *QUICK, "--max-steps", "1", "--out-dir", str(out), "--overwrite"]) == 0
+    assert all(path.read_text() == "mine" for path in mine[:3])
+    assert not mine[3].exists()  # a step-N folder holds what bitfit writes there: its state.json is bitfit's
+    assert not (out / "checkpoints" / "step-000001").exists() and not (out / ".delta.safetensors.x1y2.writing").exists()
+    assert sorted(p.name for p in (out / "checkpoints" / "step-000002").iterdir()) == ["mine.txt"]
+    said = capsys.readouterr().out
+    assert "--overwrite: deleted the earlier run's files; kept 3 that bitfit did not write: " in said
+    assert str(mine[0]) in said
+
+
+@pytest.mark.parametrize("where", ["new", "empty", "default"])
+def test_a_run_that_fails_before_its_first_step_gives_its_folder_back_as_it_found_it(where, model_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "runs").mkdir()
+    out = {"new": ["--out-dir", "new/run"], "empty": ["--out-dir", "empty"], "default": []}[where]
+    for failing in (["--data", "missing.jsonl"], ["--warmup-steps", "100"]):  # before the model loads; after
+        before = sorted(str(p) for p in tmp_path.rglob("*"))
+        assert train.main(["--model", model_dir, *QUICK, *failing, *out]) == 2
+        assert sorted(str(p) for p in tmp_path.rglob("*")) == before
+
+
 def test_runs_started_in_the_same_second_get_folders_of_their_own(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(run_folder.time, "strftime", lambda pattern: "20261123-120000")
