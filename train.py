@@ -1,6 +1,7 @@
-"""Fine-tune only the biases of a pretrained causal LM (BitFit), with a hand-written loop.
+"""Fine-tune only the biases of a pretrained transformer (BitFit), with a hand-written loop.
 
     python train.py                       # offline: SmolLM2-135M-Instruct on the built-in task (README: time)
+    python train.py --task classify       # offline: all-MiniLM-L6-v2 classifies the built-in sentiment task
     python train.py --model bigscience/bloomz-1b1 --data yahma/alpaca-cleaned --split "train[:1000]"
     python train.py --help                # every flag, with its default
 
@@ -24,16 +25,17 @@ import torch
 from bitfit import __version__, distributed, layout, models, packing, report, run_folder, sharding
 from bitfit.biases import add_missing_biases, count_trainable, describe, select_biases
 from bitfit.checkpoint import latest_checkpoint, load_checkpoint
-from bitfit.collate import pad_batch, pad_id
+from bitfit.collate import pad_batch, pad_id, pad_labelled
 from bitfit.config import MAX_DRAWS, TrainConfig, from_args
-from bitfit.data import examples_of, read_records
+from bitfit.data import examples_of, is_builtin, read_records
 from bitfit.delta import base_fingerprint, save_delta
 from bitfit.errors import BitfitError, Interrupted, NonFiniteError
-from bitfit.evaluate import base_eval_cache, exact_match, heldout_loss, stored_evaluation_problem
+from bitfit.evaluate import base_eval_cache, exact_match, heldout_loss, labelled_measures, stored_evaluation_problem
 from bitfit.files import write_atomically, write_json
 from bitfit.finite import nonfinite_outputs
 from bitfit.flat import FlatBiases
 from bitfit.interrupt import graceful_stop
+from bitfit.labelled import check_labelled, encode_labelled, label_names
 from bitfit.loop import fit, lr_factor
 
 
@@ -47,13 +49,14 @@ def run(cfg: TrainConfig) -> dict:
         rows = read_data(cfg)  # every row read and checked before the model loads: a typo fails in seconds
         device = setup_device(cfg, local_rank, log)
 
-        model, tokenizer, flat, added, memory = setup_model(cfg, device, world, rank, log)
+        model, tokenizer, flat, added, head, memory = setup_model(cfg, rows["classes"], device, world, rank, log)
         examples, plan, collate, data_facts = setup_data_and_layout(cfg, rows, model, tokenizer, world, rank, log)
-        base = check_inputs(cfg, model, flat, added, examples, out_dir)  # the base's fingerprint
+        base = check_inputs(cfg, model, flat, added, head, examples, out_dir)  # the base's fingerprint
         # Rank 0 evaluates, the others wait; with sharded weights each forward needs them all, so all do.
         held_out = setup_evaluation(cfg, rows, tokenizer) if rank == 0 or cfg.shard_weights else None
         optimizer, scheduler, first_step = setup_optimizer(cfg, flat, out_dir, len(plan), device, log)
-        results = {"trainable": flat.num_trainable, "total": sum(p.numel() for p in model.parameters()),
+        results = {"task": cfg.task, **({"classes": rows["classes"]} if rows["classes"] else {}),
+                   "trainable": flat.num_trainable, "total": sum(p.numel() for p in model.parameters()),
                    **data_facts, **memory, "device": str(device), **report.environment(device)}
         if held_out and (before := evaluate_untrained(model, tokenizer, held_out, cfg, device, out_dir, first_step, base, log)):
             results["before"] = before
@@ -67,7 +70,8 @@ def run(cfg: TrainConfig) -> dict:
         check_outputs(model, tokenizer, examples, held_out, cfg, len(plan))  # finite biases, but finite outputs?
         if rank == 0:
             save_delta(str(out_dir / "delta.safetensors"), model, flat, base_model=cfg.model, added=added,
-                       selection=cfg.biases, fingerprint_of_base=base)
+                       selection=cfg.biases, fingerprint_of_base=base, head=head, task=cfg.task,
+                       classes=rows["classes"])
         stop.at_once = f"after the delta was saved to {out_dir / 'delta.safetensors'}; the evaluation after training was skipped"
         if distributed.any_rank(stop.asked, device):  # all stop, or none: the evaluation may be a collective
             raise Interrupted(f"{stop.at_once}")
@@ -147,27 +151,36 @@ def setup_device(cfg: TrainConfig, local_rank: int, log) -> torch.device:
     return device
 
 
-def setup_model(cfg: TrainConfig, device: torch.device, world: int, rank: int, log) -> tuple:
-    """(model, tokenizer, flat biases, names of the biases bitfit added, where the memory went): the model
-    frozen but for the selected biases, each of them a view into the one flat fp32 buffer the optimizer
-    steps. With --shard-weights each process holds 1/N of the frozen weights (bitfit.sharding)."""
+def setup_model(cfg: TrainConfig, classes: list[str] | None, device: torch.device, world: int, rank: int, log) -> tuple:
+    """(model, tokenizer, flat biases, names of the biases bitfit added, names of the new parameters (a
+    classifier's head), where the memory went): the model frozen but for the selected biases and the new
+    parameters, each of them a view into the one flat fp32 buffer the optimizer steps. With
+    --shard-weights each process holds 1/N of the frozen weights (bitfit.sharding)."""
     if cfg.shard_weights and world == 1:
         raise BitfitError("--shard-weights splits the frozen weights between torchrun's processes, and this run has "
                           "one: launch it with torchrun --nproc_per_node=N train.py ... (N >= 2)"
                           + (" (the run was started with --shard-weights, and a resumed run keeps its config)"
                              if cfg.resume else ", or drop the flag"))
     weights_dtype = torch.bfloat16 if cfg.bf16_weights else torch.float32
-    model, tokenizer = models.load(cfg.model, device, weights_dtype, cfg.trust_remote_code, cfg.trust_pickle_weights,
-                                   weights_on_meta=cfg.shard_weights)
+    if cfg.task == "lm":
+        model, tokenizer = models.load(cfg.model, device, weights_dtype, cfg.trust_remote_code, cfg.trust_pickle_weights,
+                                       weights_on_meta=cfg.shard_weights)
+        head = []
+    else:  # an encoder (or a causal LM) with a sequence classification head, new and drawn from the seed
+        model, tokenizer, head = models.load_classifier(cfg.model, classes, device, weights_dtype, cfg.trust_remote_code,
+                                                        cfg.trust_pickle_weights)
+        log(f"task: {cfg.task}, " + (f"{len(classes)} classes: {', '.join(classes)}" if classes else "one number per row")
+            + f"; the checkpoint lacks {', '.join(head) or 'nothing'}" + (": new, trained whole" if head else ""))
     added = add_missing_biases(model) if cfg.add_biases else []
     if added:
         log(f"added {len(added)} zero biases to bias-free linear layers inside the blocks")
-    selection = select_biases(model, cfg.biases)  # THE decision of what trains (bitfit.biases.trains)
+    selection = select_biases(model, cfg.biases, head)  # THE decision of what trains (bitfit.biases.trains)
     if cfg.shard_weights:  # the selected biases stay whole: FSDP ignores them
         sharding.shard(model, selection, device, world)
         sharding.fill(model, models.resolve(cfg.model), added, rank, world)
     flat = FlatBiases(model, selection)  # after the model is on its device and in its dtype
-    log(describe(*count_trainable(model, selection)))
+    params = dict(model.named_parameters())
+    log(describe(*count_trainable(model, selection), {name: params[name].numel() for name in head}))
     if (context := models.context_length(model)) and cfg.max_len > context:
         log(f"warning: --max-len {cfg.max_len} is past the model's context of {context} tokens: an example longer than "
             f"{context} tokens trains positions the model never saw; --max-len {context} keeps them within it")
@@ -180,7 +193,7 @@ def setup_model(cfg: TrainConfig, device: torch.device, world: int, rank: int, l
         frozen = sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
         log(f"weights: sharded over {world} processes (FSDP2): {size(max(memory['weight_bytes_per_process']))} of the "
             f"{size(frozen)} of frozen weights on each; the {size(flat.values.nbytes)} flat bias buffer whole on each")
-    return model, tokenizer, flat, added, memory
+    return model, tokenizer, flat, added, head, memory
 
 
 def size(n_bytes: int) -> str:
@@ -199,6 +212,8 @@ def choose_layout(cfg: TrainConfig, model, examples: list, pad) -> tuple[str, st
     requested = cfg.layout
     if requested not in ("auto", "packed"):
         return requested, "as asked"
+    if cfg.task != "lm":  # config refused packed for it
+        return "padded", "one label per row: rows padded to the pass's longest"
     why_not = packing.enable(model, examples, pad, cfg.max_pass_tokens, cfg.bf16)
     if why_not is None:
         return "packed", "checked: a pass's examples packed and padded give the same loss"
@@ -208,30 +223,44 @@ def choose_layout(cfg: TrainConfig, model, examples: list, pad) -> tuple[str, st
 
 
 def read_data(cfg: TrainConfig) -> dict:
-    """The training rows and the held-out rows (or None), each as (records, places), every row checked:
-    what can be wrong with the data is said before the model loads."""
+    """The training rows and the held-out rows (or None), each as (records, places), every row checked,
+    and a classifier's classes (bitfit.labelled): what can be wrong with the data is said before the
+    model loads."""
+    check = partial(check_labelled, task=cfg.task) if cfg.task != "lm" else None
     source = eval_source(cfg)
-    return {"train": read_records(cfg.data, cfg.split),
-            "held_out": read_records(source, cfg.eval_split, role="evaluation data") if source else None}
+    train = read_records(cfg.data, cfg.split, check=check, config=cfg.data_config)
+    held_out = read_records(source, cfg.eval_split, "evaluation data", check, cfg.data_config) if source else None
+    classes = None
+    if cfg.task == "classify":
+        try:
+            classes = label_names([check(row, place)[1] for row, place in zip(*train)], train[1])
+        except BitfitError as error:
+            raise BitfitError(f"training data: {error}") from None
+    return {"train": train, "held_out": held_out, "classes": classes}
 
 
 def eval_source(cfg: TrainConfig) -> str:
-    """The held-out data's source, or '' for none: --eval-data '' means the built-in held-out split when
-    --data is builtin, and no evaluation otherwise."""
-    return {"": "builtin" if cfg.data == "builtin" else "", "none": ""}.get(cfg.eval_data, cfg.eval_data)
+    """The held-out data's source, or '' for none: --eval-data '' means the built-in task's held-out split
+    when --data is a built-in task, and no evaluation otherwise."""
+    return {"": cfg.data if is_builtin(cfg.data) else "", "none": ""}.get(cfg.eval_data, cfg.eval_data)
 
 
 def setup_data_and_layout(cfg: TrainConfig, rows: dict, model, tokenizer, world: int, rank: int, log) -> tuple:
     """(examples, this process's passes of every step, the collator that makes a pass a batch, and the facts
     for results.json: examples kept and dropped, steps, layout)."""
     records, places = rows["train"]
-    examples, dropped = examples_of(records, places, f"{cfg.data} {cfg.split}", tokenizer, cfg.max_len, cfg.template,
-                                    progress=rank == 0)
+    if cfg.task == "lm":
+        examples, dropped = examples_of(records, places, f"{cfg.data} {cfg.split}", tokenizer, cfg.max_len, cfg.template,
+                                        progress=rank == 0)
+    else:
+        examples, dropped = encode_labelled(records, places, tokenizer, cfg.max_len, cfg.task, rows["classes"],
+                                            progress=rank == 0), 0
     lengths = [len(e["input_ids"]) for e in examples]
-    log(f"data: {len(examples)} examples from {cfg.data} {cfg.split}, {dropped} dropped (response cut away by "
-        f"max_len {cfg.max_len}), {sum(lengths) / len(lengths):.1f} tokens on average")
+    log(f"data: {len(examples)} examples from {cfg.data} {cfg.split}"
+        + (f", {dropped} dropped (response cut away by max_len {cfg.max_len})" if cfg.task == "lm" else "")
+        + f", {sum(lengths) / len(lengths):.1f} tokens on average")
 
-    pad = padder(tokenizer)
+    pad = collator(cfg, tokenizer)
     kind, why = choose_layout(cfg, model, examples, pad)
     per_step = cfg.batch_size * cfg.grad_accum
     all_steps = cfg.epochs * -(-len(examples) // per_step)  # every epoch, before --max-steps: known before drawing any
@@ -258,20 +287,35 @@ def padder(tokenizer):
     return partial(pad_batch, pad_token_id=pad_id(tokenizer), padding_side=tokenizer.padding_side)
 
 
+def collator(cfg: TrainConfig, tokenizer):
+    """The padded collator of the task: next-token rows (padder), or labelled rows, one label each."""
+    if cfg.task == "lm":
+        return padder(tokenizer)
+    return partial(pad_labelled, pad_token_id=pad_id(tokenizer), padding_side=tokenizer.padding_side)
+
+
 def setup_evaluation(cfg: TrainConfig, rows: dict, tokenizer) -> dict | None:
     """The held-out records and examples to evaluate on before and after training, or None."""
     if rows["held_out"] is None:
         return None
     records, places = rows["held_out"]
     name = f"{eval_source(cfg)} {cfg.eval_split}"
-    examples, _ = examples_of(records, places, name, tokenizer, cfg.max_len, cfg.template, role="evaluation data",
-                              progress=distributed.is_main())
+    if cfg.task == "lm":
+        examples, _ = examples_of(records, places, name, tokenizer, cfg.max_len, cfg.template, role="evaluation data",
+                                  progress=distributed.is_main())
+    else:
+        try:
+            examples = encode_labelled(records, places, tokenizer, cfg.max_len, cfg.task, rows["classes"],
+                                       progress=distributed.is_main())
+        except BitfitError as error:  # a class the training data never had
+            raise BitfitError(f"evaluation data: {error}") from None
     # What the numbers depend on besides the model: the rows, and the token ids the tokenizer made of them.
-    return {"records": records, "examples": examples, "name": name, "hash": digest([records, token_ids(examples)])}
+    return {"records": records, "examples": examples, "name": name, "classes": rows["classes"],
+            "hash": digest([records, token_ids(examples)])}
 
 
 def token_ids(examples: list) -> list:
-    return [[e["input_ids"], e["labels"]] for e in examples]
+    return [[e["input_ids"], e["labels"] if "labels" in e else e["label"]] for e in examples]
 
 
 def digest(value) -> str:
@@ -279,13 +323,14 @@ def digest(value) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def check_inputs(cfg: TrainConfig, model, flat: FlatBiases, added: list[str], examples: list, out_dir: Path) -> str:
+def check_inputs(cfg: TrainConfig, model, flat: FlatBiases, added: list[str], head: list[str], examples: list,
+                 out_dir: Path) -> str:
     """Record the model's and the data's hashes in the run, or refuse to resume on other ones. Rank 0
     checks, and returns the base's fingerprint (every process does under sharded weights, '' elsewhere);
     every process stops if it refuses."""
     error, fingerprint = "", ""
     if distributed.is_main() or cfg.shard_weights:  # sharded, it gathers each weight: a collective, all take part
-        fingerprint = base_fingerprint(model, flat, added)
+        fingerprint = base_fingerprint(model, flat, added, head)
     if distributed.is_main():
         try:
             run_folder.same_inputs(out_dir, {"model": fingerprint, "training data": digest(token_ids(examples))},
@@ -349,11 +394,37 @@ def recorded_steps(path: Path, steps: int) -> list[str]:
 # --- evaluate and save ------------------------------------------------------------------------------
 
 def evaluate(model, tokenizer, held_out: dict, cfg: TrainConfig, device) -> dict:
-    """Held-out loss and exact match, timed."""
+    """Held-out loss and exact match (a classifier's or regressor's measures: bitfit.metrics), timed."""
     start = time.perf_counter()
+    if cfg.task != "lm":
+        result = labelled_measures(model, held_out["examples"], collator(cfg, tokenizer), device, cfg.bf16,
+                                   len(held_out["classes"] or []))
+        finite_loss(result["loss"])
+        return {**result, "seconds": time.perf_counter() - start}
     loss = finite_loss(heldout_loss(model, held_out["examples"], padder(tokenizer), device, cfg.bf16))
     result = exact_match(model, tokenizer, held_out["records"], cfg.template, device, cfg.bf16, cfg.max_new_tokens)
     return {"loss": loss, **result, "seconds": time.perf_counter() - start}
+
+
+def said(measured: dict, task: str) -> str:
+    """'held-out loss 0.6931, accuracy 50.0%, F1 0.667, MCC 0.000' and the like, for the log."""
+    parts = [f"held-out loss {measured['loss']:.4f}"]
+    if task == "lm":
+        parts.append(f"exact match {100 * measured['exact_match']:.1f}%")
+    elif task == "classify":
+        parts += [f"accuracy {100 * measured['accuracy']:.1f}%", *([f"F1 {measured['f1']:.3f}"] if "f1" in measured else []),
+                  f"MCC {measured['mcc']:.3f}"]
+    else:
+        parts += [f"Pearson {measured['pearson']:.3f}", f"Spearman {measured['spearman']:.3f}"]
+    return ", ".join(parts)
+
+
+def gain(before: dict, after: dict, task: str) -> str:
+    """' (+45.0 points)': the change of the headline measure."""
+    if task == "regress":
+        return f" (Pearson {after['pearson'] - before['pearson']:+.3f})"
+    key = "exact_match" if task == "lm" else "accuracy"
+    return f" ({100 * (after[key] - before[key]):+.1f} points)"
 
 
 def evaluate_trained(model, tokenizer, held_out: dict, cfg: TrainConfig, device, out_dir: Path) -> dict:
@@ -372,7 +443,7 @@ def check_outputs(model, tokenizer, examples: list, held_out: dict | None, cfg: 
     """NonFiniteError unless the trained model's outputs on a few training examples are finite: biases can
     be finite while the logits are not, and such a model must never be saved as a result. Every process
     checks the same examples (a collective forward under sharded weights), so all agree."""
-    probe = padder(tokenizer)([{key: e[key] for key in ("input_ids", "attention_mask")} for e in examples[:4]])
+    probe = collator(cfg, tokenizer)(examples[:4])
     if problem := nonfinite_outputs(model, probe, cfg.bf16):
         raise NonFiniteError(f"after step {steps}, {problem}: the biases diverged and no delta was written (try a "
                              "lower --lr)")
@@ -385,14 +456,17 @@ def evaluate_untrained(model, tokenizer, held_out: dict, cfg: TrainConfig, devic
     run holds trained biases: it reads the untrained numbers back, never measures them (None if lost).
     Under sharded weights every process calls this: rank 0 reads, and all measure or none does."""
     path = out_dir / "eval_before.json"
-    cached = base_eval_cache({"base": base, "held-out data": held_out["hash"], "template": cfg.template,
+    # A classifier's untrained head is drawn from the seed: its numbers depend on it, an LM's do not.
+    cached = base_eval_cache({"base": base, "task": cfg.task, "classes": held_out["classes"],
+                              "head seed": cfg.seed if cfg.task != "lm" else None,
+                              "held-out data": held_out["hash"], "template": cfg.template,
                               "max_new_tokens": cfg.max_new_tokens, "bf16": cfg.bf16, "bf16_weights": cfg.bf16_weights,
                               "device": device.type, "sharded": cfg.shard_weights, "bitfit": __version__})
     before, source = None, ""
     if distributed.is_main():
-        if first_step and (before := read_cached(path, log)) is not None:  # what the run measured when it started
+        if first_step and (before := read_cached(path, cfg.task, log)) is not None:  # what the run measured when it started
             source = "this run's eval_before.json"
-        elif (before := read_cached(cached, log)) is not None:
+        elif (before := read_cached(cached, cfg.task, log)) is not None:
             source = f"cached in {cached}"
     if cfg.shard_weights:  # every process measures, or none does
         before, source = distributed.share((before, source))
@@ -409,7 +483,7 @@ def evaluate_untrained(model, tokenizer, held_out: dict, cfg: TrainConfig, devic
             pass
     if distributed.is_main():
         write_json(path, before)
-    log(f"before training: held-out loss {before['loss']:.4f}, exact match {100 * before['exact_match']:.1f}% "
+    log(f"before training: {said(before, cfg.task)} "
         f"({len(held_out['records'])} examples of {held_out['name']}; {source})")
     return before
 
@@ -421,7 +495,7 @@ def finite_loss(loss: float) -> float:
     return loss
 
 
-def read_cached(path: Path, log) -> dict | None:
+def read_cached(path: Path, task: str, log) -> dict | None:
     """A stored evaluation, or None when there is none, or when it fails validation (then it is measured
     again where it can be, and the log says why)."""
     try:
@@ -431,7 +505,7 @@ def read_cached(path: Path, log) -> dict | None:
     except (OSError, ValueError) as error:  # ValueError: not JSON, not UTF-8
         problem = f"it cannot be read ({error})"
     else:
-        if (problem := stored_evaluation_problem(stored)) is None:
+        if (problem := stored_evaluation_problem(stored, task)) is None:
             return stored
     log(f"ignoring the stored evaluation {path}: {problem}")
     return None
@@ -439,7 +513,7 @@ def read_cached(path: Path, log) -> dict | None:
 
 def evaluate_during(model, tokenizer, held_out: dict, cfg: TrainConfig, device) -> dict:
     """The held-out measures of one --eval-every point, as metrics.jsonl fields."""
-    measured = {"eval_loss": finite_loss(heldout_loss(model, held_out["examples"], padder(tokenizer), device, cfg.bf16))}
+    measured = {"eval_loss": finite_loss(heldout_loss(model, held_out["examples"], collator(cfg, tokenizer), device, cfg.bf16))}
     if cfg.eval_every_exact_match:
         measured["eval_exact_match"] = exact_match(model, tokenizer, held_out["records"], cfg.template, device,
                                                    cfg.bf16, cfg.max_new_tokens)["exact_match"]
@@ -451,11 +525,9 @@ def save_results(model, held_out, out_dir: Path, results: dict, started: float, 
     and the loss curve (rank 0)."""
     delta_path = out_dir / "delta.safetensors"
     if held_out:
-        before = results.get("before")  # None for a resumed run that lost it
-        gain = f" ({100 * (results['after']['exact_match'] - before['exact_match']):+.1f} points)" if before else ""
-        log(f"after training:  held-out loss {results['after']['loss']:.4f}, exact match "
-            f"{100 * results['after']['exact_match']:.1f}%{gain}")
-        for sample in results["after"]["samples"][:3]:
+        before, after, task = results.get("before"), results["after"], results["task"]  # before: None if a resume lost it
+        log(f"after training:  {said(after, task)}" + (gain(before, after, task) if before else ""))
+        for sample in after.get("samples", [])[:3]:
             log(f"  {sample['prompt']!r} -> {sample['generated'].strip()!r} (expected {sample['expected']!r})")
     records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
     points = report.held_out_points(records, results.get("before"), results.get("after"), results["steps"])

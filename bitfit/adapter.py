@@ -30,7 +30,7 @@ from safetensors import safe_open
 from torch import nn
 from . import models
 from .cli import ArgumentParser
-from .delta import FOREIGN, FORMAT, FORMAT_1, apply_delta, read_delta
+from .delta import FOREIGN, FORMATS, apply_delta, read_delta
 from .errors import BitfitError
 from .files import check_new_folder, write_folder
 from .finite import nonfinite_outputs, text_probe
@@ -125,7 +125,7 @@ def read_beft(folder: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, st
     tensors = {name.removeprefix(PREFIX).removesuffix(SUFFIX) + ".bias": tensor.reshape(-1).float()
                for name, tensor in raw.items()}
     carried = {key.removeprefix("bitfit_"): value for key, value in stored.items() if key.startswith("bitfit_")}
-    metadata = carried if carried.get("format") in (FORMAT, FORMAT_1) else {
+    metadata = carried if carried.get("format") in FORMATS else {
         "format": FOREIGN, "base_model": config.get("base_model_name_or_path") or "", "base_fingerprint": "",
         "added_biases": "[]", "dtype": "float32", "selection": f"the PEFT BEFT adapter {folder}"}
     return tensors, metadata

@@ -1,6 +1,11 @@
-"""What trains: the biases, and nothing else.
+"""What trains: the biases, and the parameters the checkpoint does not hold; nothing else.
 
-`trains(name, which)` is the one predicate. `select_biases` applies it to freeze the model, the flat
+A classifier's head is new: the checkpoint of an encoder or a causal LM has none, and a random head that
+stayed frozen would be a random projection no bias could fix (so the BitFit paper trains it, as does
+every sequence classification setup). The same holds for a pooler a sentence-embedding checkpoint lacks.
+These `new` parameters train whole; everything else the checkpoint holds trains only if it is a bias.
+
+`trains(name, which, new)` is the one predicate. `select_biases` applies it to freeze the model, the flat
 buffer (flat.py) holds exactly what it selected, the optimizer steps exactly that buffer, and the delta
 export writes exactly that buffer. Nothing else decides.
 """
@@ -38,12 +43,15 @@ def _module_is(name: str, modules: tuple[str, ...]) -> bool:
     return any(module == m or module.endswith("." + m) for m in modules)
 
 
-def trains(name: str, which: str = "all") -> bool:
+def trains(name: str, which: str = "all", new: frozenset[str] = frozenset()) -> bool:
     """Does parameter `name` train under the selection `which`?
 
     which: "all" (every bias: BitFit), "reduced" (query + first MLP biases: the paper's reduced
     variant), or a regular expression searched in the names of the biases ("attention", "h\\.(0|1)\\.").
+    `new`: the parameters the checkpoint does not hold (a classifier's head), which always train.
     """
+    if name in new:
+        return True
     if not is_bias(name):
         return False
     if which == "all":
@@ -101,10 +109,10 @@ def add_missing_biases(model: nn.Module) -> list[str]:
     return added
 
 
-def select_biases(model: nn.Module, which: str = "all") -> Selection:
+def select_biases(model: nn.Module, which: str = "all", new: list[str] = ()) -> Selection:
     """Freeze every parameter, then unfreeze those `trains` picks; return them with their masks.
 
-    Fails loudly when nothing would train: a run that updates no parameter is never what was meant.
+    Fails loudly when no bias would train: a run that updates no bias is not BitFit.
     """
     if which not in ("all", "reduced"):
         try:
@@ -112,8 +120,9 @@ def select_biases(model: nn.Module, which: str = "all") -> Selection:
         except re.error as error:
             raise BitfitError(f"bias selection {which!r} is neither 'all', 'reduced' nor a valid regular expression ({error})") from None
     selection: Selection = {}
+    new = frozenset(new)
     for name, param in model.named_parameters():
-        picked = trains(name, which)
+        picked = trains(name, which, new)
         param.requires_grad_(picked)
         if picked:
             mask = torch.ones(param.numel(), dtype=torch.bool)
@@ -123,7 +132,7 @@ def select_biases(model: nn.Module, which: str = "all") -> Selection:
                 except BitfitError as error:
                     raise BitfitError(f"{error}; select biases with a name pattern instead of 'reduced'") from None
             selection[name] = mask
-    if not selection:
+    if not set(selection) - new:
         n_biases = sum(is_bias(name) for name, _ in model.named_parameters())
         raise BitfitError(f"nothing would train: the model has {n_biases} bias tensors and selection {which!r} picks none of them"
                           + ("; add zero biases first (add_missing_biases)" if n_biases == 0 else ""))
@@ -136,6 +145,9 @@ def count_trainable(model: nn.Module, selection: Selection) -> tuple[int, int]:
     return trainable, sum(param.numel() for param in model.parameters())
 
 
-def describe(trainable: int, total: int) -> str:
-    """'trainable: 408,576 / 1,065,314,304 parameters (0.0384%)'."""
-    return f"trainable: {trainable:,} / {total:,} parameters ({100 * trainable / total:.4f}%)"
+def describe(trainable: int, total: int, new: dict[str, int] | None = None) -> str:
+    """'trainable: 408,576 / 1,065,314,304 parameters (0.0384%)'; with `new` parameters ({name: entries}),
+    counted apart: 'trainable: 102,912 biases + 1,538 new (classifier.weight, classifier.bias) = 104,450 / ...'."""
+    head = sum((new or {}).values())
+    parts = f"{trainable - head:,} biases + {head:,} new ({', '.join(new)}) = " if new else ""
+    return f"trainable: {parts}{trainable:,} / {total:,} parameters ({100 * trainable / total:.4f}%)"

@@ -48,6 +48,21 @@ def pad_batch(
     return batch
 
 
+def pad_labelled(examples: list[Example], pad_token_id: int, padding_side: str = "right") -> dict[str, torch.Tensor]:
+    """Labelled examples (bitfit.labelled) as one batch: input_ids, attention_mask (and token_type_ids)
+    padded to the longest row, and `labels`, one per row: class ids (long) or numbers (float32)."""
+    batch = pad_batch([{key: e[key] for key in ("input_ids", "attention_mask")} for e in examples], pad_token_id,
+                      padding_side)
+    if "token_type_ids" in examples[0]:
+        length = batch["input_ids"].shape[1]
+        rows = [([0] * (length - len(e["token_type_ids"])) if padding_side == "left" else []) + e["token_type_ids"]
+                + ([0] * (length - len(e["token_type_ids"])) if padding_side == "right" else []) for e in examples]
+        batch["token_type_ids"] = torch.tensor(rows, dtype=torch.long)
+    labels = [e["label"] for e in examples]
+    batch["labels"] = torch.tensor(labels, dtype=torch.float32 if isinstance(labels[0], float) else torch.long)
+    return batch
+
+
 def idle_pass() -> dict[str, torch.Tensor]:
     """A pass of one token and no label: under sharded weights (bitfit.sharding) every forward is a
     collective, so a process whose share of a step is done runs this while another still has a pass.

