@@ -246,6 +246,12 @@ def check_delta(model: nn.Module, path: str) -> tuple[dict[str, torch.Tensor], d
     added = [name for name in tensors if name not in params] if foreign else json.loads(metadata["added_biases"])
     head = head_of(metadata)
     trained_on = f"this delta was trained on {metadata['base_model']!r} (fingerprint {metadata['base_fingerprint'] or 'unknown'})"
+    task, classes = task_of(metadata)
+    outputs = len(classes) if classes else 1
+    if head and getattr(model.config, "num_labels", None) != outputs:
+        raise BitfitError(f"this model's head has {getattr(model.config, 'num_labels', None)} outputs and the delta's "
+                          f"{outputs} ({task}{': ' + ', '.join(classes) if classes else ''}): load the base with the "
+                          "delta's classes")
     modules = dict(model.named_modules())
     for name, delta in tensors.items():
         if name in params:

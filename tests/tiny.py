@@ -69,3 +69,17 @@ def step_loss_and_gradient(model: torch.nn.Module, batch: dict[str, torch.Tensor
     loss = loss_sum(model, batch) / label_tokens(batch)
     loss.backward()
     return loss.detach(), flat.grads.clone()
+
+
+def tiny_encoder(kind: str = "bert", seed: int = 0, pooler: bool = True):
+    """A BERT- or RoBERTa-shaped encoder without a head, as an encoder checkpoint is: 2 layers, hidden 32,
+    4 heads; vocabulary of tiny_tokenizer. `pooler=False`: no pooler, as in many sentence-embedding
+    checkpoints (its classifier then needs a new one)."""
+    from transformers import BertConfig, BertModel, RobertaConfig, RobertaModel
+
+    torch.manual_seed(seed)
+    shape = dict(vocab_size=400, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                 max_position_embeddings=130, initializer_range=0.2, pad_token_id=0)
+    if kind == "roberta":
+        return RobertaModel(RobertaConfig(**shape, type_vocab_size=1), add_pooling_layer=pooler).eval()
+    return BertModel(BertConfig(**shape), add_pooling_layer=pooler).eval()

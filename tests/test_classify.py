@@ -1,0 +1,262 @@
+"""Classification and regression (--task classify / regress): BitFit's own GLUE setting, on tiny encoders
+(BERT, RoBERTa), a tiny Llama with a score head, and the embedded all-MiniLM-L6-v2."""
+
+import json
+import math
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification
+
+import train
+from bitfit import models
+from bitfit.biases import add_missing_biases, count_trainable, describe, select_biases
+from bitfit.collate import pad_labelled
+from bitfit.delta import apply_delta, read_delta, save_delta
+from bitfit.errors import BitfitError
+from bitfit.flat import FlatBiases
+from bitfit.labelled import encode_labelled
+from bitfit.loss import label_tokens, loss_sum
+from test_train import saved
+from tiny import tiny_encoder, tiny_llama, tiny_tokenizer
+
+QUICK = ["--split", "train[:48]", "--eval-split", "heldout[:32]", "--lr", "1e-2"]
+ENCODERS = {"bert": lambda: tiny_encoder("bert"), "roberta": lambda: tiny_encoder("roberta"), "llama": tiny_llama}
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("encoders")
+    return {kind: saved(make, root / kind) for kind, make in ENCODERS.items()}
+
+
+def last_error(capsys) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return err.strip().splitlines()[-1]
+
+
+# --- what trains ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("size", "biases", "head", "total"), [
+    ("base", 102_912, 1_538, 109_483_778),
+    ("large", 272_384, 2_050, 335_143_938),
+])
+def test_bert_trains_its_biases_and_the_new_head_in_the_papers_share(size, biases, head, total):
+    shape = {"base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
+             "large": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096)}[size]
+    with torch.device("meta"):
+        model = BertForSequenceClassification(BertConfig(**shape, num_labels=2))
+    new = ["classifier.bias", "classifier.weight"]
+    selection = select_biases(model, "all", new)
+    assert count_trainable(model, selection) == (biases + head, total)
+    assert describe(*count_trainable(model, selection), {name: model.get_parameter(name).numel() for name in new}) == \
+        f"trainable: {biases:,} biases + {head:,} new (classifier.bias, classifier.weight) = {biases + head:,} / " \
+        f"{total:,} parameters ({100 * (biases + head) / total:.4f}%)"
+    if size == "large":
+        assert f"{100 * (biases + head) / total:.3f}" == "0.082"  # the paper's 0.08%
+    frozen = [name for name, p in model.named_parameters() if not p.requires_grad]
+    assert all(not name.endswith(".bias") and name not in new for name in frozen)
+
+
+def test_a_checkpoint_without_a_pooler_gets_one_that_trains_whole(tmp_path):
+    folder = saved(lambda: tiny_encoder("bert", pooler=False), tmp_path / "bert")
+    torch.manual_seed(0)
+    model, _, new = models.load_classifier(folder, ["a", "b"])
+    assert new == ["bert.pooler.dense.bias", "bert.pooler.dense.weight", "classifier.bias", "classifier.weight"]
+    selection = select_biases(model, "all", new)
+    assert set(new) <= set(selection)
+    assert not any(p.requires_grad for name, p in model.named_parameters() if name not in selection)
+
+
+def test_the_embedded_encoder_has_a_pooler_so_only_its_classifier_is_new():
+    torch.manual_seed(0)
+    model, tokenizer, new = models.load_classifier(models.EMBEDDED_ENCODER, ["negative", "positive"])
+    assert new == ["classifier.bias", "classifier.weight"] and model.config.model_type == "bert"
+    assert model.config.id2label == {0: "negative", 1: "positive"}
+
+
+# --- the loss ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("task", ["classify", "regress"])
+def test_eight_batches_of_one_accumulate_to_the_gradient_of_one_batch_of_eight(task, folders):
+    torch.manual_seed(0)
+    model, tokenizer, new = models.load_classifier(folders["bert"], ["negative", "positive"] if task == "classify" else None)
+    flat = FlatBiases(model, select_biases(model, "all", new))
+    rows = [{"text": f"The {word} was fine, I think {'!' * i}", "label": i % 2 if task == "classify" else i / 3}
+            for i, word in enumerate("movie book phone hotel meal laptop concert game".split())]
+    examples = encode_labelled(rows, [f"row {i}" for i in range(8)], tokenizer, 64, task, [0, 1] if task == "classify" else None)
+    model.eval()  # no dropout: the same function twice
+
+    def gradient(batches):
+        flat.zero_grad()
+        total = sum(label_tokens(batch) for batch in batches)
+        for batch in batches:
+            loss_sum(model, batch).backward()
+        return flat.grads.clone() / total
+
+    one = gradient([pad_labelled(examples, 0)])
+    eight = gradient([pad_labelled([example], 0) for example in examples])
+    torch.testing.assert_close(eight, one, rtol=1e-5, atol=1e-7)
+
+
+def test_a_labelled_batch_is_padded_to_its_longest_row_with_one_label_per_row():
+    examples = [{"input_ids": [5, 6, 7], "attention_mask": [1, 1, 1], "token_type_ids": [0, 0, 1], "label": 1},
+                {"input_ids": [5], "attention_mask": [1], "token_type_ids": [0], "label": 0}]
+    batch = pad_labelled(examples, pad_token_id=0)
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [5, 0, 0]] and batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert batch["token_type_ids"].tolist() == [[0, 0, 1], [0, 0, 0]]
+    assert batch["labels"].tolist() == [1, 0] and batch["labels"].dtype == torch.long
+    floats = pad_labelled([{**examples[0], "label": 2.5}], pad_token_id=0, padding_side="left")
+    assert floats["labels"].dtype == torch.float32
+
+
+# --- whole runs -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", list(ENCODERS))
+def test_a_classifier_trains_end_to_end_and_reports_accuracy_f1_and_mcc(kind, folders, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train.main(["--task", "classify", "--model", folders[kind], *QUICK, "--out-dir", str(out)]) == 0
+    log = capsys.readouterr().out
+    assert "task: classify, 2 classes: negative, positive; the checkpoint lacks " in log
+    results = json.loads((out / "results.json").read_text())
+    assert results["task"] == "classify" and results["classes"] == ["negative", "positive"]
+    for when in ("before", "after"):
+        assert set(results[when]) == {"loss", "accuracy", "f1", "mcc", "seconds"}
+    assert results["after"]["loss"] < results["before"]["loss"]
+    tensors, metadata = read_delta(str(out / "delta.safetensors"))
+    assert metadata["format"] == "bitfit-delta/3" and json.loads(metadata["classes"]) == ["negative", "positive"]
+    head = json.loads(metadata["head"])
+    assert head and all(name in tensors for name in head)
+
+
+def test_a_regressor_trains_end_to_end_and_reports_pearson_and_spearman(folders, tmp_path):
+    out = tmp_path / "run"
+    assert train.main(["--task", "regress", "--model", folders["bert"], *QUICK, "--out-dir", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["after"]) == {"loss", "pearson", "spearman", "seconds"} and "classes" not in results
+    assert results["after"]["loss"] < results["before"]["loss"]
+    assert json.loads(read_delta(str(out / "delta.safetensors"))[1]["classes"]) == []
+
+
+def test_string_classes_get_ids_in_sorted_order_saved_with_the_run_and_in_the_model(folders, tmp_path):
+    data = tmp_path / "data.jsonl"
+    rows = [{"sentence1": f"a {i}", "sentence2": f"b {i}", "label": ["zebra", "ant", "moth"][i % 3]} for i in range(24)]
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    out = tmp_path / "run"
+    assert train.main(["--task", "classify", "--model", folders["bert"], "--data", str(data), "--eval-data", "none",
+                       "--out-dir", str(out)]) == 0
+    assert json.loads((out / "results.json").read_text())["classes"] == ["ant", "moth", "zebra"]
+    model, _, _ = models.load_classifier(folders["bert"], ["ant", "moth", "zebra"])
+    apply_delta(model, str(out / "delta.safetensors"))
+    assert model.config.id2label == {0: "ant", 1: "moth", 2: "zebra"}
+
+
+@pytest.mark.parametrize(("rows", "message"), [
+    ([{"text": "a"}], r"data.jsonl line 1: no 'label' field"),
+    ([{"text": "a", "label": None}], r"data.jsonl line 1: the label is null"),
+    ([{"text": "a", "label": True}], r"data.jsonl line 1: --task classify needs an int or a non-empty string"),
+    ([{"text": "a", "label": 1.0}], r"line 1: .*found float 1.0; for a number to predict use --task regress"),
+    ([{"text": "a", "label": -1}], r"line 1: label -1 is no class \(GLUE's test splits"),
+    ([{"text": "a", "label": [1]}], r"line 1: --task classify needs an int or a non-empty string"),
+    ([{"label": 1}], r"line 1: a labelled row needs the fields text"),
+    ([{"text": 3, "label": 1}], r"line 1: 'text' must be a string"),
+    ([{"text": "a", "label": 1}, {"text": "b", "label": 1}], r"every row has the label 1 .*at least two classes"),
+    ([{"text": "a", "label": 1}, {"text": "b", "label": "x"}], r"the labels mix numbers and strings"),
+])
+def test_a_bad_label_is_one_error_line_naming_file_and_line_and_nothing_trains(rows, message, folders, tmp_path, capsys):
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    assert train.main(["--task", "classify", "--model", folders["bert"], "--data", str(data), "--eval-data", "none",
+                       "--out-dir", str(tmp_path / "run")]) == 2
+    last = last_error(capsys)
+    assert last.startswith("error: training data: ") and __import__("re").search(message, last), last
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(("label", "message"), [("abc", "--task regress needs a number as the label"),
+                                                ("NaN", "the label is nan, not a finite number")])
+def test_a_regression_label_must_be_a_finite_number(label, message, folders, tmp_path, capsys):
+    data = tmp_path / "data.jsonl"
+    data.write_text(json.dumps({"text": "a", "label": 1.5}) + "\n" + '{"text": "b", "label": ' +
+                    (json.dumps(label) if label != "NaN" else "NaN") + "}\n")
+    assert train.main(["--task", "regress", "--model", folders["bert"], "--data", str(data), "--eval-data", "none",
+                       "--out-dir", str(tmp_path / "run")]) == 2
+    assert f"data.jsonl line 2: {message}" in last_error(capsys)
+
+
+def test_a_held_out_class_the_training_data_never_had_is_one_error_line(folders, tmp_path, capsys):
+    (tmp_path / "eval.jsonl").write_text(json.dumps({"text": "x", "label": "neutral"}) + "\n")
+    assert train.main(["--task", "classify", "--model", folders["bert"], "--split", "train[:16]",
+                       "--eval-data", str(tmp_path / "eval.jsonl"), "--out-dir", str(tmp_path / "run")]) == 2
+    assert "error: evaluation data: " in (last := last_error(capsys)) and \
+        "eval.jsonl line 1: label 'neutral' is not one of the training data's classes ['negative', 'positive']" in last
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--template", "chat"], "--template is for --task lm"), (["--max-new-tokens", "4"], "--max-new-tokens is for --task lm"),
+    (["--layout", "packed"], "--layout packed joins examples end to end"), (["--task", "tag"], "--task must be one of"),
+])
+def test_a_flag_that_means_nothing_for_a_labelled_task_is_refused(flags, message, capsys):
+    assert train.main(["--task", "classify", *flags]) == 2
+    assert message in last_error(capsys)
+
+
+# --- the delta of a classifier ----------------------------------------------------------------------
+
+def tuned(folder: str, classes, seed: int = 0):
+    """A classifier of `folder` whose biases and head moved, and its flat buffer."""
+    torch.manual_seed(seed)
+    model, _, head = models.load_classifier(folder, classes)
+    added = add_missing_biases(model)
+    flat = FlatBiases(model, select_biases(model, "all", head))
+    with torch.no_grad():
+        flat.values.add_(torch.randn_like(flat.values) * 0.1)
+    return model.eval(), flat, added, head
+
+
+@pytest.mark.parametrize("kind", list(ENCODERS))
+@pytest.mark.parametrize("classes", [["no", "yes"], None])
+def test_a_fresh_base_plus_a_classifiers_delta_gives_the_tuned_logits(kind, classes, folders, tmp_path):
+    model, flat, added, head = tuned(folders[kind], classes)
+    path = tmp_path / "delta.safetensors"
+    save_delta(str(path), model, flat, base_model=folders[kind], added=added, head=head,
+               task="classify" if classes else "regress", classes=classes)
+    ids = torch.tensor([[5, 17, 42, 9], [7, 3, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=mask).logits
+    torch.manual_seed(123)  # the fresh base's head is another draw: the delta must set it, not add to it
+    fresh, _, _ = models.load_classifier(folders[kind], classes)
+    apply_delta(fresh, str(path))
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.eval()(input_ids=ids, attention_mask=mask).logits, expected, rtol=0, atol=1e-5)
+    with safe_open(str(path), "pt") as file:
+        assert all(file.get_tensor(name).shape == model.get_parameter(name).shape for name in head)
+
+
+def test_a_classifiers_delta_refuses_a_base_it_was_not_trained_on(folders, tmp_path):
+    model, flat, added, head = tuned(folders["bert"], ["no", "yes"])
+    path = tmp_path / "delta.safetensors"
+    save_delta(str(path), model, flat, base_model=folders["bert"], added=added, head=head, task="classify",
+               classes=["no", "yes"])
+    other = saved(lambda: tiny_encoder("bert", seed=7), tmp_path / "other")
+    fresh, _, _ = models.load_classifier(other, ["no", "yes"])
+    with pytest.raises(BitfitError, match="this model's fingerprint is .*, but this delta was trained on"):
+        apply_delta(fresh, str(path))
+    three, _, _ = models.load_classifier(folders["bert"], ["a", "b", "c"])
+    with pytest.raises(BitfitError, match=r"this model's head has 3 outputs and the delta's 2 \(classify: no, yes\)"):
+        apply_delta(three, str(path))
+
+
+# --- the offline default ----------------------------------------------------------------------------
+
+def test_the_default_classify_run_gains_at_least_30_points_of_held_out_accuracy(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train.main(["--task", "classify", "--out-dir", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["after"]["accuracy"] - results["before"]["accuracy"] >= 0.30, (results["before"], results["after"])
+    assert math.isfinite(results["after"]["mcc"])
+    log = capsys.readouterr().out
+    assert "trainable: 26,112 biases + 770 new (classifier.bias, classifier.weight) = 26,882 / 22,713,986" in log
