@@ -2,8 +2,8 @@
 
     python -m bitfit.merge --delta runs/<run>/delta.safetensors --out merged/
 
-The folder loads with plain `AutoModelForCausalLM.from_pretrained(folder)`, no bitfit code, and gives the
-tuned model's logits. Biases bitfit added to a bias-free base must be expressible by the architecture's
+The folder loads with plain `AutoModelForCausalLM.from_pretrained(folder)` (a classifier's or regressor's:
+`AutoModelForSequenceClassification`, with its id2label), no bitfit code, and gives the tuned model's logits. Biases bitfit added to a bias-free base must be expressible by the architecture's
 own config (Llama: `attention_bias`, `mlp_bias`); where they are not (Mistral, say), the merge is refused
 and the delta stays the way to use the tuned model. --out must be a new or empty folder: a merge never
 writes over a base model's folder, a run folder or anything else already there.
@@ -17,12 +17,10 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM
-
 from . import models
 from .biases import add_zero_bias, is_bias
 from .cli import ArgumentParser
-from .delta import apply_delta, read_delta
+from .delta import apply_delta, read_delta, task_of
 from .errors import BitfitError
 from .files import check_new_folder, write_folder
 from .finite import nonfinite_outputs, text_probe
@@ -43,7 +41,7 @@ def standard_config(model: nn.Module, added: list[str]) -> tuple[object, list[st
         if isinstance(getattr(config, flag, None), bool):
             setattr(config, flag, True)
     with torch.device("meta"):
-        expected = set(AutoModelForCausalLM.from_config(config).state_dict())
+        expected = set(models.auto_class(model).from_config(config).state_dict())
     inexpressible = sorted(set(added) - expected)
     if inexpressible:
         raise BitfitError(f"a {config.model_type!r} model has no place for the biases bitfit added (e.g. {inexpressible[0]}): "
@@ -96,7 +94,7 @@ def merge(model: nn.Module, delta_path: str, out_dir: str, tokenizer=None) -> Pa
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
         # The promise is "loads with plain transformers to the same model": check it before saying so.
-        reloaded = AutoModelForCausalLM.from_pretrained(staging, dtype=next(model.parameters()).dtype)
+        reloaded = models.auto_class(model).from_pretrained(staging, dtype=next(model.parameters()).dtype)
         difference = (logits(reloaded, probe) - expected).abs().max().item()
         if not difference <= 1e-6:  # not `difference > 1e-6`: NaN > 1e-6 is False, and NaN must fail
             raise BitfitError(f"the merged model does not reproduce the tuned logits (max difference {difference:.2e}); "
@@ -117,14 +115,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = cli.parse_args(argv)
         check_new_folder(args.out, "--out")  # before the model is loaded: a refusal should not take a minute
-        base_name = args.model or read_delta(args.delta)[1]["base_model"]
-        model, tokenizer = models.load(base_name, torch.device("cpu"), torch.float32, args.trust_remote_code,
-                                       args.trust_pickle_weights)
+        metadata = read_delta(args.delta)[1]
+        model, tokenizer = models.load_for(args.model or metadata["base_model"], *task_of(metadata), torch.device("cpu"),
+                                           torch.float32, args.trust_remote_code, args.trust_pickle_weights)
         out = merge(model, args.delta, args.out, tokenizer)
     except BitfitError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    print(f"wrote {out}: load it with AutoModelForCausalLM.from_pretrained({str(out)!r})")
+    print(f"wrote {out}: load it with {models.auto_class(model).__name__}.from_pretrained({str(out)!r})")
     return 0
 
 

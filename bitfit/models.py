@@ -231,6 +231,21 @@ def load_classifier(name: str, classes: list[str] | None, device: torch.device =
     return model.to(device).train(), tokenizer, new
 
 
+def load_for(name: str, task: str, classes: list[str] | None, device: torch.device = torch.device("cpu"),
+             dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
+             trust_pickle_weights: bool = False) -> tuple[nn.Module, object]:
+    """(model, tokenizer) of the kind a delta of `task` applies to: a causal LM, or a classifier or
+    regressor with the delta's classes (its head drawn at random: the delta sets it)."""
+    if task == "lm":
+        return load(name, device, dtype, trust_remote_code, trust_pickle_weights)
+    return load_classifier(name, classes, device, dtype, trust_remote_code, trust_pickle_weights)[:2]
+
+
+def auto_class(model: nn.Module) -> type:
+    """The transformers Auto class that loads a folder `model` is saved to: the same kind of model."""
+    return AutoModelForSequenceClassification if type(model).__name__.endswith("ForSequenceClassification") else AutoModelForCausalLM
+
+
 def _source(name: str, trust_pickle_weights: bool) -> tuple[str, str]:
     """(what to load `name` from, the hub's offline message or ''), the local folder checked."""
     source = resolve(name)

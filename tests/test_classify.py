@@ -260,3 +260,20 @@ def test_the_default_classify_run_gains_at_least_30_points_of_held_out_accuracy(
     assert math.isfinite(results["after"]["mcc"])
     log = capsys.readouterr().out
     assert "trainable: 26,112 biases + 770 new (classifier.bias, classifier.weight) = 26,882 / 22,713,986" in log
+
+
+@pytest.mark.parametrize("kind", list(ENCODERS))
+def test_a_merged_classifier_loads_with_plain_transformers_to_the_tuned_logits_and_its_classes(kind, folders, tmp_path, capsys):
+    from bitfit import merge
+
+    model, flat, added, head = tuned(folders[kind], ["no", "yes", "maybe"])
+    path = tmp_path / "delta.safetensors"
+    save_delta(str(path), model, flat, base_model=folders[kind], added=added, head=head, task="classify",
+               classes=["no", "yes", "maybe"])
+    assert merge.main(["--delta", str(path), "--out", str(tmp_path / "merged")]) == 0
+    assert "AutoModelForSequenceClassification.from_pretrained(" in capsys.readouterr().out
+    plain = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()  # no bitfit code
+    assert plain.config.id2label == {0: "no", 1: "yes", 2: "maybe"}
+    ids = torch.tensor([[5, 17, 42, 9]])
+    with torch.no_grad():
+        torch.testing.assert_close(plain(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=1e-5)
