@@ -13,8 +13,12 @@ peft. The delta's base fingerprint travels in the safetensors metadata, so the f
 delta (`generate.py --delta my-adapter/`, `python -m bitfit.merge --delta my-adapter/`) is checked
 against its base as the delta was; an adapter trained by PEFT itself has none, and its base is not checked.
 
-A bias that is not on a linear layer (LayerNorm biases: BLOOM trains them) has no place in BEFT: the
-export is refused, naming them, never dropped silently. The export loads the base, applies the delta
+A bias that is not on a linear layer (the LayerNorm biases BERT and BLOOM train) has no place in BEFT, and
+a classifier's head is new: their modules go into PEFT's `modules_to_save`, which PEFT saves whole, as
+    adapter_model.safetensors      "base_model.model.<module>.<parameter>": the tuned module's every parameter
+(task_type SEQ_CLS for a classifier). Read back, those whole values become a delta again against the base
+they are applied to (`check_delta`), and a whole value that is no bias must equal the base's: BitFit
+never changes one. The export loads the base, applies the delta
 (checked against the base's fingerprint) and refuses a tuned model whose outputs are not finite
 (bitfit.finite): an adapter of a run that diverged is never written.
 """
@@ -30,7 +34,7 @@ from safetensors import safe_open
 from torch import nn
 from . import models
 from .cli import ArgumentParser
-from .delta import FOREIGN, FORMATS, apply_delta, read_delta
+from .delta import FOREIGN, FORMATS, apply_delta, head_of, read_delta, task_of
 from .errors import BitfitError
 from .files import check_new_folder, write_folder
 from .finite import nonfinite_outputs, text_probe
@@ -56,25 +60,37 @@ def is_beft_folder(path: str | Path) -> bool:
     return adapter_type(path) == "BEFT"
 
 
-def linear_modules(model: nn.Module, model_name: str, names: list[str]) -> dict[str, nn.Module]:
-    """The modules of `model` that hold the biases `names` (a bias bitfit added sits on a linear layer
-    that has none)."""
+def module_of(name: str) -> str:
+    return name.rsplit(".", 1)[0]
+
+
+def whole_modules(model: nn.Module, tensors: dict[str, torch.Tensor], head: list[str]) -> list[str]:
+    """The modules an adapter saves whole (modules_to_save): those of a bias that is not on a linear layer,
+    and the head's, each head parameter under the outermost module that holds nothing but head (RoBERTa's
+    `classifier`, not its `classifier.dense`; a new pooler's `bert.pooler`)."""
     modules = dict(model.named_modules())
-    missing = [name for name in names if name.removesuffix(".bias") not in modules]
+    missing = [name for name in tensors if module_of(name) not in modules]
     if missing:
-        raise BitfitError(f"the base {model_name!r} has no module for {missing[0]}: is it the base the delta was trained on?")
-    return {name: modules[name.removesuffix(".bias")] for name in names}
+        raise BitfitError(f"the base has no module for {missing[0]}: is it the base the delta was trained on?")
+    whole = {module_of(name) for name in tensors
+             if name not in head and not isinstance(modules[module_of(name)], nn.Linear)}
+    for name in head:
+        path = module_of(name)
+        while "." in path and all(f"{module_of(path)}.{n}" in head for n, _ in modules[module_of(path)].named_parameters()):
+            path = module_of(path)
+        whole.add(path)
+    return sorted(whole)
 
 
-def to_beft(tensors: dict[str, torch.Tensor], modules: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
-    """The adapter's tensors for a delta's, or a BitfitError naming every bias BEFT cannot hold."""
-    outside = sorted(name for name, module in modules.items() if not isinstance(module, nn.Linear))
-    if outside:
-        raise BitfitError(
-            f"{len(outside)} of the delta's biases are not on a linear layer (e.g. {', '.join(outside[:3])}), and PEFT's "
-            "BEFT adds vectors to nn.Linear outputs only: use `python -m bitfit.merge` for a standalone model, or train "
-            "with a --biases pattern that leaves them out (BLOOM: --biases 'query_key_value|dense')")
-    return {PREFIX + name.removesuffix(".bias") + SUFFIX: tensor.reshape(1, -1).contiguous() for name, tensor in tensors.items()}
+def adapter_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], whole: list[str]) -> dict[str, torch.Tensor]:
+    """The adapter file's tensors: a BEFT vector per linear bias of the delta, and every parameter of the
+    whole modules, as the tuned `model` holds them."""
+    inside = lambda name: any(name.startswith(module + ".") for module in whole)  # noqa: E731
+    vectors = {PREFIX + module_of(name) + SUFFIX: tensor.reshape(1, -1).contiguous()
+               for name, tensor in tensors.items() if not inside(name)}
+    saved = {PREFIX + f"{module}.{name}": param.detach().cpu().contiguous().clone()
+             for module in whole for name, param in model.get_submodule(module).named_parameters()}
+    return {**vectors, **saved}
 
 
 def export(delta_path: str, out_dir: str, model_name: str = "", trust_remote_code: bool = False,
@@ -84,17 +100,22 @@ def export(delta_path: str, out_dir: str, model_name: str = "", trust_remote_cod
     out = check_new_folder(out_dir, "--out")
     tensors, metadata = read_delta(delta_path)
     base = model_name or metadata["base_model"]
-    model, tokenizer = models.load(base, torch.device("cpu"), torch.float32, trust_remote_code, trust_pickle_weights)
-    adapter = to_beft(tensors, linear_modules(model, base, list(tensors)))
+    task, classes = task_of(metadata)
+    model, tokenizer = models.load_for(base, task, classes, torch.device("cpu"), torch.float32, trust_remote_code,
+                                       trust_pickle_weights)
     apply_delta(model, delta_path)  # refuses a base the delta was not trained on
     if problem := nonfinite_outputs(model, text_probe(tokenizer)):
         raise BitfitError(f"the model tuned by {delta_path} is broken: {problem}; refusing to export it (the run that "
                           "wrote the delta diverged)")
+    whole = whole_modules(model, tensors, head_of(metadata))
+    adapter = adapter_tensors(model, tensors, whole)
     config = {
-        "peft_type": "BEFT", "task_type": "CAUSAL_LM", "target_modules": sorted(n.removesuffix(".bias") for n in tensors),
+        "peft_type": "BEFT", "task_type": "CAUSAL_LM" if task == "lm" else "SEQ_CLS",
+        "target_modules": sorted(name[len(PREFIX) : -len(SUFFIX)] for name in adapter if name.endswith(SUFFIX)),
         # PEFT loads the base by this name; the embedded default is a folder in bitfit's cache.
-        "base_model_name_or_path": models.resolve(base) if base == models.EMBEDDED else base,
-        "inference_mode": True, "init_weights": True, "modules_to_save": None, "revision": None, "auto_mapping": None,
+        "base_model_name_or_path": models.resolve(base) if base in (models.EMBEDDED, models.EMBEDDED_ENCODER) else base,
+        "inference_mode": True, "init_weights": True, "modules_to_save": whole or None, "revision": None,
+        "auto_mapping": None,
     }
     # The delta's metadata rides along (safetensors metadata is strings only), so the folder reads back as it.
     carried = {"format": "pt", **{f"bitfit_{key}": value for key, value in metadata.items()}}
@@ -110,7 +131,8 @@ def export(delta_path: str, out_dir: str, model_name: str = "", trust_remote_cod
 def read_beft(folder: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """A BEFT adapter folder as a delta's (tensors, metadata). bitfit's own exports carry the delta's
     metadata; an adapter trained by PEFT gets an empty fingerprint (its base cannot be checked) and
-    added biases found when it is applied (the targeted layers that have none)."""
+    added biases found when it is applied (the targeted layers that have none). What PEFT saved whole
+    (modules_to_save) is listed as `whole` in the metadata: values, not changes (delta.check_delta)."""
     folder = Path(folder)
     try:
         with safe_open(str(folder / WEIGHTS), framework="pt") as file:
@@ -119,16 +141,21 @@ def read_beft(folder: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, st
         config = json.loads((folder / CONFIG).read_text())
     except Exception as error:  # safetensors' own error types for corrupt files; OSError; bad JSON
         raise BitfitError(f"{folder} is not a readable PEFT adapter folder ({error})") from None
-    odd = [name for name in raw if not (name.startswith(PREFIX) and name.endswith(SUFFIX))]
+    odd = [name for name in raw if not name.startswith(PREFIX)]
     if odd:
-        raise BitfitError(f"{folder}: {odd[0]} is not a BEFT vector ({PREFIX}<module>{SUFFIX})")
+        raise BitfitError(f"{folder}: {odd[0]} is neither a BEFT vector ({PREFIX}<module>{SUFFIX}) nor a parameter of "
+                          "a module PEFT saves whole")
     tensors = {name.removeprefix(PREFIX).removesuffix(SUFFIX) + ".bias": tensor.reshape(-1).float()
-               for name, tensor in raw.items()}
+               for name, tensor in raw.items() if name.endswith(SUFFIX)}
+    whole = {name.removeprefix(PREFIX): tensor.float() for name, tensor in raw.items() if not name.endswith(SUFFIX)}
     carried = {key.removeprefix("bitfit_"): value for key, value in stored.items() if key.startswith("bitfit_")}
     metadata = carried if carried.get("format") in FORMATS else {
         "format": FOREIGN, "base_model": config.get("base_model_name_or_path") or "", "base_fingerprint": "",
         "added_biases": "[]", "dtype": "float32", "selection": f"the PEFT BEFT adapter {folder}"}
-    return tensors, metadata
+    head = set(head_of(metadata))
+    if whole:
+        metadata = {**metadata, "whole": json.dumps(sorted(set(whole) - head))}
+    return {**tensors, **whole}, metadata
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -204,7 +204,7 @@ def read_delta(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     else:
         tensors, metadata = _read_file(path)
     problems = [metadata_problem(metadata), None if tensors else "it holds no biases"]
-    head = head_of(metadata) if problems[0] is None else []
+    head = head_of(metadata) + json.loads(metadata.get("whole", "[]")) if problems[0] is None else []
     problems += [*(tensor_problem(name, tensor, head) for name, tensor in tensors.items()),
                  *(f"its head lists {name}, which it does not hold" for name in head if name not in tensors)]
     problem = next((problem for problem in problems if problem), None)
@@ -245,6 +245,7 @@ def check_delta(model: nn.Module, path: str) -> tuple[dict[str, torch.Tensor], d
     foreign = metadata["format"] == FOREIGN  # a PEFT adapter: biases on layers that have none are added ones
     added = [name for name in tensors if name not in params] if foreign else json.loads(metadata["added_biases"])
     head = head_of(metadata)
+    tensors = changes(tensors, json.loads(metadata.get("whole", "[]")), params, path)
     trained_on = f"this delta was trained on {metadata['base_model']!r} (fingerprint {metadata['base_fingerprint'] or 'unknown'})"
     task, classes = task_of(metadata)
     outputs = len(classes) if classes else 1
@@ -274,6 +275,26 @@ def check_delta(model: nn.Module, path: str) -> tuple[dict[str, torch.Tensor], d
         if found != metadata["base_fingerprint"]:
             raise BitfitError(f"this model's fingerprint is {found}, but {trained_on}")
     return tensors, {**metadata, "added_biases": json.dumps(added)}
+
+
+def changes(tensors: dict[str, torch.Tensor], whole: list[str], params: dict[str, nn.Parameter],
+            path: str) -> dict[str, torch.Tensor]:
+    """A delta's tensors with the `whole` values (what a PEFT adapter saved whole: bitfit.adapter) made
+    changes against `params`: a bias's value less the base's, and a parameter that is no bias dropped if
+    it equals the base's (a LayerNorm's weight, saved beside its bias), refused if it does not."""
+    result = dict(tensors)
+    for name in whole:
+        if name not in params or params[name].shape != tensors[name].shape:
+            raise BitfitError(f"{path} holds {name} of shape {tuple(tensors[name].shape)}, which this model has not")
+        base = params[name].detach().float().cpu()
+        if name.rsplit(".", 1)[-1] == "bias":
+            result[name] = tensors[name] - base
+        elif torch.equal(tensors[name], base):
+            del result[name]
+        else:
+            raise BitfitError(f"{path} changes {name}, which is no bias: BitFit never trains it, so this is no "
+                              "BitFit adapter of this base")
+    return result
 
 
 def apply_delta(model: nn.Module, path: str) -> dict[str, str]:

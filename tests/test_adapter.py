@@ -57,13 +57,17 @@ def test_an_exported_adapter_loads_in_peft_to_the_logits_of_base_plus_delta(make
     torch.testing.assert_close(found, tuned_logits(base_dir, str(delta)), rtol=0, atol=1e-5)
 
 
-def test_layernorm_biases_are_refused_by_name_and_nothing_is_written(tmp_path, capsys):
-    _, delta = base_and_delta(tiny_bloom, tmp_path, "all")
-    assert adapter.main(["--delta", str(delta), "--out", str(tmp_path / "adapter")]) == 2
-    err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err.startswith("error: ") and "not on a linear layer (e.g. transformer.h.0.input_layernorm.bias" in err
-    assert "python -m bitfit.merge" in err and "--biases" in err
-    assert not (tmp_path / "adapter").exists()
+def test_layernorm_biases_go_into_modules_peft_saves_whole_and_load_to_the_tuned_logits(tmp_path):
+    base_dir, delta = base_and_delta(tiny_bloom, tmp_path, "all")  # BLOOM trains its LayerNorm biases too
+    assert adapter.main(["--delta", str(delta), "--out", str(tmp_path / "adapter")]) == 0
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert "transformer.h.0.input_layernorm" in config["modules_to_save"] and "transformer.ln_f" in config["modules_to_save"]
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), tmp_path / "adapter").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model(IDS).logits, tuned_logits(base_dir, str(delta)), rtol=0, atol=1e-5)
+    # Read back as a delta, the whole values are changes again: the same model as the delta gives.
+    torch.testing.assert_close(tuned_logits(base_dir, str(tmp_path / "adapter")), tuned_logits(base_dir, str(delta)),
+                               rtol=0, atol=1e-6)
 
 
 def test_the_export_neither_imports_peft_nor_writes_into_a_folder_that_holds_anything(tmp_path):

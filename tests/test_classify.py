@@ -277,3 +277,31 @@ def test_a_merged_classifier_loads_with_plain_transformers_to_the_tuned_logits_a
     ids = torch.tensor([[5, 17, 42, 9]])
     with torch.no_grad():
         torch.testing.assert_close(plain(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", list(ENCODERS))
+def test_a_classifiers_peft_adapter_saves_the_head_whole_and_loads_to_the_tuned_logits(kind, folders, tmp_path):
+    from peft import PeftModel
+
+    from bitfit import adapter
+
+    model, flat, added, head = tuned(folders[kind], ["no", "yes"])
+    path = tmp_path / "delta.safetensors"
+    save_delta(str(path), model, flat, base_model=folders[kind], added=added, head=head, task="classify",
+               classes=["no", "yes"])
+    assert adapter.main(["--delta", str(path), "--out", str(tmp_path / "adapter")]) == 0
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["task_type"] == "SEQ_CLS" and {"llama": "score"}.get(kind, "classifier") in \
+        config["modules_to_save"]
+    torch.manual_seed(99)  # another random head in the base: the adapter's must replace it
+    base = AutoModelForSequenceClassification.from_pretrained(folders[kind], num_labels=2)
+    base.config.pad_token_id = model.config.pad_token_id
+    peft_model = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    ids = torch.tensor([[5, 17, 42, 9], [7, 3, 11, 2]])
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=1e-5)
+    torch.manual_seed(5)
+    again, _, _ = models.load_classifier(folders[kind], ["no", "yes"])  # the folder read back as the delta
+    apply_delta(again, str(tmp_path / "adapter"))
+    with torch.no_grad():
+        torch.testing.assert_close(again.eval()(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=1e-5)
