@@ -28,13 +28,19 @@ from torch import nn
 from . import models
 from .biases import FUSED_QKV_MODULES, fused_qkv_parts
 from .cli import ArgumentParser
-from .delta import apply_delta, read_delta
+from .delta import apply_delta, check_delta, head_of, read_delta, task_of
 from .errors import BitfitError
 from .files import write_atomically
 from .run_folder import is_run_folder
 
 HEATMAP = "bias_change.png"  # written into a run folder given to inspect (a run file: --overwrite deletes it)
 ZERO_GRADIENT = 1e-5  # a part's RMS gradient below this share of the median part's counts as exactly zero
+
+# The bias types of BERT-family encoders (BERT, RoBERTa, ELECTRA), by their path inside a layer, named as
+# the BitFit paper names them.
+BERT_TYPES = {"attention.self.query": "query", "attention.self.key": "key", "attention.self.value": "value",
+              "attention.output.dense": "attention output", "attention.output.LayerNorm": "attention LayerNorm",
+              "intermediate.dense": "intermediate", "output.dense": "output", "output.LayerNorm": "output LayerNorm"}
 
 # One part of a bias: (layer or None outside the blocks, bias type, parameter name, mask of its entries or None)
 Part = tuple[int | None, str, str, torch.Tensor | None]
@@ -57,7 +63,9 @@ def parts_of(model: nn.Module, names: list[str]) -> list[Part]:
     for name in sorted(names, key=order.__getitem__):  # the model's order: q, k, v, o, gate, up, down per block
         layer, path = placed[name]
         kind = path.rsplit(".", 1)[-1]
-        if short.count((layer, kind)) > 1:
+        if layer is not None and path in BERT_TYPES:
+            kind = BERT_TYPES[path]
+        elif short.count((layer, kind)) > 1:
             kind = ".".join(path.rsplit(".", 2)[-2:])
         if kind in FUSED_QKV_MODULES:
             try:
@@ -95,7 +103,10 @@ def zero_gradient_parts(model: nn.Module, parts: list[Part], seed: int = 0) -> s
     was_training = model.training
     model.eval()  # no dropout: the gradient of the function itself
     ids = torch.randint(0, model.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(seed))
-    model(input_ids=ids.to(model.device), labels=ids.to(model.device)).loss.backward()
+    labels = ids  # a causal LM's next tokens; a classifier's or regressor's one label per row:
+    if models.auto_class(model) is not models.AutoModelForCausalLM:
+        labels = torch.zeros(2) if model.config.problem_type == "regression" else torch.zeros(2, dtype=torch.long)
+    model(input_ids=ids.to(model.device), labels=labels.to(model.device)).loss.backward()
     rms = {(layer, kind): _entries(model.get_parameter(name).grad, mask).pow(2).mean().sqrt().item()
            for layer, kind, name, mask in parts}
     for name, param in model.named_parameters():
@@ -224,18 +235,22 @@ def main(argv: list[str] | None = None) -> int:
         if args.png and png.exists():
             raise BitfitError(f"--png {png} already exists; bitfit does not overwrite a file it did not write")
         deltas = [read_delta(str(path)) for path in paths]  # each checked whole before the model loads
-        model, _ = models.load(args.model or deltas[0][1]["base_model"], torch.device("cpu"), torch.float32,
-                               args.trust_remote_code, args.trust_pickle_weights)
-        metadata = apply_delta(model, str(paths[0]))  # checks the base; the tuned biases are base + delta
-        tensors = deltas[0][0]
+        model, _ = models.load_for(args.model or deltas[0][1]["base_model"], *task_of(deltas[0][1]), torch.device("cpu"),
+                                   torch.float32, args.trust_remote_code, args.trust_pickle_weights)
+        if len(deltas) == 2 and (deltas[0][1]["base_fingerprint"] != deltas[1][1]["base_fingerprint"]
+                                 or deltas[0][0].keys() != deltas[1][0].keys()):
+            raise BitfitError(f"{paths[0]} and {paths[1]} were trained on different bases or bias selections; "
+                              "only deltas of one base and one selection compare")
+        # Each delta's changes against this base (checked; an adapter's whole values made changes), before
+        # the first is applied: the tuned biases are base + change. A classifier's new head has no change to show.
+        checked = [check_delta(model, str(path)) for path in paths]
+        metadata = apply_delta(model, str(paths[0]))
+        head = set(head_of(metadata))
+        tensors, *others = [{name: t for name, t in changed.items() if name not in head} for changed, _ in checked]
         parts = parts_of(model, list(tensors))
         zero = zero_gradient_parts(model, parts)
         if len(deltas) == 2:
-            other, other_metadata = deltas[1]
-            if other_metadata["base_fingerprint"] != metadata["base_fingerprint"] or other.keys() != tensors.keys():
-                raise BitfitError(f"{paths[0]} and {paths[1]} were trained on different bases or bias selections; "
-                                  "only deltas of one base and one selection compare")
-            print_comparison(paths, compare(parts, tensors, other), zero)
+            print_comparison(paths, compare(parts, tensors, others[0]), zero)
             return 0
         rows = changes(parts, dict(model.named_parameters()), tensors, set(json.loads(metadata["added_biases"])))
         print(f"{paths[0]}: {len(tensors)} biases, {sum(t.numel() for t in tensors.values()):,} values, "

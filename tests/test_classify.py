@@ -305,3 +305,19 @@ def test_a_classifiers_peft_adapter_saves_the_head_whole_and_loads_to_the_tuned_
     apply_delta(again, str(tmp_path / "adapter"))
     with torch.no_grad():
         torch.testing.assert_close(again.eval()(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=1e-5)
+
+
+def test_inspect_draws_a_classifiers_change_by_berts_bias_types(folders, tmp_path, capsys):
+    from bitfit import inspect as inspect_delta
+
+    out = tmp_path / "run"
+    assert train.main(["--task", "classify", "--model", folders["bert"], *QUICK, "--out-dir", str(out)]) == 0
+    capsys.readouterr()
+    assert inspect_delta.main([str(out)]) == 0
+    said = capsys.readouterr().out
+    header = next(line for line in said.splitlines() if line.startswith("layer "))
+    assert header.split() == ["layer", "query", "key", "value", "attention", "attention", "intermedi", "output", "output"]
+    for kind in ("attention output", "attention LayerNorm", "intermediate", "output LayerNorm"):
+        assert f"  {kind} " in said
+    assert "outside the blocks: bert.pooler.dense.bias" in said and "classifier" not in said  # the head: no change to show
+    assert (out / "bias_change.png").is_file()
