@@ -178,11 +178,12 @@ def print_table(rows: list[dict], zero: set) -> None:
     scale = 10 ** math.floor(math.log10(max(float(matrix.nan_to_num(0).max()), 1e-30)))
     print(f"mean |change| per entry, in units of {scale:.0e}, by layer and bias type"
           + ("; x = exact gradient zero (rounding noise, not learning)" if zero else ""))
-    print("layer " + "".join(f"{kind[:9]:>10}" for kind in kinds))
+    widths = [max(10, len(kind) + 2) for kind in kinds]  # a column as wide as its bias type's name
+    print("layer " + "".join(f"{kind:>{width}}" for kind, width in zip(kinds, widths)))
     for i, layer in enumerate(layers):
         cells = [("" if math.isnan(v) else f"{v / scale:.2f}") + ("x" if (layer, kind) in zero else " ")
                  for kind, v in zip(kinds, matrix[i].tolist())]
-        print(f"{layer:>5} " + "".join(f"{cell:>10}" for cell in cells))
+        print(f"{layer:>5} " + "".join(f"{cell:>{width}}" for cell, width in zip(cells, widths)))
     for row in rows:
         if row["layer"] is None:
             print(f"outside the blocks: {row['name']}: {row['mean_abs_change'] / scale:.2f}")
