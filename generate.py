@@ -24,7 +24,7 @@ from bitfit import models
 from bitfit.cli import ArgumentParser, check_device
 from bitfit.collate import pad_batch, pad_id
 from bitfit.data import load_records, questions, read_lines
-from bitfit.delta import apply_delta, read_delta
+from bitfit.delta import apply_delta, read_delta, task_of
 from bitfit.errors import BitfitError
 from bitfit.evaluate import answers
 from bitfit.finite import nonfinite_outputs
@@ -112,6 +112,10 @@ def delta_path(given: str) -> Path:
 def run(args: argparse.Namespace) -> dict:
     deltas = [delta_path(given) for given in args.delta] or [latest_delta()]
     metadata = [read_delta(str(delta))[1] for delta in deltas]
+    for delta, meta in zip(deltas, metadata):
+        if task_of(meta)[0] != "lm":
+            raise BitfitError(f"{delta} is a {task_of(meta)[0]} delta (a classifier's or regressor's): classify text "
+                              f"with it by python -m bitfit.classify --delta {delta} --text ...")
     bases = sorted({args.model or m["base_model"] for m in metadata})
     if len(bases) > 1:
         raise BitfitError(f"the deltas were trained on different bases ({', '.join(map(repr, bases))}): compare deltas "

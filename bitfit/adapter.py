@@ -34,7 +34,7 @@ from safetensors import safe_open
 from torch import nn
 from . import models
 from .cli import ArgumentParser
-from .delta import FOREIGN, FORMATS, apply_delta, head_of, read_delta, task_of
+from .delta import FOREIGN, FORMATS, apply_delta, head_modules, head_of, read_delta, task_of
 from .errors import BitfitError
 from .files import check_new_folder, write_folder
 from .finite import nonfinite_outputs, text_probe
@@ -66,20 +66,14 @@ def module_of(name: str) -> str:
 
 def whole_modules(model: nn.Module, tensors: dict[str, torch.Tensor], head: list[str]) -> list[str]:
     """The modules an adapter saves whole (modules_to_save): those of a bias that is not on a linear layer,
-    and the head's, each head parameter under the outermost module that holds nothing but head (RoBERTa's
-    `classifier`, not its `classifier.dense`; a new pooler's `bert.pooler`)."""
+    and the head's (delta.head_modules)."""
     modules = dict(model.named_modules())
     missing = [name for name in tensors if module_of(name) not in modules]
     if missing:
         raise BitfitError(f"the base has no module for {missing[0]}: is it the base the delta was trained on?")
     whole = {module_of(name) for name in tensors
              if name not in head and not isinstance(modules[module_of(name)], nn.Linear)}
-    for name in head:
-        path = module_of(name)
-        while "." in path and all(f"{module_of(path)}.{n}" in head for n, _ in modules[module_of(path)].named_parameters()):
-            path = module_of(path)
-        whole.add(path)
-    return sorted(whole)
+    return sorted(whole | set(head_modules(model, head)))
 
 
 def adapter_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], whole: list[str]) -> dict[str, torch.Tensor]:

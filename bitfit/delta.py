@@ -233,23 +233,27 @@ def _read_file(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     return tensors, metadata
 
 
-def check_delta(model: nn.Module, path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def check_delta(model: nn.Module, path: str, with_head: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """A delta's tensors and metadata, once every check against `model` passed; `model` is not changed.
 
     Refuses, naming the base the delta was trained on, when the model lacks a tensor of the delta,
     has it in another shape, already holds an added bias, or has another fingerprint. The returned
     metadata's added_biases are the biases the model must be given (for a PEFT adapter: found here).
+    `with_head=False`: a classifier's head is left out of the checks and of the tensors returned (many
+    classifiers of one base share a model whose own head is none of theirs: bitfit.mixed).
     """
     tensors, metadata = read_delta(path)
     params = dict(model.named_parameters())
     foreign = metadata["format"] == FOREIGN  # a PEFT adapter: biases on layers that have none are added ones
     added = [name for name in tensors if name not in params] if foreign else json.loads(metadata["added_biases"])
     head = head_of(metadata)
-    tensors = changes(tensors, json.loads(metadata.get("whole", "[]")), params, path)
+    if not with_head:
+        tensors = {name: tensor for name, tensor in tensors.items() if name not in head}
+    tensors = changes(tensors, [n for n in json.loads(metadata.get("whole", "[]")) if n in tensors], params, path)
     trained_on = f"this delta was trained on {metadata['base_model']!r} (fingerprint {metadata['base_fingerprint'] or 'unknown'})"
     task, classes = task_of(metadata)
     outputs = len(classes) if classes else 1
-    if head and getattr(model.config, "num_labels", None) != outputs:
+    if head and with_head and getattr(model.config, "num_labels", None) != outputs:
         raise BitfitError(f"this model's head has {getattr(model.config, 'num_labels', None)} outputs and the delta's "
                           f"{outputs} ({task}{': ' + ', '.join(classes) if classes else ''}): load the base with the "
                           "delta's classes")
@@ -275,6 +279,21 @@ def check_delta(model: nn.Module, path: str) -> tuple[dict[str, torch.Tensor], d
         if found != metadata["base_fingerprint"]:
             raise BitfitError(f"this model's fingerprint is {found}, but {trained_on}")
     return tensors, {**metadata, "added_biases": json.dumps(added)}
+
+
+def head_modules(model: nn.Module, head: list[str]) -> list[str]:
+    """The modules that hold a classifier's head: each head parameter under the outermost module that holds
+    nothing but head (RoBERTa's `classifier`, not its `classifier.dense`; a new pooler's `bert.pooler`)."""
+    modules, found = dict(model.named_modules()), set()
+    for name in head:
+        path = name.rsplit(".", 1)[0]
+        while "." in path:
+            parent = path.rsplit(".", 1)[0]
+            if not all(f"{parent}.{n}" in head for n, _ in modules[parent].named_parameters()):
+                break
+            path = parent
+        found.add(path)
+    return sorted(found)
 
 
 def changes(tensors: dict[str, torch.Tensor], whole: list[str], params: dict[str, nn.Parameter],

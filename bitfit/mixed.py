@@ -10,18 +10,25 @@ row its request names, a gather. The weights are shared; the deltas cost kilobyt
 
 Every delta is checked against the base (fingerprint, shapes) before any row uses it, as apply_delta
 does; the base model itself is never changed.
+
+Classifiers of one encoder (`classify_many`) share it the same way: each row adds its delta's biases, and
+its delta's head (and any module the head holds whole: a new pooler) runs on that row alone (RowHeads),
+whatever its number of classes.
 """
 
 import contextlib
+import copy
 from collections.abc import Iterator
 
 import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .delta import check_delta
+from .collate import pad_labelled, pad_id
+from .delta import check_delta, head_modules, head_of, read_delta, task_of
 from .errors import BitfitError
 from .evaluate import answers
+from .finite import nonfinite_outputs, text_probe
 
 # Layers whose bias is added to their output, so a delta of it can be added there, per row. (Conv1D: GPT-2's linear.)
 ADDED_TO_OUTPUT = (nn.Linear, nn.LayerNorm, Conv1D)
@@ -31,8 +38,9 @@ class DeltaTable:
     """The deltas of several fine-tunes as per-layer tables, added by forward hooks to the outputs of
     their layers, row by row as `use(rows)` says."""
 
-    def __init__(self, model: nn.Module, paths: list[str]):
-        checked = [check_delta(model, path)[0] for path in paths]  # every check first; nothing changes before
+    def __init__(self, model: nn.Module, paths: list[str], with_head: bool = True):
+        # Every check first; nothing changes before. with_head=False: classifiers' heads are RowHeads'.
+        checked = [check_delta(model, path, with_head)[0] for path in paths]
         modules = dict(model.named_modules())
         device = next(model.parameters()).device
         self.rows: torch.Tensor | None = None
@@ -55,8 +63,10 @@ class DeltaTable:
         def add(module: nn.Module, inputs, output: torch.Tensor) -> torch.Tensor:
             if self.rows is None:
                 raise RuntimeError("DeltaTable: call the model inside `with table.use(rows):`")
-            # [batch, width] -> [batch, 1, width]: the same vector at every position of a row
-            return output + table[self.rows].to(output.dtype).unsqueeze(1)
+            # [batch, width] -> [batch, 1, width]: the same vector at every position of a row (a pooler's
+            # output has no positions: [batch, width] as it is)
+            vectors = table[self.rows].to(output.dtype)
+            return output + vectors.view(len(vectors), *[1] * (output.dim() - 2), -1)
 
         return add
 
@@ -97,3 +107,121 @@ def generate_many(model: nn.Module, tokenizer, requests: list[tuple[list[int], s
         if table:
             table.remove()
     return texts
+
+
+class RowHeads:
+    """Each classifier's head on its own rows: the modules holding the heads (delta.head_modules) are
+    swapped for one that runs, for each delta, a copy of the module holding that delta's head on that
+    delta's rows. Outputs of different widths (numbers of classes) are padded with zeros to the widest."""
+
+    def __init__(self, model: nn.Module, heads: list[dict[str, torch.Tensor]]):
+        self.model, self.rows = model, None
+        self.names = head_modules(model, sorted({name for head in heads for name in head}))
+        self.originals = {name: model.get_submodule(name) for name in self.names}
+        for name in self.names:
+            copies = nn.ModuleList([self._copy(self.originals[name], name, head) for head in heads])
+            self._swap(name, _Dispatch(copies, self))
+
+    @staticmethod
+    def _copy(module: nn.Module, prefix: str, head: dict[str, torch.Tensor]) -> nn.Module:
+        module = copy.deepcopy(module)
+        for name, tensor in head.items():
+            if name.startswith(prefix + "."):
+                owner, attribute = (prefix + "." + name[len(prefix) + 1 :]).rsplit(".", 1)
+                target = module.get_submodule(owner[len(prefix) + 1 :]) if owner != prefix else module
+                setattr(target, attribute, nn.Parameter(tensor.to(module_device(module)), requires_grad=False))
+        return module
+
+    def _swap(self, name: str, module: nn.Module) -> None:
+        parent, _, child = name.rpartition(".")
+        setattr(self.model.get_submodule(parent) if parent else self.model, child, module)
+
+    @contextlib.contextmanager
+    def use(self, rows: list[int]) -> Iterator[None]:
+        """Forward passes in this block run head number rows[i] - 1 on batch row i (1: the first path)."""
+        self.rows = rows
+        try:
+            yield
+        finally:
+            self.rows = None
+
+    def remove(self) -> None:
+        for name, module in self.originals.items():
+            self._swap(name, module)
+
+
+def module_device(module: nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
+class _Dispatch(nn.Module):
+    def __init__(self, copies: nn.ModuleList, heads: RowHeads):
+        super().__init__()
+        self.copies, self._heads = copies, [heads]  # a list: the RowHeads is no submodule of the model
+
+    def forward(self, hidden: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        rows = torch.tensor(self._heads[0].rows, device=hidden.device)
+        outputs = {k: self.copies[k - 1](hidden[rows == k], *args, **kwargs) for k in sorted(set(rows.tolist()))}
+        width = max(out.shape[-1] for out in outputs.values())
+        first = next(iter(outputs.values()))
+        result = first.new_zeros((len(rows), *first.shape[1:-1], width))
+        for k, out in outputs.items():
+            result[rows == k, ..., : out.shape[-1]] = out
+        return result
+
+
+@torch.no_grad()
+def classify_many(model: nn.Module, tokenizer, requests: list[tuple[tuple[str, ...], str]], max_len: int = 512,
+                  batch_size: int = 32) -> list[dict]:
+    """For each (a text or a pair of texts, a classifier's or regressor's delta path): {"label", "probability",
+    "scores"} (a class: its name, its softmax probability, every class's), or {"value"} (a regressor),
+    for all requests in shared batches: each row with its own delta's biases and head. `model`: the base
+    with a classification head of any size (bitfit.models.load_classifier); it is not changed."""
+    paths = sorted({path for _, path in requests})
+    number = {path: i for i, path in enumerate(paths, start=1)}
+    deltas = [_head_of(path) for path in paths]
+    table = DeltaTable(model, paths, with_head=False)  # checks each delta against the base
+    heads = RowHeads(model, [head for head, _ in deltas])
+    device, pad = module_device(model), pad_id(tokenizer)
+    was_training, results = model.training, []
+    model.eval()
+    try:
+        probe = text_probe(tokenizer)
+        for k, path in enumerate(paths, start=1):  # the one check (bitfit.finite): a diverged delta answers nothing
+            with table.use([k] * len(probe["input_ids"])), heads.use([k] * len(probe["input_ids"])):
+                if problem := nonfinite_outputs(model, probe):
+                    raise BitfitError(f"the model tuned by {path} is broken: {problem}; the run that wrote the delta "
+                                      "diverged (train again with a lower --lr)")
+        for start in range(0, len(requests), batch_size):
+            chunk = requests[start : start + batch_size]
+            encoded = [tokenizer(*texts, truncation=True, max_length=max_len) for texts, _ in chunk]
+            examples = [{**{k: e[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in e}, "label": 0}
+                        for e in encoded]
+            batch = {k: v.to(device) for k, v in pad_labelled(examples, pad, tokenizer.padding_side).items() if k != "labels"}
+            rows = [number[path] for _, path in chunk]
+            with table.use(rows), heads.use(rows):
+                logits = model(**batch).logits.float()
+            for row, k in zip(logits, rows):
+                task, classes = deltas[k - 1][1]
+                if task == "regress":
+                    results.append({"value": row[0].item()})
+                    continue
+                probabilities = row[: len(classes)].softmax(-1)
+                best = int(probabilities.argmax())
+                results.append({"label": classes[best], "probability": probabilities[best].item(),
+                                "scores": dict(zip(classes, probabilities.tolist()))})
+    finally:
+        heads.remove()
+        table.remove()
+        model.train(was_training)
+    return results
+
+
+def _head_of(path: str) -> tuple[dict[str, torch.Tensor], tuple[str, list[str] | None]]:
+    """(a classifier delta's head tensors, (its task, its classes)); a BitfitError for a delta of another task."""
+    tensors, metadata = read_delta(path)
+    task, classes = task_of(metadata)
+    if task == "lm":
+        raise BitfitError(f"{path} is a causal LM's delta (--task lm): generate.py uses it; classify takes a "
+                          "classifier's or regressor's")
+    return {name: tensors[name] for name in head_of(metadata)}, (task, classes)

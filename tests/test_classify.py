@@ -322,3 +322,86 @@ def test_inspect_draws_a_classifiers_change_by_berts_bias_types(folders, tmp_pat
         assert f"  {kind} " in said  # the table by bias type
     assert "outside the blocks: bert.pooler.dense.bias" in said and "classifier" not in said  # the head: no change to show
     assert (out / "bias_change.png").is_file()
+
+
+# --- classifying new text ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", list(ENCODERS))
+def test_many_classifier_deltas_in_one_batch_equal_each_delta_alone(kind, folders, tmp_path):
+    from bitfit.mixed import classify_many
+
+    tasks = {"two": ["no", "yes"], "three": ["a", "b", "c"], "number": None}
+    paths = {}
+    for seed, (name, classes) in enumerate(tasks.items()):
+        model, flat, added, head = tuned(folders[kind], classes, seed=seed)
+        paths[name] = str(tmp_path / f"{name}.safetensors")
+        save_delta(paths[name], model, flat, base_model=folders[kind], added=added, head=head,
+                   task="classify" if classes else "regress", classes=classes)
+    texts = [("Add these two numbers.",), ("Sort these numbers from smallest to largest: 9 3 1",), ("Reverse it",)]
+    requests = [(text, paths[name]) for text in texts for name in tasks]  # every row of a batch another task
+    base, tokenizer, _ = models.load_classifier(folders[kind], ["x", "y", "z", "w"])  # a head of none of theirs
+    probe = torch.tensor([[5, 6, 7]])
+    with torch.no_grad():
+        before = base.eval()(input_ids=probe).logits
+    mixed = classify_many(base, tokenizer, requests)
+    for (text, path), answer in zip(requests, mixed):
+        name = next(n for n, p in paths.items() if p == path)
+        alone, _, _ = models.load_classifier(folders[kind], tasks[name])
+        apply_delta(alone, path)
+        with torch.no_grad():
+            logits = alone.eval()(**{k: torch.tensor([v]) for k, v in tokenizer(*text).items()}).logits[0]
+        if tasks[name] is None:
+            assert answer["value"] == pytest.approx(logits[0].item(), abs=1e-5)
+        else:
+            expected = dict(zip(tasks[name], logits.softmax(-1).tolist()))
+            assert answer["scores"] == pytest.approx(expected, abs=1e-5)
+            assert answer["label"] == max(expected, key=expected.get)
+    with torch.no_grad():  # the shared base is as it was: no hook, no head of theirs left behind
+        assert torch.equal(base(input_ids=probe).logits, before)
+
+
+def test_classify_prints_each_texts_label_and_probability_and_marks_labelled_rows(folders, tmp_path, capsys):
+    from bitfit import classify
+
+    out = tmp_path / "run"
+    assert train.main(["--task", "classify", "--model", folders["bert"], *QUICK, "--out-dir", str(out)]) == 0
+    rows = [{"text": "The movie was awful.", "label": "negative"}, {"text": "The book was wonderful.", "label": "positive"}]
+    (tmp_path / "texts.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    capsys.readouterr()
+    assert classify.main(["--delta", str(out), "--texts-file", str(tmp_path / "texts.jsonl")]) == 0
+    said = capsys.readouterr().out
+    assert f"TUNED = {out / 'delta.safetensors'} (classify: negative, positive)" in said
+    assert len(__import__("re").findall(r"TUNED: (negative|positive) \(p [01]\.\d{3}\)  \[(right|wrong)\]", said)) == 2
+    assert "\ncorrect: TUNED " in said and "/2" in said
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--text", "hi"], "is a causal LM's delta \\(--task lm\\): generate.py uses it"),
+    ([], "give texts to classify: --text \\(repeatable\\) or --texts-file"),
+    (["--texts-file", "EMPTY"], "--texts-file .* holds no texts"),
+])
+def test_classify_refuses_an_lm_delta_and_no_texts_in_one_line(args, message, tmp_path, capsys):
+    from bitfit import classify
+
+    llama = saved(tiny_llama, tmp_path / "llama")
+    model, _ = models.load(llama)
+    added = add_missing_biases(model)
+    flat = FlatBiases(model, select_biases(model))
+    with torch.no_grad():
+        flat.values.add_(0.1)
+    save_delta(str(tmp_path / "lm.safetensors"), model, flat, base_model=llama, added=added)
+    (tmp_path / "empty.txt").write_text("\n\n")
+    args = [str(tmp_path / "empty.txt") if arg == "EMPTY" else arg for arg in args]
+    assert classify.main(["--delta", str(tmp_path / "lm.safetensors"), *args]) == 2
+    assert __import__("re").search(message, last_error(capsys))
+
+
+def test_generate_refuses_a_classifiers_delta_and_says_what_uses_it(folders, tmp_path, capsys):
+    import generate
+
+    model, flat, added, head = tuned(folders["bert"], ["no", "yes"])
+    save_delta(str(tmp_path / "delta.safetensors"), model, flat, base_model=folders["bert"], added=added, head=head,
+               task="classify", classes=["no", "yes"])
+    assert generate.main(["--delta", str(tmp_path / "delta.safetensors"), "--prompt", "hi"]) == 2
+    assert "is a classify delta (a classifier's or regressor's): classify text with it by python -m bitfit.classify" \
+        in last_error(capsys)

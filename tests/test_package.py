@@ -58,7 +58,7 @@ def test_pip_install_in_a_fresh_venv_gives_console_commands_that_train_the_embed
     assert read_delta(str(elsewhere / "run" / "delta.safetensors"))[1]["base_model"] == "embedded"
     helped = subprocess.run([bin_dir / "bitfit-generate", "--help"], cwd=elsewhere, env=env, capture_output=True, text=True)
     assert helped.returncode == 0 and "--delta" in helped.stdout
-    for command in ("bitfit-merge", "bitfit-inspect", "bitfit-adapter"):
+    for command in ("bitfit-merge", "bitfit-inspect", "bitfit-adapter", "bitfit-classify"):
         assert subprocess.run([bin_dir / command, "--help"], capture_output=True).returncode == 0, command
 
 
