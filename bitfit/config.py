@@ -214,7 +214,7 @@ class TrainConfig:
 def parser() -> argparse.ArgumentParser:
     """The command line of train.py: one flag per config field, its help and default from the field."""
     cli = ArgumentParser(  # its errors are one `error:` line, like every other bad input
-        description="Fine-tune only the biases of a pretrained causal LM (BitFit).",
+        description="Fine-tune only the biases of a pretrained transformer (BitFit): a causal LM, a classifier or a regressor.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     for f in dataclasses.fields(TrainConfig):

@@ -33,7 +33,7 @@ def test_the_readme_custom_loop_runs_as_written_and_saves_a_delta_that_moved(tmp
     assert any(bool(tensor.abs().max() > 0) for tensor in tensors.values())
 
 
-def test_pip_install_in_a_fresh_venv_gives_console_commands_that_train_the_embedded_default(tmp_path):
+def test_pip_install_in_a_fresh_venv_gives_console_commands_that_train_both_embedded_defaults(tmp_path):
     # A copy of what the package is made of, so the build writes nothing into the repository.
     source = tmp_path / "source"
     source.mkdir()
@@ -56,6 +56,10 @@ def test_pip_install_in_a_fresh_venv_gives_console_commands_that_train_the_embed
                              cwd=elsewhere, env=env, capture_output=True, text=True, timeout=600)
     assert trained.returncode == 0, trained.stderr[-2000:]
     assert read_delta(str(elsewhere / "run" / "delta.safetensors"))[1]["base_model"] == "embedded"
+    classified = subprocess.run([bin_dir / "bitfit-train", "--task", "classify", "--max-steps", "1", "--eval-data", "none",
+                                 "--out-dir", "classify"], cwd=elsewhere, env=env, capture_output=True, text=True, timeout=600)
+    assert classified.returncode == 0, classified.stderr[-2000:]
+    assert read_delta(str(elsewhere / "classify" / "delta.safetensors"))[1]["base_model"] == "embedded-encoder"
     helped = subprocess.run([bin_dir / "bitfit-generate", "--help"], cwd=elsewhere, env=env, capture_output=True, text=True)
     assert helped.returncode == 0 and "--delta" in helped.stdout
     for command in ("bitfit-merge", "bitfit-inspect", "bitfit-adapter", "bitfit-classify"):
