@@ -49,13 +49,14 @@ def run(cfg: TrainConfig) -> dict:
         rows = read_data(cfg)  # every row read and checked before the model loads: a typo fails in seconds
         device = setup_device(cfg, local_rank, log)
 
-        model, tokenizer, flat, added, head, memory = setup_model(cfg, rows["classes"], device, world, rank, log)
+        names = [str(label) for label in rows["classes"]] if rows["classes"] else None  # class i's name: id2label[i]
+        model, tokenizer, flat, added, head, memory = setup_model(cfg, names, device, world, rank, log)
         examples, plan, collate, data_facts = setup_data_and_layout(cfg, rows, model, tokenizer, world, rank, log)
         base = check_inputs(cfg, model, flat, added, head, examples, out_dir)  # the base's fingerprint
         # Rank 0 evaluates, the others wait; with sharded weights each forward needs them all, so all do.
         held_out = setup_evaluation(cfg, rows, tokenizer) if rank == 0 or cfg.shard_weights else None
         optimizer, scheduler, first_step = setup_optimizer(cfg, flat, out_dir, len(plan), device, log)
-        results = {"task": cfg.task, **({"classes": rows["classes"]} if rows["classes"] else {}),
+        results = {"task": cfg.task, **({"classes": names} if names else {}),
                    "trainable": flat.num_trainable, "total": sum(p.numel() for p in model.parameters()),
                    **data_facts, **memory, "device": str(device), **report.environment(device)}
         if held_out and (before := evaluate_untrained(model, tokenizer, held_out, cfg, device, out_dir, first_step, base, log)):
@@ -67,11 +68,10 @@ def run(cfg: TrainConfig) -> dict:
         results["train_seconds"] = time.perf_counter() - train_start
         stop.at_once, stop.finishing = None, "writing the delta, then stopping"
         flat.check()  # every bias still a view of the buffer the optimizer stepped
-        check_outputs(model, tokenizer, examples, held_out, cfg, len(plan))  # finite biases, but finite outputs?
+        check_outputs(model, tokenizer, examples, cfg, len(plan))  # finite biases, but finite outputs?
         if rank == 0:
             save_delta(str(out_dir / "delta.safetensors"), model, flat, base_model=cfg.model, added=added,
-                       selection=cfg.biases, fingerprint_of_base=base, head=head, task=cfg.task,
-                       classes=rows["classes"])
+                       selection=cfg.biases, fingerprint_of_base=base, head=head, task=cfg.task, classes=names)
         stop.at_once = f"after the delta was saved to {out_dir / 'delta.safetensors'}; the evaluation after training was skipped"
         if distributed.any_rank(stop.asked, device):  # all stop, or none: the evaluation may be a collective
             raise Interrupted(f"{stop.at_once}")
@@ -439,7 +439,7 @@ def evaluate_trained(model, tokenizer, held_out: dict, cfg: TrainConfig, device,
                              f"was deleted (try a lower --lr)") from None
 
 
-def check_outputs(model, tokenizer, examples: list, held_out: dict | None, cfg: TrainConfig, steps: int) -> None:
+def check_outputs(model, tokenizer, examples: list, cfg: TrainConfig, steps: int) -> None:
     """NonFiniteError unless the trained model's outputs on a few training examples are finite: biases can
     be finite while the logits are not, and such a model must never be saved as a result. Every process
     checks the same examples (a collective forward under sharded weights), so all agree."""

@@ -405,3 +405,30 @@ def test_generate_refuses_a_classifiers_delta_and_says_what_uses_it(folders, tmp
     assert generate.main(["--delta", str(tmp_path / "delta.safetensors"), "--prompt", "hi"]) == 2
     assert "is a classify delta (a classifier's or regressor's): classify text with it by python -m bitfit.classify" \
         in last_error(capsys)
+
+
+def test_int_classes_are_named_by_their_values_in_the_log_the_results_and_the_delta(folders, tmp_path, capsys):
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"text": f"row {i}", "label": [0, 2, 1][i % 3]}) + "\n" for i in range(24)))
+    out = tmp_path / "run"
+    assert train.main(["--task", "classify", "--model", folders["bert"], "--data", str(data), "--eval-data", str(data),
+                       "--out-dir", str(out)]) == 0
+    assert "task: classify, 3 classes: 0, 1, 2;" in capsys.readouterr().out
+    assert json.loads((out / "results.json").read_text())["classes"] == ["0", "1", "2"]
+    assert json.loads(read_delta(str(out / "delta.safetensors"))[1]["classes"]) == ["0", "1", "2"]
+
+
+def test_an_interrupted_and_resumed_classifier_run_ends_with_the_same_delta_head_included(folders, tmp_path, monkeypatch):
+    import signal
+
+    from test_reliability import signal_in_step
+
+    args = ["--task", "classify", "--model", folders["bert"], *QUICK]
+    assert train.main([*args, "--out-dir", str(tmp_path / "straight")]) == 0
+    signal_in_step(monkeypatch, 3, [signal.SIGINT])
+    assert train.main([*args, "--out-dir", str(tmp_path / "stopped")]) == 130
+    monkeypatch.undo()
+    assert train.main(["--resume", str(tmp_path / "stopped")]) == 0
+    straight, resumed = (read_delta(str(tmp_path / run / "delta.safetensors"))[0] for run in ("straight", "stopped"))
+    assert straight.keys() == resumed.keys() and "classifier.weight" in straight
+    assert all(torch.equal(straight[name], resumed[name]) for name in straight)
