@@ -12,7 +12,6 @@ The base and every delta answer in one batch: each row adds its own delta (bitfi
 """
 
 import argparse
-import json
 import math
 import sys
 from pathlib import Path
@@ -26,6 +25,7 @@ from bitfit.collate import pad_batch, pad_id
 from bitfit.data import load_records, questions, read_lines
 from bitfit.delta import apply_delta, read_delta, task_of
 from bitfit.errors import BitfitError
+from bitfit.files import parse_json
 from bitfit.evaluate import answers
 from bitfit.finite import nonfinite_outputs
 from bitfit.mixed import DeltaTable, generate_many
@@ -182,7 +182,7 @@ def trained_template(delta: Path) -> str | None:
     if not is_run_folder(delta.parent):
         return None
     try:
-        template = json.loads((delta.parent / "config.json").read_text()).get("template")
+        template = parse_json((delta.parent / "config.json").read_text()).get("template")
     except (OSError, ValueError, AttributeError) as error:  # gone, not JSON, not an object
         raise BitfitError(f"{delta.parent / 'config.json'} cannot be read ({error}); pass --template to say which "
                           "template the run trained with") from None

@@ -31,7 +31,7 @@ from bitfit.data import examples_of, is_builtin, read_records
 from bitfit.delta import base_fingerprint, save_delta
 from bitfit.errors import BitfitError, Interrupted, NonFiniteError
 from bitfit.evaluate import base_eval_cache, exact_match, heldout_loss, labelled_measures, stored_evaluation_problem
-from bitfit.files import write_atomically, write_json
+from bitfit.files import finite_number, parse_json, write_atomically, write_json
 from bitfit.finite import nonfinite_outputs
 from bitfit.flat import FlatBiases
 from bitfit.interrupt import graceful_stop
@@ -95,7 +95,7 @@ def resumed_config(given: TrainConfig) -> TrainConfig:
     if ignored:
         print(f"--resume continues with the run's own config; ignoring {', '.join('--' + n.replace('_', '-') for n in ignored)}")
     try:
-        saved = TrainConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
+        saved = TrainConfig.from_dict(parse_json((run_dir / "config.json").read_text()))
     except (OSError, ValueError, BitfitError) as error:  # ValueError: not JSON, not UTF-8
         raise BitfitError(f"--resume {run_dir}: its config.json, the config the run started with, is broken ({error}); "
                           "restore it, or start a new run") from None
@@ -114,9 +114,11 @@ def claim_run_dir(cfg: TrainConfig, log) -> Path:
         raise BitfitError(f"{out_dir} holds an interrupted run; continue it with: python train.py --resume {out_dir} "
                           "(or pass --overwrite to start over)")
     if cfg.overwrite and not cfg.resume:  # nothing of the old run may pass for part of the new one
-        if kept := run_folder.clear(out_dir):
-            log(f"--overwrite: deleted the earlier run's files; kept {len(kept)} that bitfit did not write: "
-                + ", ".join(str(path) for path in kept[:5]) + (" ..." if len(kept) > 5 else ""))
+        kept = run_folder.set_aside(out_dir)
+        log("--overwrite: the earlier run's files are set aside, deleted when this run ends having trained, put back "
+            "if it fails before its first step"
+            + (f"; kept {len(kept)} that bitfit did not write: " + ", ".join(str(path) for path in kept[:5])
+               + (" ..." if len(kept) > 5 else "") if kept else ""))
     return out_dir
 
 
@@ -355,6 +357,9 @@ def setup_optimizer(cfg: TrainConfig, flat: FlatBiases, out_dir: Path, n_steps: 
         if checkpoint is None:
             raise BitfitError(f"--resume {out_dir}: no checkpoint there to continue from")
         first_step = load_checkpoint(checkpoint, flat, optimizer)
+        if first_step > n_steps:
+            raise BitfitError(f"checkpoint {checkpoint} is after step {first_step}, and this run has {n_steps} steps: it is "
+                              "not this run's")
         log(f"resuming from {checkpoint}: after step {first_step}")
     metrics = out_dir / "metrics.jsonl"  # it holds exactly the steps done: none, or the checkpoint's
     done = recorded_steps(metrics, first_step) if first_step and distributed.is_main() else []
@@ -380,12 +385,13 @@ def recorded_steps(path: Path, steps: int) -> list[str]:
         raise BitfitError(f"--resume: {path} cannot be read ({error})") from None
     for number, line in enumerate(lines, start=1):
         try:
-            record = json.loads(line)
+            record = parse_json(line)
         except ValueError:
             record = None
         loss = record.get("loss") if isinstance(record, dict) else None
-        if record is None or not isinstance(record, dict) or record.get("step") != number or not (
-                isinstance(loss, (int, float)) and math.isfinite(loss)):
+        fields_ok = isinstance(record, dict) and all(finite_number(record[key]) for key in record
+                                                     if key in ("loss", "eval_loss", "eval_exact_match", "grad_norm"))
+        if not fields_ok or record.get("step") != number or not finite_number(loss):
             raise BitfitError(f"--resume: {path} line {number} is not the record of step {number} that bitfit wrote; "
                               f"restore it, or delete {path.name} to resume without the records of steps 1-{steps}")
     return lines
@@ -499,7 +505,7 @@ def read_cached(path: Path, task: str, log) -> dict | None:
     """A stored evaluation, or None when there is none, or when it fails validation (then it is measured
     again where it can be, and the log says why)."""
     try:
-        stored = json.loads(path.read_text())
+        stored = parse_json(path.read_text())
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as error:  # ValueError: not JSON, not UTF-8

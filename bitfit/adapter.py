@@ -36,7 +36,7 @@ from . import models
 from .cli import ArgumentParser
 from .delta import FOREIGN, FORMATS, apply_delta, head_modules, head_of, read_delta, task_of
 from .errors import BitfitError
-from .files import check_new_folder, write_folder
+from .files import check_new_folder, parse_json, write_folder
 from .finite import nonfinite_outputs, text_probe
 
 CONFIG = "adapter_config.json"
@@ -50,7 +50,7 @@ def adapter_type(path: str | Path) -> str | None:
     if not config.is_file():
         return None
     try:
-        kind = json.loads(config.read_text()).get("peft_type")
+        kind = parse_json(config.read_text()).get("peft_type")
     except (OSError, ValueError, AttributeError):
         return None
     return kind if isinstance(kind, str) else None
@@ -132,7 +132,7 @@ def read_beft(folder: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, st
         with safe_open(str(folder / WEIGHTS), framework="pt") as file:
             stored = file.metadata() or {}
             raw = {name: file.get_tensor(name) for name in file.keys()}
-        config = json.loads((folder / CONFIG).read_text())
+        config = parse_json((folder / CONFIG).read_text())
     except Exception as error:  # safetensors' own error types for corrupt files; OSError; bad JSON
         raise BitfitError(f"{folder} is not a readable PEFT adapter folder ({error})") from None
     odd = [name for name in raw if not name.startswith(PREFIX)]
@@ -144,7 +144,8 @@ def read_beft(folder: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, st
     whole = {name.removeprefix(PREFIX): tensor.float() for name, tensor in raw.items() if not name.endswith(SUFFIX)}
     carried = {key.removeprefix("bitfit_"): value for key, value in stored.items() if key.startswith("bitfit_")}
     metadata = carried if carried.get("format") in FORMATS else {
-        "format": FOREIGN, "base_model": config.get("base_model_name_or_path") or "", "base_fingerprint": "",
+        "format": FOREIGN, "base_model": base if isinstance(base := config.get("base_model_name_or_path"), str) else "",
+        "base_fingerprint": "",
         "added_biases": "[]", "dtype": "float32", "selection": f"the PEFT BEFT adapter {folder}"}
     head = set(head_of(metadata))
     if whole:

@@ -31,7 +31,7 @@ def checkpoints(run_dir: Path) -> list[Path]:
     """A run's complete checkpoints (folders step-N holding every file of one), oldest first (ordered by
     step number, not by name)."""
     found = [(int(match[1]), path) for path in (run_dir / "checkpoints").glob("step-*")
-             if (match := NAME.match(path.name)) and all((path / name).is_file() for name in FILES)]
+             if (match := NAME.match(path.name)) and is_own(path) and all((path / name).is_file() for name in FILES)]
     return [path for _, path in sorted(found)]
 
 
@@ -63,40 +63,41 @@ def save_checkpoint(run_dir: Path, step: int, flat: FlatBiases, optimizer: torch
         (folder / STATE).write_bytes(state)
         (folder / "state.json").write_text(json.dumps({"step": step, "bitfit": __version__}) + "\n")
 
-    if final.exists():  # an earlier run's step of the same number (the folder is bitfit's: run_folder.claim)
-        remove(final)
+    remove(final)  # an earlier run's step of the same number, if bitfit's (run_folder.claim refused any other)
     write_folder(final, fill)
     for old in checkpoints(run_dir)[:-keep]:
         remove(old)
     return final
 
 
-def remove(path: Path) -> list[str]:
-    """Delete a checkpoint: the files bitfit writes into one, then its folder if nothing else is left in
-    it. Returns the names of what was left (someone else's files: never deleted)."""
-    for name in FILES:
-        (path / name).unlink(missing_ok=True)
-    left = sorted(entry.name for entry in path.iterdir())
-    if not left:
+def is_own(path: Path) -> bool:
+    """Whether `path` is a checkpoint folder (or one being written) that holds nothing but what bitfit
+    writes into one: a real folder, not a link, of regular files named in FILES."""
+    return (path.is_dir() and not path.is_symlink() and bool(NAME.match(path.name) or STAGING.match(path.name))
+            and all(entry.name in FILES and entry.is_file() and not entry.is_symlink() for entry in path.iterdir()))
+
+
+def remove(path: Path) -> None:
+    """Delete a checkpoint folder bitfit wrote (is_own): its files, then the folder. Anything else is
+    left alone (a link is never followed)."""
+    if is_own(path):
+        for name in FILES:
+            (path / name).unlink(missing_ok=True)
         path.rmdir()
-    return left
 
 
-def remove_all(run_dir: Path) -> list[Path]:
-    """--overwrite: delete every checkpoint of a run, and half-written ones a killed run left, file by
-    file (remove); then checkpoints/ if it is empty. Returns what stays: files bitfit did not write."""
+def own_and_foreign(run_dir: Path) -> tuple[list[Path], list[Path]]:
+    """(bitfit's checkpoint folders, everything else) in a run's checkpoints/. A folder named like a
+    checkpoint that holds anything else is refused: a run could not write that checkpoint, and its files
+    are not bitfit's to move."""
     root = run_dir / "checkpoints"
-    if not root.is_dir():
-        return []
-    kept = []
-    for path in sorted(root.iterdir()):
-        if path.is_dir() and not path.is_symlink() and (NAME.match(path.name) or STAGING.match(path.name)):
-            kept += [path / name for name in remove(path)]
-        else:
-            kept.append(path)
-    if not kept:
-        root.rmdir()
-    return kept
+    entries = sorted(root.iterdir()) if root.is_dir() and not root.is_symlink() else []
+    mixed = [path for path in entries if NAME.match(path.name) and not is_own(path)]
+    if mixed:
+        what = ("is a link" if mixed[0].is_symlink() else "is no folder" if not mixed[0].is_dir() else
+                f"holds files bitfit did not write ({', '.join(sorted(e.name for e in mixed[0].iterdir())[:3])})")
+        raise BitfitError(f"{mixed[0]} is named like a checkpoint but {what}: move it out, or pick another --out-dir")
+    return [path for path in entries if is_own(path)], [path for path in entries if not is_own(path)]
 
 
 def read_checkpoint(path: Path, flat: FlatBiases) -> tuple[int, dict[str, torch.Tensor]]:
@@ -110,8 +111,9 @@ def read_checkpoint(path: Path, flat: FlatBiases) -> tuple[int, dict[str, torch.
     except Exception as error:  # noqa: BLE001: whatever the reader says, the file is unreadable
         raise broken(f"cannot be read ({type(error).__name__}: {str(error).strip()[:120]})") from None
     moments = {"exp_avg", "exp_avg_sq", "adam_step"}
-    if not isinstance(step, int) or step < 0:
-        raise broken(f"names step {step!r}, not a step number")
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0 or (NAME.match(path.name) and
+                                                                           step != int(NAME.match(path.name)[1])):
+        raise broken(f"names step {str(step)[:40]}, not the step of its folder's name")
     missing = {"values", "rng_cpu"} - set(tensors)
     if moments & set(tensors):  # AdamW's state: all of it, or none (a checkpoint before the first step)
         missing |= moments - set(tensors)
@@ -123,8 +125,13 @@ def read_checkpoint(path: Path, flat: FlatBiases) -> tuple[int, dict[str, torch.
                          f"{flat.values.numel()} float32 biases")
         if not bool(torch.isfinite(tensors[name]).all()):
             raise broken(f"holds NaN or inf in {name}")
-    if tensors["rng_cpu"].dtype != torch.uint8 or tensors["rng_cpu"].shape != torch.get_rng_state().shape:
-        raise broken("holds no valid random generator state")
+    if "adam_step" in tensors and (tensors["adam_step"].shape != (1,) or tensors["adam_step"].dtype != torch.float32
+                                   or tensors["adam_step"].item() != step):
+        raise broken(f"holds an AdamW step count that is not {step}, its step, as one float32")
+    try:  # the generator's own check: a state of the right shape can still be no mt19937 state
+        torch.Generator().set_state(tensors["rng_cpu"])
+    except (RuntimeError, TypeError):
+        raise broken("holds no valid random generator state") from None
     return step, tensors
 
 

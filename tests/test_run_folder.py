@@ -1,14 +1,17 @@
 """bitfit writes only into a folder it created, one run at a time: a user's folder is never touched."""
 
 import hashlib
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import train
 from bitfit import run_folder
+from bitfit.delta import read_delta
 from bitfit.errors import BitfitError
 from test_train import saved
 from tiny import tiny_llama
@@ -49,25 +52,65 @@ def test_overwrite_deletes_only_what_a_run_wrote(model_dir, tmp_path):
     assert (out / "my_notes.txt").read_text() == "mine"
 
 
-def test_overwrite_deletes_checkpoints_file_by_file_keeps_a_users_files_among_them_and_says_so(model_dir, tmp_path, capsys):
-    out = tmp_path / "run"
-    assert train.main(["--model", model_dir, *QUICK, "--max-steps", "2", "--save-every", "1", "--keep-checkpoints", "2",
-                       "--out-dir", str(out)]) == 0
-    mine = [out / "checkpoints" / "notes.txt", out / "checkpoints" / "step-000002" / "mine.txt",
-            out / "checkpoints" / "best" / "state.json", out / "checkpoints" / "step-000009" / "state.json"]
+def finished(model_dir: str, out: Path) -> Path:
+    assert train.main(["--model", model_dir, *QUICK, "--split", "train[:16]", "--max-steps", "2", "--save-every", "1", "--keep-checkpoints", "2",
+                       "--out-dir", str(out)]) == 0  # 2 steps, 2 checkpoints
+    return out
+
+
+def test_overwrite_replaces_the_runs_own_files_keeps_a_users_and_names_them(model_dir, tmp_path, capsys):
+    out = finished(model_dir, tmp_path / "run")
+    mine = [out / "checkpoints" / "notes.txt", out / "checkpoints" / "best" / "state.json", out / "my_notes.txt",
+            out / "plots" / "mine.txt"]
     for path in mine:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("mine")
     (out / ".delta.safetensors.x1y2.writing").write_bytes(b"half")  # what a killed write of bitfit's leaves
+    before = read_delta(str(out / "delta.safetensors"))[0]
     capsys.readouterr()
-    assert train.main(["--model", model_dir, *QUICK, "--max-steps", "1", "--out-dir", str(out), "--overwrite"]) == 0
-    assert all(path.read_text() == "mine" for path in mine[:3])
-    assert not mine[3].exists()  # a step-N folder holds what bitfit writes there: its state.json is bitfit's
-    assert not (out / "checkpoints" / "step-000001").exists() and not (out / ".delta.safetensors.x1y2.writing").exists()
-    assert sorted(p.name for p in (out / "checkpoints" / "step-000002").iterdir()) == ["mine.txt"]
+    assert train.main(["--model", model_dir, *QUICK, "--max-steps", "1", "--seed", "3", "--out-dir", str(out),
+                       "--overwrite", "--save-every", "1", "--keep-checkpoints", "1"]) == 0
+    assert all(path.read_text() == "mine" for path in mine)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["best", "notes.txt", "step-000001"]  # not 2
+    assert not (out / ".delta.safetensors.x1y2.writing").exists() and not (out / run_folder.REPLACED).exists()
+    after = read_delta(str(out / "delta.safetensors"))[0]
+    assert any(not torch.equal(after[name], before[name]) for name in before)  # the new run's
     said = capsys.readouterr().out
-    assert "--overwrite: deleted the earlier run's files; kept 3 that bitfit did not write: " in said
-    assert str(mine[0]) in said
+    assert "--overwrite: the earlier run's files are set aside" in said and "kept 4 that bitfit did not write: " in said
+
+
+def test_overwrite_that_fails_before_its_first_step_puts_the_earlier_run_back_as_it_was(model_dir, tmp_path):
+    out = finished(model_dir, tmp_path / "run")
+    before = snapshot(out)
+    for failing in (["--data", "missing.jsonl"], ["--model", str(tmp_path / "no-model")], ["--warmup-steps", "100"]):
+        model = [] if "--model" in failing else ["--model", model_dir]
+        assert train.main([*model, *QUICK, *failing, "--out-dir", str(out), "--overwrite"]) == 2
+        assert snapshot(out) == before and not (out / run_folder.REPLACED).exists()
+
+
+@pytest.mark.parametrize("what", ["a user's file inside", "a link", "a folder named like a run file"])
+def test_a_name_bitfit_writes_holding_what_bitfit_did_not_write_is_refused_and_nothing_moves(what, model_dir, tmp_path, capsys):
+    out = finished(model_dir, tmp_path / "run")
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "state.json").write_text("{}")  # what a checkpoint holds, but the user's
+    if what == "a link":
+        shutil.rmtree(out / "checkpoints" / "step-000002")
+        (out / "checkpoints" / "step-000002").symlink_to(tmp_path / "elsewhere")
+    elif what == "a folder named like a run file":
+        (out / "loss.png").unlink()
+        (out / "loss.png").mkdir()
+    else:
+        (out / "checkpoints" / "step-000002" / "mine.txt").write_text("mine")
+    before, elsewhere = snapshot(out), snapshot(tmp_path / "elsewhere")
+    for extra in (["--overwrite"], ["--overwrite", "--save-every", "1", "--keep-checkpoints", "1"]):
+        assert train.main(["--model", model_dir, *QUICK, "--out-dir", str(out), *extra]) == 2
+        last = capsys.readouterr().err.strip().splitlines()[-1]
+        assert last.startswith({
+            "a link": f"error: {out / 'checkpoints' / 'step-000002'} is named like a checkpoint but is a link",
+            "a folder named like a run file": f"error: {out / 'loss.png'} is named like a file a run writes, but is no file",
+            "a user's file inside": f"error: {out / 'checkpoints' / 'step-000002'} is named like a checkpoint but holds "
+                                    "files bitfit did not write (mine.txt"}[what]), last
+        assert snapshot(out) == before and snapshot(tmp_path / "elsewhere") == elsewhere
 
 
 @pytest.mark.parametrize("where", ["new", "empty", "default"])
