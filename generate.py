@@ -20,7 +20,7 @@ import torch
 from transformers import TextStreamer
 
 from bitfit import models
-from bitfit.cli import ArgumentParser, check_device
+from bitfit.cli import ArgumentParser, check_device, entry_point
 from bitfit.collate import pad_batch, pad_id
 from bitfit.data import load_records, questions, read_lines
 from bitfit.delta import apply_delta, read_delta, task_of
@@ -97,6 +97,11 @@ def check_args(args: argparse.Namespace) -> argparse.Namespace:
     # Greedy decoding ignores the temperature, and a temperature of 0 commonly means greedy: checked with --sample.
     if args.sample and not (math.isfinite(args.temperature) and args.temperature > 0):
         raise BitfitError(f"--temperature must be a finite number above 0 with --sample, not {args.temperature}")
+    if args.sample and args.temperature < 1e-6:  # logits divided by less can overflow to inf, and the draw fails
+        raise BitfitError(f"--temperature {args.temperature:g} is too small to sample with (below 1e-6 the scaled "
+                          "logits can overflow); for the most likely answer, drop --sample")
+    if not 0 <= args.seed < 2**63:
+        raise BitfitError(f"--seed must be in [0, 2**63), not {args.seed}")
     if not 0 < args.top_p <= 1:  # also refuses nan, which compares False with everything
         raise BitfitError(f"--top-p must be above 0 and at most 1, not {args.top_p}")
     check_device(args.device)
@@ -124,16 +129,16 @@ def run(args: argparse.Namespace) -> dict:
         raise BitfitError(f"{deltas[0]} does not name its base model: pass --model")
     trained = trained_template(deltas[0]) if not args.template else None
     template = args.template or trained or "alpaca"
+    records, places = read_prompts(args)  # read and checked before the model loads
     device = models.pick_device(args.device)
     model, tokenizer = models.load(bases[0], device, torch.float32, args.trust_remote_code, args.trust_pickle_weights)
 
-    records, places = read_prompts(args)
     asked = questions(records, tokenizer, template, places)  # (prompt ids, question, expected answer or '')
     prompts = [ids for ids, _, _ in asked]
     most = models.new_tokens_within_context(model, max(map(len, prompts)), args.max_new_tokens)
     if most < args.max_new_tokens:
         print(f"note: --max-new-tokens {args.max_new_tokens} is past the model's context of "
-              f"{models.context_length(model)} tokens: at most {most} new tokens after the longest prompt")
+              f"{models.context_length(model) or models.NO_CONTEXT} tokens: at most {most} new tokens after the longest prompt")
     generation = {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p} if args.sample else {"do_sample": False}
     labels = ["TUNED"] if len(deltas) == 1 else [chr(ord("A") + i) for i in range(len(deltas))]
     for label, delta, trained_on in zip(labels, deltas, metadata):
@@ -212,12 +217,9 @@ def mark(asked: list, said: dict[str, list[str]], shown: bool) -> tuple[dict[str
     return correct, checkable
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> int:
-    try:
-        run(parse_args(argv))
-    except BitfitError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    run(parse_args(argv))
     return 0
 
 

@@ -26,6 +26,7 @@ from bitfit import __version__, distributed, layout, models, packing, report, ru
 from bitfit.biases import add_missing_biases, count_trainable, describe, select_biases
 from bitfit.checkpoint import latest_checkpoint, load_checkpoint
 from bitfit.collate import pad_batch, pad_id, pad_labelled
+from bitfit.cli import out_of_memory
 from bitfit.config import MAX_DRAWS, TrainConfig, from_args
 from bitfit.data import examples_of, is_builtin, read_records
 from bitfit.delta import base_fingerprint, save_delta
@@ -75,10 +76,14 @@ def run(cfg: TrainConfig) -> dict:
         stop.at_once = f"after the delta was saved to {out_dir / 'delta.safetensors'}; the evaluation after training was skipped"
         if distributed.any_rank(stop.asked, device):  # all stop, or none: the evaluation may be a collective
             raise Interrupted(f"{stop.at_once}")
-        if held_out:
-            results["after"] = evaluate_trained(model, tokenizer, held_out, cfg, device, out_dir)
-        if rank == 0:
-            save_results(model, held_out, out_dir, results, started, log)
+        try:  # the delta is whole on the disk: a failure from here on says so
+            if held_out:
+                results["after"] = evaluate_trained(model, tokenizer, held_out, cfg, device, out_dir)
+            if rank == 0:
+                save_results(model, held_out, out_dir, results, started, log)
+        except (BitfitError, OSError) as error:  # a full disk, say: the report is lost, not the training
+            raise BitfitError(f"{error}; the trained delta is whole in {out_dir / 'delta.safetensors'}, its report "
+                              "is not written") from None
         distributed.barrier()  # no process tears down the group while rank 0 still evaluates and writes (gloo aborts then)
     return results
 
@@ -231,6 +236,12 @@ def read_data(cfg: TrainConfig) -> dict:
     check = partial(check_labelled, task=cfg.task) if cfg.task != "lm" else None
     source = eval_source(cfg)
     train = read_records(cfg.data, cfg.split, check=check, config=cfg.data_config)
+    per_step = cfg.batch_size * cfg.grad_accum
+    draws = min(cfg.epochs * len(train[0]), cfg.max_steps * per_step or math.inf)
+    if draws > MAX_DRAWS:  # checked on the rows, before they are tokenized and the plan is drawn
+        raise BitfitError(f"--epochs {cfg.epochs} over {len(train[0]):,} rows is {draws:,} examples to train on "
+                          f"({-(-draws // per_step):,} optimizer steps); a run draws at most {MAX_DRAWS:,}: lower "
+                          "--epochs, or set --max-steps")
     held_out = read_records(source, cfg.eval_split, "evaluation data", check, cfg.data_config) if source else None
     classes = None
     if cfg.task == "classify":
@@ -265,12 +276,7 @@ def setup_data_and_layout(cfg: TrainConfig, rows: dict, model, tokenizer, world:
     pad = collator(cfg, tokenizer)
     kind, why = choose_layout(cfg, model, examples, pad)
     per_step = cfg.batch_size * cfg.grad_accum
-    all_steps = cfg.epochs * -(-len(examples) // per_step)  # every epoch, before --max-steps: known before drawing any
-    draws = min(cfg.epochs * len(examples), cfg.max_steps * per_step or math.inf)
-    if draws > MAX_DRAWS:  # the plan would take minutes and gigabytes before the first step
-        raise BitfitError(f"--epochs {cfg.epochs} over {len(examples):,} examples is {draws:,} examples to train on "
-                          f"({all_steps:,} optimizer steps); a run draws at most {MAX_DRAWS:,}: lower --epochs, or "
-                          "set --max-steps")
+    all_steps = cfg.epochs * -(-len(examples) // per_step)  # every epoch, before --max-steps (read_data bounded it)
     steps = layout.draw_steps(len(examples), per_step, cfg.epochs, cfg.seed, cfg.max_steps)
     if cfg.warmup_steps >= len(steps):  # the first step's lr is 0, and the peak never comes
         raise BitfitError(f"--warmup-steps {cfg.warmup_steps}: the run has {len(steps)} optimizer step(s), so its lr "
@@ -567,6 +573,8 @@ def main(argv: list[str] | None = None) -> int:
         code = exit_with(f"interrupted: {error}", 130)
     except KeyboardInterrupt:
         code = exit_with("interrupted twice: stopped at once, without a checkpoint", 130)
+    except OSError as error:  # a path the system refuses: too long, a link loop, no permission
+        code = exit_with(f"error: {error.filename or ''}: {error.strerror or error}", 2, own_error=True)
     except Exception as error:  # noqa: BLE001: out of memory is said in one line with the knobs; the rest are bugs
         if not out_of_memory(error):
             raise
@@ -575,14 +583,6 @@ def main(argv: list[str] | None = None) -> int:
         run_folder.release(failed=code != 0)
         distributed.finish()
     return code
-
-
-def out_of_memory(error: Exception) -> bool:
-    """Whether `error` is the device or the host running out of memory (torch's CPU allocator says so in a
-    RuntimeError of its own)."""
-    said = str(error).lower()
-    return isinstance(error, (torch.OutOfMemoryError, MemoryError)) or (
-        isinstance(error, RuntimeError) and ("can't allocate memory" in said or "out of memory" in said))
 
 
 def memory_advice(cfg: TrainConfig, error: Exception) -> str:

@@ -33,7 +33,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 from . import models
-from .cli import ArgumentParser
+from .cli import ArgumentParser, entry_point
 from .delta import FOREIGN, FORMATS, apply_delta, head_modules, head_of, read_delta, task_of
 from .errors import BitfitError
 from .files import check_new_folder, parse_json, write_folder
@@ -153,6 +153,7 @@ def read_beft(folder: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, st
     return {**tensors, **whole}, metadata
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> int:
     cli = ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     cli.add_argument("--delta", required=True, help="a delta.safetensors written by train.py")
@@ -161,13 +162,9 @@ def main(argv: list[str] | None = None) -> int:
     cli.add_argument("--trust-remote-code", action="store_true", help="let transformers run code shipped with the model")
     cli.add_argument("--trust-pickle-weights", action="store_true",
                      help="load weights stored as pickle (.bin/.pt), which can run any code they contain")
-    try:
-        args = cli.parse_args(argv)
-        check_new_folder(args.out, "--out")  # before the model is loaded: a refusal should not take a minute
-        out = export(args.delta, args.out, args.model, args.trust_remote_code, args.trust_pickle_weights)
-    except BitfitError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    args = cli.parse_args(argv)
+    check_new_folder(args.out, "--out")  # before the model is loaded: a refusal should not take a minute
+    out = export(args.delta, args.out, args.model, args.trust_remote_code, args.trust_pickle_weights)
     print(f"wrote {out}: load it with PeftModel.from_pretrained(base_model, {str(out)!r})")
     return 0
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from . import models
-from .cli import ArgumentParser, check_device
+from .cli import ArgumentParser, check_device, entry_point
 from .data import load_records, read_lines
 from .delta import read_delta, task_of
 from .errors import BitfitError
@@ -104,12 +104,9 @@ def run(args: argparse.Namespace) -> list[list[dict]]:
     return answers
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> int:
-    try:
-        run(parse_args(argv))
-    except BitfitError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    run(parse_args(argv))
     return 0
 
 

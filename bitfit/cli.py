@@ -6,7 +6,10 @@ code 2, printed by the entry point's main(). `ArgumentParser` here makes argpars
 """
 
 import argparse
+import functools
 import re
+import sys
+from collections.abc import Callable
 
 import torch
 
@@ -40,3 +43,36 @@ def check_device(name: str) -> str:
         if ":" in name and int(name.split(":")[1]) >= count:
             raise BitfitError(f"--device {name}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
     return name
+
+
+def out_of_memory(error: BaseException) -> bool:
+    """Whether `error` is the device or the host running out of memory (torch's CPU allocator says so in a
+    RuntimeError of its own)."""
+    said = str(error).lower()
+    return isinstance(error, (torch.OutOfMemoryError, MemoryError)) or (
+        isinstance(error, RuntimeError) and ("can't allocate memory" in said or "out of memory" in said))
+
+
+def entry_point(main: Callable[[list[str] | None], int]) -> Callable[[list[str] | None], int]:
+    """A command's main(argv) whose every failure a user can act on is ONE line and an exit code: 2 for
+    bad input (a BitfitError), a path the system refuses (too long, a link loop, no permission: an
+    OSError) or no memory left; 130 for Ctrl-C. Anything else is a bug in bitfit and keeps its traceback."""
+    @functools.wraps(main)
+    def guarded(argv: list[str] | None = None) -> int:
+        try:
+            return main(argv)
+        except BitfitError as error:
+            said, code = f"error: {error}", 2
+        except KeyboardInterrupt:
+            said, code = "interrupted", 130
+        except OSError as error:
+            said, code = f"error: {error.filename or ''}: {error.strerror or error}", 2
+        except Exception as error:  # noqa: BLE001: only out of memory; the rest re-raised
+            if not out_of_memory(error):
+                raise
+            first = (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
+            said, code = f"error: out of memory ({first}): ask for less at once (fewer or shorter inputs, fewer new tokens)", 2
+        print(said, file=sys.stderr)
+        return code
+
+    return guarded

@@ -136,8 +136,10 @@ def _read_json(path: Path, bounds: slice) -> tuple[list, list[str]]:
 def _read_csv(path: Path, bounds: slice) -> tuple[list, list[str]]:
     """The records of a CSV file: its first line names the fields; each record is placed at the line it
     starts on. Every cell is text; a `messages` cell holds the conversation as JSON text."""
-    reader = csv.reader(text + "\n" for _, text in read_lines(path))  # read_lines: the UTF-8 check, by line
-    rows, places = [], []
+    csv.field_size_limit(2**31 - 1)  # a cell may be as long as any JSON field (csv's default stops at 128 KiB)
+    # strict: a stray quote or an unclosed one is an error, not a cell that swallows the rest of the file
+    reader = csv.reader((text + "\n" for _, text in read_lines(path)), strict=True)  # read_lines: UTF-8, by line
+    rows, places, start = [], [], 1  # start: the line the record being read starts on
     try:
         header = next(reader, None)
         if header is None:
@@ -163,7 +165,8 @@ def _read_csv(path: Path, bounds: slice) -> tuple[list, list[str]]:
             rows.append(row)
             places.append(place)
     except csv.Error as error:
-        raise BitfitError(f"{path} line {reader.line_num}: not valid CSV ({error})") from None
+        raise BitfitError(f"{path} line {start}: not valid CSV ({error}; a quote opened in this record may be the "
+                          "cause)") from None
     indices = select(len(rows), bounds)
     return [rows[i] for i in indices], [places[i] for i in indices]
 
@@ -176,6 +179,8 @@ def _read_parquet(path: Path, bounds: slice) -> tuple[list, list[str]]:
     except Exception as error:  # noqa: BLE001: pyarrow's error types for a file that is no Parquet
         raise BitfitError(f"{path} is not a readable Parquet file ({str(error).strip().splitlines()[0]})") from None
     indices = select(table.num_rows, bounds)
+    if not indices:  # pyarrow cannot take no rows of some column types
+        return [], []
     return table.take(list(indices)).to_pylist(), [f"{path} row {i}" for i in indices]  # converts only the rows used
 
 

@@ -134,7 +134,10 @@ def check_new_folder(given: str, flag: str) -> Path:
     """`given` as an absolute path, if bitfit may create a folder there: it does not exist, or is an empty
     folder, in a place this user may write. Never a file, never a folder that holds anything (a base
     model's folder, a run folder): nothing already there is overwritten."""
-    out = Path(given).resolve()  # '.' and 'a/..' have no name to rename a finished folder to
+    try:
+        out = Path(given).resolve()  # '.' and 'a/..' have no name to rename a finished folder to
+    except RuntimeError as error:  # a link loop
+        raise BitfitError(f"cannot use {flag} {given}: {error}") from None
     try:
         if out.exists() and not out.is_dir():
             raise BitfitError(f"{flag} {given} is a file: give a new folder, or an empty one")

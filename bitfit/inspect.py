@@ -27,7 +27,7 @@ from torch import nn
 
 from . import models
 from .biases import FUSED_QKV_MODULES, fused_qkv_parts
-from .cli import ArgumentParser
+from .cli import ArgumentParser, entry_point
 from .delta import apply_delta, check_delta, head_of, read_delta, task_of
 from .errors import BitfitError
 from .files import write_atomically
@@ -218,6 +218,7 @@ def compare(parts: list[Part], first: dict[str, torch.Tensor], second: dict[str,
     return rows
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> int:
     cli = ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     cli.add_argument("runs", nargs="+", metavar="RUN_OR_DELTA", help="a run folder or a delta file; two to compare them")
@@ -227,42 +228,38 @@ def main(argv: list[str] | None = None) -> int:
     cli.add_argument("--trust-remote-code", action="store_true", help="let transformers run code shipped with the model")
     cli.add_argument("--trust-pickle-weights", action="store_true",
                      help="load weights stored as pickle (.bin/.pt), which can run any code they contain")
-    try:
-        args = cli.parse_args(argv)
-        if len(args.runs) > 2:
-            raise BitfitError(f"give one run to inspect or two to compare, not {len(args.runs)}")
-        paths = [delta_path(run) for run in args.runs]
-        png = Path(args.png) if args.png else (paths[0].parent / HEATMAP if is_run_folder(paths[0].parent) else None)
-        if args.png and png.exists():
-            raise BitfitError(f"--png {png} already exists; bitfit does not overwrite a file it did not write")
-        deltas = [read_delta(str(path)) for path in paths]  # each checked whole before the model loads
-        model, _ = models.load_for(args.model or deltas[0][1]["base_model"], *task_of(deltas[0][1]), torch.device("cpu"),
-                                   torch.float32, args.trust_remote_code, args.trust_pickle_weights)
-        if len(deltas) == 2 and (deltas[0][1]["base_fingerprint"] != deltas[1][1]["base_fingerprint"]
-                                 or deltas[0][0].keys() != deltas[1][0].keys()):
-            raise BitfitError(f"{paths[0]} and {paths[1]} were trained on different bases or bias selections; "
-                              "only deltas of one base and one selection compare")
-        # Each delta's changes against this base (checked; an adapter's whole values made changes), before
-        # the first is applied: the tuned biases are base + change. A classifier's new head has no change to show.
-        checked = [check_delta(model, str(path)) for path in paths]
-        metadata = apply_delta(model, str(paths[0]))
-        head = set(head_of(metadata))
-        tensors, *others = [{name: t for name, t in changed.items() if name not in head} for changed, _ in checked]
-        parts = parts_of(model, list(tensors))
-        zero = zero_gradient_parts(model, parts)
-        if len(deltas) == 2:
-            print_comparison(paths, compare(parts, tensors, others[0]), zero)
-            return 0
-        rows = changes(parts, dict(model.named_parameters()), tensors, set(json.loads(metadata["added_biases"])))
-        print(f"{paths[0]}: {len(tensors)} biases, {sum(t.numel() for t in tensors.values()):,} values, "
-              f"base {metadata['base_model']}\n")
-        print_table(rows, zero)
-        if png:
-            shape = save_heatmap(rows, zero, png, title=f"BitFit: change per bias ({metadata['base_model']})")
-            print(f"\nheatmap ({shape[0]} layers x {shape[1]} bias types): {png}")
-    except BitfitError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    args = cli.parse_args(argv)
+    if len(args.runs) > 2:
+        raise BitfitError(f"give one run to inspect or two to compare, not {len(args.runs)}")
+    paths = [delta_path(run) for run in args.runs]
+    png = Path(args.png) if args.png else (paths[0].parent / HEATMAP if is_run_folder(paths[0].parent) else None)
+    if args.png and png.exists():
+        raise BitfitError(f"--png {png} already exists; bitfit does not overwrite a file it did not write")
+    deltas = [read_delta(str(path)) for path in paths]  # each checked whole before the model loads
+    model, _ = models.load_for(args.model or deltas[0][1]["base_model"], *task_of(deltas[0][1]), torch.device("cpu"),
+                               torch.float32, args.trust_remote_code, args.trust_pickle_weights)
+    if len(deltas) == 2 and (deltas[0][1]["base_fingerprint"] != deltas[1][1]["base_fingerprint"]
+                             or deltas[0][0].keys() != deltas[1][0].keys()):
+        raise BitfitError(f"{paths[0]} and {paths[1]} were trained on different bases or bias selections; "
+                          "only deltas of one base and one selection compare")
+    # Each delta's changes against this base (checked; an adapter's whole values made changes), before
+    # the first is applied: the tuned biases are base + change. A classifier's new head has no change to show.
+    checked = [check_delta(model, str(path)) for path in paths]
+    metadata = apply_delta(model, str(paths[0]))
+    head = set(head_of(metadata))
+    tensors, *others = [{name: t for name, t in changed.items() if name not in head} for changed, _ in checked]
+    parts = parts_of(model, list(tensors))
+    zero = zero_gradient_parts(model, parts)
+    if len(deltas) == 2:
+        print_comparison(paths, compare(parts, tensors, others[0]), zero)
+        return 0
+    rows = changes(parts, dict(model.named_parameters()), tensors, set(json.loads(metadata["added_biases"])))
+    print(f"{paths[0]}: {len(tensors)} biases, {sum(t.numel() for t in tensors.values()):,} values, "
+          f"base {metadata['base_model']}\n")
+    print_table(rows, zero)
+    if png:
+        shape = save_heatmap(rows, zero, png, title=f"BitFit: change per bias ({metadata['base_model']})")
+        print(f"\nheatmap ({shape[0]} layers x {shape[1]} bias types): {png}")
     return 0
 
 

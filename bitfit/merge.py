@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from . import models
 from .biases import add_zero_bias, is_bias
-from .cli import ArgumentParser
+from .cli import ArgumentParser, entry_point
 from .delta import apply_delta, read_delta, task_of
 from .errors import BitfitError
 from .files import check_new_folder, write_folder
@@ -104,6 +104,7 @@ def merge(model: nn.Module, delta_path: str, out_dir: str, tokenizer=None) -> Pa
     return out
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> int:
     cli = ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     cli.add_argument("--delta", required=True, help="a delta.safetensors written by train.py")
@@ -112,16 +113,12 @@ def main(argv: list[str] | None = None) -> int:
     cli.add_argument("--trust-remote-code", action="store_true", help="let transformers run code shipped with the model")
     cli.add_argument("--trust-pickle-weights", action="store_true",
                      help="load weights stored as pickle (.bin/.pt), which can run any code they contain")
-    try:
-        args = cli.parse_args(argv)
-        check_new_folder(args.out, "--out")  # before the model is loaded: a refusal should not take a minute
-        metadata = read_delta(args.delta)[1]
-        model, tokenizer = models.load_for(args.model or metadata["base_model"], *task_of(metadata), torch.device("cpu"),
-                                           torch.float32, args.trust_remote_code, args.trust_pickle_weights)
-        out = merge(model, args.delta, args.out, tokenizer)
-    except BitfitError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    args = cli.parse_args(argv)
+    check_new_folder(args.out, "--out")  # before the model is loaded: a refusal should not take a minute
+    metadata = read_delta(args.delta)[1]
+    model, tokenizer = models.load_for(args.model or metadata["base_model"], *task_of(metadata), torch.device("cpu"),
+                                       torch.float32, args.trust_remote_code, args.trust_pickle_weights)
+    out = merge(model, args.delta, args.out, tokenizer)
     print(f"wrote {out}: load it with {models.auto_class(model).__name__}.from_pretrained({str(out)!r})")
     return 0
 

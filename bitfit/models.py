@@ -130,11 +130,13 @@ def context_length(model: nn.Module) -> int | None:
     return None
 
 
+NO_CONTEXT = 2048  # the context of a model that names none (ALiBi: BLOOM, trained on 2048 positions)
+
+
 def new_tokens_within_context(model: nn.Module, prompt_length: int, wanted: int) -> int:
-    """`wanted` new tokens, or fewer, so that prompt and answer fit the model's context (at least one):
-    past it a model answers from positions it never saw, for as long as it is asked to."""
-    context = context_length(model)
-    return wanted if context is None else max(1, min(wanted, context - prompt_length))
+    """`wanted` new tokens, or fewer, so that prompt and answer fit the model's context (NO_CONTEXT where it
+    names none), at least one: past it a model answers from positions it never saw, for as long as asked."""
+    return max(1, min(wanted, (context_length(model) or NO_CONTEXT) - prompt_length))
 
 
 PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt")  # torch.load's pickle: loading one can run any code in it

@@ -151,7 +151,10 @@ def same_inputs(path: Path, inputs: dict[str, str], resuming: bool) -> None:
     """Record what a run trains on (hashes of its model and data) in inputs.json, or, resuming, refuse
     if they differ from the recorded ones: the data order and the biases would no longer match."""
     file = path / "inputs.json"
-    if resuming and file.is_file():
+    if resuming and not file.is_file():
+        raise BitfitError(f"--resume {path}: its inputs.json is gone; it records the hashes of the model and data the "
+                          "run started with, which a resume must match: restore it, or start a new run")
+    if resuming:
         try:
             recorded = parse_json(file.read_text())
         except (OSError, ValueError) as error:  # ValueError: not JSON, not UTF-8

@@ -572,3 +572,16 @@ def test_a_split_whose_examples_are_all_dropped_is_an_error_naming_its_role(tmp_
     path = write(tmp_path / "eval.jsonl", RECORDS)
     with pytest.raises(BitfitError, match="^evaluation data: no usable examples in .*eval.jsonl train: 3 dropped"):
         load_examples(path, "train", tiny_tokenizer(), max_len=4, role="evaluation data")
+
+
+def test_a_csv_cell_longer_than_csvs_own_limit_is_read_like_any_long_field(tmp_path):
+    path = tmp_path / "data.csv"
+    path.write_text("instruction,output\n" + "x" * 300_000 + ",ok\n")
+    assert load_records(str(path))[0] == [{"instruction": "x" * 300_000, "output": "ok"}]
+
+
+def test_a_parquet_split_of_no_rows_is_an_empty_split_not_a_crash(tmp_path):
+    datasets.Dataset.from_list(RECORDS).to_parquet(str(tmp_path / "data.parquet"))
+    assert load_records(str(tmp_path / "data.parquet"), "train[100:]") == ([], [])
+    with pytest.raises(BitfitError, match=r"data.parquet train\[5:2\] holds no records"):
+        read_records(str(tmp_path / "data.parquet"), "train[5:2]")

@@ -71,6 +71,10 @@ RECORD = {"instruction": "Say hi.", "input": "", "output": "hi"}
         ("data.csv", 'instruction,output\n"two\nlines",ok\nshort\n', "data.csv line 4: 1 fields"),  # a record's own line
         ("data.csv", 'messages\n"not json"\n', "data.csv line 2: a 'messages' cell holds the conversation as JSON text"),
         ("data.csv", "instruction,instruction\na,b\n", "data.csv line 1: the header must name every field once"),
+        ("data.csv", 'instruction,output\nAdd 1 2,"3\nAdd 2 2,4\n', r"data.csv line 2: not valid CSV \(unexpected end of data"),
+        ("data.csv", 'instruction,output\nAdd 1 2,"3"x\n', "data.csv line 2: not valid CSV"),
+        ("data.jsonl", "[" * 100000 + "]" * 100000, r"data.jsonl line 1 is not valid JSON \(nested too deeply to read\)"),
+        ("data.jsonl", '{"instruction": "a", "output": "b", "n": ' + "9" * 5000 + "}", "data.jsonl line 1 is not valid JSON"),
         ("data.csv", "prompt,output\na,b\n", "data.csv line 2: a row has the fields of one shape"),
         ("data.jsonl", json.dumps({"messages": [{"role": "assistant", "content": "Hi!"}, {"role": "user", "content": "2+2"},
                                                 {"role": "assistant", "content": "4"}]}),
@@ -381,7 +385,7 @@ def test_the_help_gives_the_reason_of_every_bound():
 @pytest.mark.parametrize("flags", [["--epochs", "1000000000000"], ["--epochs", "1000000000000", "--max-steps", "2000000"]])
 def test_a_run_of_more_examples_than_any_plan_holds_is_refused_before_the_plan_is_drawn(flags, model_dir, tmp_path, capsys):
     assert run_on(model_dir, tmp_path, "--split", "train[:16]", *flags) == 2
-    fails_with(capsys, 2, r"--epochs 1000000000000 over 16 examples is [\d,]+ examples to train on .*: lower --epochs, or "
+    fails_with(capsys, 2, r"--epochs 1000000000000 over 16 rows is [\d,]+ examples to train on .*: lower --epochs, or "
                           "set --max-steps")
 
 
@@ -451,3 +455,38 @@ def test_bad_data_is_refused_before_the_model_loads(model_dir, tmp_path, monkeyp
     bad_eval = data_file(tmp_path, "eval.csv", "instruction,output\nx\n")
     assert run_on(model_dir, tmp_path, "--eval-data", bad_eval, "--eval-split", "train") == 2
     fails_with(capsys, 2, "^error: evaluation data: .*eval.csv line 2: 1 fields")
+
+
+def test_a_model_that_names_no_context_still_stops_generating_at_2048_positions():
+    from bitfit.models import NO_CONTEXT, context_length, new_tokens_within_context
+
+    bloom = tiny_bloom()  # ALiBi: its config names no context length
+    assert context_length(bloom) is None and NO_CONTEXT == 2048
+    assert new_tokens_within_context(bloom, prompt_length=48, wanted=10**9) == 2000
+    assert new_tokens_within_context(bloom, prompt_length=5000, wanted=10**9) == 1  # at least one
+    assert new_tokens_within_context(tiny_llama(), prompt_length=48, wanted=16) == 16
+
+
+def test_a_path_the_system_refuses_is_one_error_line_in_every_command(finished_run, tmp_path, capsys):
+    from bitfit import adapter, classify, inspect as inspect_delta
+
+    too_long = str(tmp_path / ("x" * 300))
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")  # a link to itself
+    commands = [lambda: train.main(["--out-dir", too_long]), lambda: train.main(["--data", too_long + ".jsonl"]),
+                lambda: generate.main(["--delta", too_long]), lambda: merge.main(["--delta", too_long, "--out", str(tmp_path / "m")]),
+                lambda: merge.main(["--delta", str(finished_run), "--out", str(tmp_path / "loop" / "m")]),
+                lambda: adapter.main(["--delta", str(finished_run), "--out", str(tmp_path / "loop" / "a")]),
+                lambda: inspect_delta.main([too_long]), lambda: classify.main(["--delta", too_long, "--text", "hi"])]
+    for command in commands:
+        assert command() == 2
+        fails_with(capsys, 2, "(File name too long|Symlink loop|no such|not found|cannot use)")
+
+
+def test_ctrl_c_in_a_command_is_one_line_and_exit_130(finished_run, monkeypatch, capsys):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(generate.models, "load", interrupted)
+    assert generate.main(["--delta", str(finished_run), "--prompt", "hi"]) == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.strip().splitlines()[-1] == "interrupted"

@@ -128,7 +128,11 @@ def test_a_full_disk_at_any_write_of_a_run_is_one_error_line_and_leaves_no_half_
         assert (run / "results.json").is_file()
         return
     assert code == 2
-    assert re.fullmatch(rf"error: cannot write {small_disk.path}/.+: the disk is full \(\d+ B free there\)", last_error(capsys))
+    said = re.fullmatch(rf"error: cannot write {small_disk.path}/.+: the disk is full \(\d+ B free there\)"
+                        rf"(; the trained delta is whole in {run}/delta.safetensors, its report is not written)?",
+                        last_error(capsys))
+    assert said
+    assert bool(said[1]) == (run / "delta.safetensors").exists()  # said exactly when it is there
     if not run.exists():  # it failed before a step was recorded: the folder is given back
         return
     hidden = [p.name for p in run.rglob(".*") if p.name != ".bitfit-run"]
@@ -186,10 +190,16 @@ def test_resuming_with_a_broken_config_json_is_one_error_line(content, model_dir
     ("metrics.jsonl", '{"step": 1, "loss": 1.0}\n{"step": 7, "loss": 1.0}\n{"step": 3, "loss": NaN}\n',
      "metrics.jsonl line 2 is not the record of step 2 that bitfit wrote"),
     ("metrics.jsonl", "\n", "metrics.jsonl line 1 is not the record of step 1"),
+    ("metrics.jsonl", '{"step": 1, "loss": 1.0, "eval_loss": "oops"}\n', "metrics.jsonl line 1 is not the record of step 1"),
+    ("metrics.jsonl", '{"step": 1, "loss": 1' + "0" * 400 + '}\n', "metrics.jsonl line 1 is not the record of step 1"),
+    ("metrics.jsonl", "[" * 100000 + "]" * 100000, "metrics.jsonl line 1 is not the record of step 1"),
+    ("config.json", '{"lr": 1' + "0" * 400 + "}", "its config.json, the config the run started with, is broken"),
+    ("config.json", "[" * 100000 + "]" * 100000, "its config.json, the config the run started with, is broken"),
+    ("inputs.json", None, "its inputs.json is gone"),
 ])
-def test_resuming_with_a_broken_inputs_or_metrics_file_is_one_error_line(name, content, message, model_dir, tmp_path, monkeypatch, capsys):
+def test_resuming_with_a_broken_or_missing_file_of_the_run_is_one_error_line(name, content, message, model_dir, tmp_path, monkeypatch, capsys):
     run = interrupted_run(model_dir, tmp_path, monkeypatch)
-    (run / name).write_text(content)
+    (run / name).unlink() if content is None else (run / name).write_text(content)
     assert train.main(["--resume", str(run)]) == 2
     assert message in last_error(capsys)
 
@@ -201,7 +211,11 @@ def test_resuming_with_a_broken_inputs_or_metrics_file_is_one_error_line(name, c
     lambda entry: json.dumps(entry).replace(str(entry["loss"]), "NaN"),
     lambda entry: json.dumps({key: value for key, value in entry.items() if key != "samples"}),
     lambda entry: json.dumps({**entry, "exact_match": 7}),
-], ids=["empty", "truncated", "string loss", "NaN loss", "no samples", "share above 1"])
+    lambda entry: json.dumps({**entry, "note": float("nan")}),
+    lambda entry: json.dumps({**entry, "loss": 10**400}),
+    lambda entry: "[" * 100000 + "]" * 100000,
+], ids=["empty", "truncated", "string loss", "NaN loss", "no samples", "share above 1", "NaN elsewhere", "huge int",
+        "too deep"])
 def test_a_broken_cached_evaluation_is_measured_again_and_the_log_says_why(damage, model_dir, tmp_path, capsys):
     def before(run: str) -> dict:
         assert train.main(["--model", model_dir, *ARGS, "--max-steps", "1", "--out-dir", str(tmp_path / run)]) == 0

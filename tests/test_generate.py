@@ -88,3 +88,12 @@ def test_the_edges_of_every_checked_argument_are_accepted():
 
 def test_a_temperature_of_0_without_sample_is_greedy_decoding_and_accepted():
     assert generate.parse_args(["--temperature", "0"]).sample is False
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--sample", "--temperature", "1e-300"], "--temperature 1e-300 is too small to sample with"),
+    (["--seed", "18446744073709551616"], r"--seed must be in \[0, 2\*\*63\)"),
+])
+def test_a_value_past_what_sampling_can_use_is_refused_before_the_model_loads(args, message):
+    with pytest.raises(generate.BitfitError, match=message):
+        generate.parse_args(args)
