@@ -432,3 +432,13 @@ def test_an_interrupted_and_resumed_classifier_run_ends_with_the_same_delta_head
     straight, resumed = (read_delta(str(tmp_path / run / "delta.safetensors"))[0] for run in ("straight", "stopped"))
     assert straight.keys() == resumed.keys() and "classifier.weight" in straight
     assert all(torch.equal(straight[name], resumed[name]) for name in straight)
+
+
+def test_eval_every_and_the_loss_curve_work_for_a_classifier_as_for_an_lm(folders, tmp_path):
+    out = tmp_path / "run"
+    assert train.main(["--task", "classify", "--model", folders["bert"], *QUICK, "--eval-every", "2",
+                       "--out-dir", str(out)]) == 0
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines if "eval_loss" in line] == [2, 4]  # the last step's is "after"
+    assert (out / "loss.png").stat().st_size > 0
+    assert json.loads((out / "results.json").read_text())["best"]["step"] in (0, 2, 4, 6)
