@@ -5,8 +5,8 @@
     python train.py --model bigscience/bloomz-1b1 --data yahma/alpaca-cleaned --split "train[:1000]"
     python train.py --help                # every flag, with its default
 
-`run()` is the table of contents: run folder -> device -> model and biases -> data and layout ->
-optimizer and resume -> evaluate -> train -> save -> evaluate. Each stage is a small function below;
+`run()` is the table of contents: run folder -> data read and checked -> device -> model and biases ->
+examples and layout -> optimizer and resume -> evaluate -> train -> check the outputs -> save -> evaluate. Each stage is a small function below;
 the work itself lives in bitfit/ (the step a reader learns BitFit from is bitfit/loop.py: train_step).
 """
 
@@ -26,7 +26,7 @@ from bitfit import __version__, distributed, layout, models, packing, report, ru
 from bitfit.biases import add_missing_biases, count_trainable, describe, select_biases
 from bitfit.checkpoint import latest_checkpoint, load_checkpoint
 from bitfit.collate import pad_batch, pad_id, pad_labelled
-from bitfit.cli import out_of_memory
+from bitfit.cli import os_error, out_of_memory
 from bitfit.config import MAX_DRAWS, TrainConfig, from_args
 from bitfit.data import examples_of, is_builtin, read_records
 from bitfit.delta import base_fingerprint, save_delta
@@ -139,6 +139,8 @@ def setup_run_dir(cfg: TrainConfig, log) -> tuple[TrainConfig, Path]:
             write_atomically(Path(claimed) / "config.json", (dataclasses.replace(cfg, out_dir=claimed).to_json() + "\n").encode())
         except BitfitError as failure:
             error = str(failure)
+        except OSError as failure:  # a folder that cannot be listed or moved in: every process stops, not just this one
+            error = f"cannot use the output folder {claimed or cfg.out_dir or 'runs/'}: {failure.strerror or failure}"
     claimed, error = distributed.share((claimed, error))
     if error:
         raise BitfitError(error)
@@ -249,6 +251,10 @@ def read_data(cfg: TrainConfig) -> dict:
             classes = label_names([check(row, place)[1] for row, place in zip(*train)], train[1])
         except BitfitError as error:
             raise BitfitError(f"training data: {error}") from None
+        for row, place in zip(*(held_out or ([], []))):  # a class the model has no output for
+            if (label := check(row, place)[1]) not in classes:
+                raise BitfitError(f"evaluation data: {place}: label {label!r} is not one of the training data's "
+                                  f"classes {classes}")
     return {"train": train, "held_out": held_out, "classes": classes}
 
 
@@ -311,12 +317,9 @@ def setup_evaluation(cfg: TrainConfig, rows: dict, tokenizer) -> dict | None:
     if cfg.task == "lm":
         examples, _ = examples_of(records, places, name, tokenizer, cfg.max_len, cfg.template, role="evaluation data",
                                   progress=distributed.is_main())
-    else:
-        try:
-            examples = encode_labelled(records, places, tokenizer, cfg.max_len, cfg.task, rows["classes"],
-                                       progress=distributed.is_main())
-        except BitfitError as error:  # a class the training data never had
-            raise BitfitError(f"evaluation data: {error}") from None
+    else:  # its classes were checked against the training data's by read_data
+        examples = encode_labelled(records, places, tokenizer, cfg.max_len, cfg.task, rows["classes"],
+                                   progress=distributed.is_main())
     # What the numbers depend on besides the model: the rows, and the token ids the tokenizer made of them.
     return {"records": records, "examples": examples, "name": name, "classes": rows["classes"],
             "hash": digest([records, token_ids(examples)])}
@@ -368,7 +371,14 @@ def setup_optimizer(cfg: TrainConfig, flat: FlatBiases, out_dir: Path, n_steps: 
                               "not this run's")
         log(f"resuming from {checkpoint}: after step {first_step}")
     metrics = out_dir / "metrics.jsonl"  # it holds exactly the steps done: none, or the checkpoint's
-    done = recorded_steps(metrics, first_step) if first_step and distributed.is_main() else []
+    done, error = [], ""
+    if first_step and distributed.is_main():
+        try:
+            done = recorded_steps(metrics, first_step)
+        except BitfitError as refused:
+            error = str(refused)
+    if error := distributed.share(error):  # every process stops, not only the one that read the file
+        raise BitfitError(error)
     if distributed.is_main():
         write_atomically(metrics, "".join(line + "\n" for line in done).encode())
     for group in optimizer.param_groups:
@@ -400,6 +410,9 @@ def recorded_steps(path: Path, steps: int) -> list[str]:
         if not fields_ok or record.get("step") != number or not finite_number(loss):
             raise BitfitError(f"--resume: {path} line {number} is not the record of step {number} that bitfit wrote; "
                               f"restore it, or delete {path.name} to resume without the records of steps 1-{steps}")
+    if 0 < len(lines) < steps:  # the next step's line would follow a gap
+        raise BitfitError(f"--resume: {path} holds {len(lines)} steps and the checkpoint {steps}; restore it, or "
+                          f"delete {path.name} to resume without the records of steps 1-{steps}")
     return lines
 
 
@@ -574,7 +587,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         code = exit_with("interrupted twice: stopped at once, without a checkpoint", 130)
     except OSError as error:  # a path the system refuses: too long, a link loop, no permission
-        code = exit_with(f"error: {error.filename or ''}: {error.strerror or error}", 2, own_error=True)
+        code = exit_with(f"error: {os_error(error)}", 2, own_error=True)
     except Exception as error:  # noqa: BLE001: out of memory is said in one line with the knobs; the rest are bugs
         if not out_of_memory(error):
             raise

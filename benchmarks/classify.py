@@ -166,7 +166,6 @@ def main() -> None:
     cli.add_argument("--full-lr", type=float, default=5e-5, help="full fine-tuning's lr (BERT's usual 2e-5 to 5e-5)")
     cli.add_argument("--side", nargs="+", help=argparse.SUPPRESS)  # a child process: one side, JSON out
     args = cli.parse_args()
-    torch.set_num_threads(torch.get_num_threads())
     if args.side:
         method, source, task, *lr = args.side
         result = bitfit_side(source, task) if method == "bitfit" else loop_side(method, source, task, float(lr[0]))

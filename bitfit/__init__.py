@@ -1,21 +1,24 @@
 """bitfit: fine-tune only the bias terms of a pretrained transformer (Ben Zaken et al., ACL 2022).
 
 Read the modules in this order; each holds one concept:
-    tasks        the built-in task: instruction problems with exact answers, generated in code
+    tasks        the built-in tasks: instruction problems with exact answers; sentences with a class or a number
     data         rows (Alpaca, chat, prompt/completion) from a file, folder or hub -> token ids with -100 prompt labels
+    labelled     rows with a label (a text or a pair; a class or a number) -> token ids and one label per row
     collate      a list of examples -> one padded batch
-    loss         the token losses summed over the label tokens, and how many there are
+    loss         the token losses summed over the label tokens (a classifier's: the rows'), and how many there are
     packing      a pass's examples end to end in one row, kept apart, and the check that they are
     layout       a step's examples -> each process's share -> forward passes under a token budget
-    biases       the one predicate that decides what trains; zero biases for bias-free models
+    biases       the one predicate that decides what trains (biases, a new head); zero biases for bias-free models
     flat         every trainable bias as a view into one fp32 buffer, its gradient into another
-    delta        the kilobyte file of `tuned - base` biases, and applying it to a base model
-    files        writing a file so that a crash or a full disk never leaves half of it
-    models       loading a base: hub, folder, or the embedded GGUF dequantized once
+    delta        the kilobyte file of `tuned - base` biases (and a classifier's head), and applying it to a base
+    files        writing a file so that a crash or a full disk never leaves half of it; reading JSON back safely
+    models       loading a base (a causal LM or a classifier): hub, folder, or an embedded one
     hub          is the Hugging Face hub reachable? asked in seconds; offline mode when not
     config       TrainConfig: every flag of train.py, its default and its help
     loop         train_step, the one BitFit step; fit, the loop around it; the lr schedule
-    evaluate     held-out loss and greedy exact match
+    evaluate     held-out loss and greedy exact match; a classifier's and regressor's measures
+    metrics      accuracy, F1, Matthews correlation, Pearson and Spearman
+    finite       the one check that a tuned model's outputs are finite
     checkpoint   atomic checkpoints and exact resume
     interrupt    Ctrl-C / SIGTERM: finish the step, checkpoint and stop; or stop at once
     distributed  torchrun data parallelism: who does what, and the all-reduces
@@ -25,7 +28,8 @@ Read the modules in this order; each holds one concept:
     report       where a run ran, its best step, its loss curve
     inspect      python -m bitfit.inspect: where the biases moved, per layer and bias type
     adapter      a delta as a PEFT BEFT adapter folder, and back
-    mixed        many deltas in one batch: each row adds its own
+    mixed        many deltas in one batch: each row adds its own (a classifier's: and runs its own head)
+    classify     python -m bitfit.classify: each text's label and probability from one or more deltas
 """
 
 __version__ = "0.1.0"

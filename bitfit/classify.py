@@ -73,6 +73,10 @@ def run(args: argparse.Namespace) -> list[list[dict]]:
     """Each delta's answers, in the order of the deltas given."""
     paths = [delta_path(given) for given in args.delta]
     metadata = [read_delta(path)[1] for path in paths]  # each checked whole before the model loads
+    for path, meta in zip(paths, metadata):
+        if task_of(meta)[0] == "lm":
+            raise BitfitError(f"{path} is a causal LM's delta (--task lm): generate.py uses it; classify takes a "
+                              "classifier's or regressor's")
     bases = sorted({args.model or m["base_model"] for m in metadata})
     if len(bases) > 1:
         raise BitfitError(f"the deltas were trained on different bases ({', '.join(map(repr, bases))}): classify with "

@@ -53,6 +53,11 @@ def out_of_memory(error: BaseException) -> bool:
         isinstance(error, RuntimeError) and ("can't allocate memory" in said or "out of memory" in said))
 
 
+def os_error(error: OSError) -> str:
+    """'path: reason' of an OSError (the reason alone where it names no path)."""
+    return f"{error.filename}: {error.strerror or error}" if error.filename else str(error.strerror or error)
+
+
 def entry_point(main: Callable[[list[str] | None], int]) -> Callable[[list[str] | None], int]:
     """A command's main(argv) whose every failure a user can act on is ONE line and an exit code: 2 for
     bad input (a BitfitError), a path the system refuses (too long, a link loop, no permission: an
@@ -66,7 +71,7 @@ def entry_point(main: Callable[[list[str] | None], int]) -> Callable[[list[str] 
         except KeyboardInterrupt:
             said, code = "interrupted", 130
         except OSError as error:
-            said, code = f"error: {error.filename or ''}: {error.strerror or error}", 2
+            said, code = f"error: {os_error(error)}", 2
         except Exception as error:  # noqa: BLE001: only out of memory; the rest re-raised
             if not out_of_memory(error):
                 raise

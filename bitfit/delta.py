@@ -112,13 +112,13 @@ def save_delta(path: str, model: nn.Module, flat: FlatBiases, *, base_model: str
     if not any(t.any() for name, t in tensors.items() if name not in head):
         raise BitfitError(NEVER_MOVED)
     metadata = {
-        "format": FORMAT_3 if head else FORMAT,
+        "format": FORMAT_3 if task != "lm" else FORMAT,
         "base_model": base_model,
         "base_fingerprint": fingerprint_of_base or base_fingerprint(model, flat, added, head),
         "added_biases": json.dumps(added),
         "dtype": "float32",
         "selection": selection,
-        **({"task": task, "classes": json.dumps(classes or []), "head": json.dumps(sorted(head))} if head else {}),
+        **({"task": task, "classes": json.dumps(classes or []), "head": json.dumps(sorted(head))} if task != "lm" else {}),
     }
     write_atomically(Path(path), safetensors.torch.save(tensors, metadata=metadata))
 
@@ -130,6 +130,10 @@ def metadata_problem(metadata: dict[str, str]) -> str | None:
         return f"its metadata lacks {', '.join(missing)}"
     if metadata["format"] == FORMAT_3 and (problem := head_problem(metadata)):
         return problem
+    if metadata["format"] != FORMAT_3 and (extra := [key for key in METADATA_3 if key in metadata]):
+        return f"its metadata has {', '.join(extra)}, which only a {FORMAT_3} delta has"
+    if "whole" in metadata and not _names(metadata["whole"]):
+        return f"whole must be a JSON list of names, not {metadata['whole'][:80]!r}"
     if metadata["format"] == FOREIGN:  # an adapter PEFT trained: no fingerprint, its added biases found on applying
         return None
     try:
@@ -152,15 +156,20 @@ def head_problem(metadata: dict[str, str]) -> str | None:
     if metadata["task"] not in ("classify", "regress"):
         return f"task must be 'classify' or 'regress', not {metadata['task'][:40]!r}"
     for key in ("classes", "head"):
-        try:
-            value = json.loads(metadata[key])
-        except json.JSONDecodeError:
-            value = None
-        if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        if not _names(metadata[key]):
             return f"{key} must be a JSON list of names, not {metadata[key][:80]!r}"
     if (metadata["task"] == "classify") != bool(json.loads(metadata["classes"])):
         return "a classifier's delta names its classes, a regressor's none"
     return None
+
+
+def _names(text: str) -> bool:
+    """Whether `text` is a JSON list of strings."""
+    try:
+        value = json.loads(text)
+    except (ValueError, RecursionError):
+        return False
+    return isinstance(value, list) and all(isinstance(item, str) for item in value)
 
 
 def head_of(metadata: dict[str, str]) -> list[str]:
@@ -230,6 +239,8 @@ def _read_file(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
                           "changes weights, BitFit only biases; load it with peft.PeftModel.from_pretrained")
     if not is_delta:
         raise BitfitError(f"{path} is not a bitfit delta (format {metadata.get('format')!r}, expected {FORMAT!r})")
+    if "whole" in metadata:  # what bitfit.adapter's read-back adds in memory: never a file's
+        raise BitfitError(f"{path} is not a valid bitfit delta: its metadata has 'whole', which no delta file has")
     return tensors, metadata
 
 
@@ -253,7 +264,7 @@ def check_delta(model: nn.Module, path: str, with_head: bool = True) -> tuple[di
     trained_on = f"this delta was trained on {metadata['base_model']!r} (fingerprint {metadata['base_fingerprint'] or 'unknown'})"
     task, classes = task_of(metadata)
     outputs = len(classes) if classes else 1
-    if head and with_head and getattr(model.config, "num_labels", None) != outputs:
+    if task != "lm" and with_head and getattr(model.config, "num_labels", None) != outputs:
         raise BitfitError(f"this model's head has {getattr(model.config, 'num_labels', None)} outputs and the delta's "
                           f"{outputs} ({task}{': ' + ', '.join(classes) if classes else ''}): load the base with the "
                           "delta's classes")

@@ -85,7 +85,8 @@ def write_error(path: Path, error: BaseException) -> BitfitError | None:
     elif match := OS_ERROR_IN_TEXT.search(str(error)):
         code = int(match[1] or match[2])
         reason = os.strerror(code)
-    elif (free := free_bytes(path)) is not None and free < NEARLY_FULL:
+    elif type(error).__module__.split(".")[0] in ("safetensors", "tokenizers") and \
+            (free := free_bytes(path)) is not None and free < NEARLY_FULL:  # their errors may not say why
         code, reason = errno.ENOSPC, ""
     else:
         return None

@@ -6,19 +6,19 @@ Row shapes (`check_labelled`); other keys are ignored:
 and GLUE's own column names: sentence (SST-2, CoLA); question, sentence (QNLI); premise, hypothesis (MNLI);
 question1, question2 (QQP); sentence1, sentence2 (MRPC, RTE, STS-B).
 
-Labels: for --task classify an int or a string, one class each; the classes are the training data's
-labels in sorted order, class i being the i-th (`label_names`), saved with the run and written into
-everything exported as id2label / label2id. For --task regress a finite number. A bad label (missing,
+Labels: for --task classify an int or a string, one class each (a CSV file's cells are text: its classes
+are strings, "1" and not 1); the classes are the training data's labels in sorted order, class i being
+the i-th (`label_names`), saved with the run and written into everything exported as id2label /
+label2id. For --task regress a finite number (a CSV cell's text read as one). A bad label (missing,
 null, of the wrong type, NaN, a class the training data never had, GLUE's -1 "no label") is one error
 naming its file and line, before any model loads.
 """
-
-import math
 
 from tqdm import tqdm
 
 from .data import ENCODE_CHUNK, Example, text_field
 from .errors import BitfitError
+from .files import finite_number
 
 PAIRS = (("sentence1", "sentence2"), ("question", "sentence"), ("premise", "hypothesis"), ("question1", "question2"))
 SINGLES = ("text", "sentence")
@@ -44,12 +44,17 @@ def check_label(row: dict, place: str, task: str) -> int | str | float:
     label = row["label"]
     if label is None:
         raise BitfitError(f"{place}: the label is null")
+    if task == "regress" and isinstance(label, str):  # a CSV cell is text: "3.5" is the number 3.5
+        try:
+            label = float(label)
+        except ValueError:
+            pass
     number = isinstance(label, (int, float)) and not isinstance(label, bool)
     if task == "regress":
         if not number:
             raise BitfitError(f"{place}: --task regress needs a number as the label, found {type(label).__name__} {label!r:.40}")
-        if not math.isfinite(label):
-            raise BitfitError(f"{place}: the label is {label}, not a finite number")
+        if not finite_number(label):
+            raise BitfitError(f"{place}: the label is {str(label)[:40]}, not a finite number")
         return float(label)
     if isinstance(label, int) and not isinstance(label, bool):
         if label < 0:

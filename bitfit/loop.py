@@ -58,6 +58,7 @@ def train_step(model: nn.Module, flat: FlatBiases, optimizer: torch.optim.Optimi
 
     Why token-weighted: the step's loss is its summed token losses over its label tokens, so each token
     weighs the same whatever pass or process it landed in, and every layout gives the same gradient.
+    (A classifier's "label tokens" are its rows, one label each: the step's loss is the mean over them.)
     Each pass backpropagates its plain sum; the step's token count, known once every pass on every
     process is done, then divides the summed gradient.
     """

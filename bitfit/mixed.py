@@ -180,12 +180,18 @@ def classify_many(model: nn.Module, tokenizer, requests: list[tuple[tuple[str, .
     paths = sorted({path for _, path in requests})
     number = {path: i for i, path in enumerate(paths, start=1)}
     deltas = [_head_of(path) for path in paths]
-    table = DeltaTable(model, paths, with_head=False)  # checks each delta against the base
-    heads = RowHeads(model, [head for head, _ in deltas])
+    modules = dict(model.named_modules())
+    for path, (head, _) in zip(paths, deltas):
+        if missing := [name for name in head if name.rsplit(".", 1)[0] not in modules]:
+            raise BitfitError(f"{path}: this base has no place for the head's {missing[0]}: is it the base the delta "
+                              "was trained on?")
     device, pad = module_device(model), pad_id(tokenizer)
     was_training, results = model.training, []
+    table = heads = None
     model.eval()
     try:
+        table = DeltaTable(model, paths, with_head=False)  # checks each delta against the base
+        heads = RowHeads(model, [head for head, _ in deltas])
         probe = text_probe(tokenizer)
         for k, path in enumerate(paths, start=1):  # the one check (bitfit.finite): a diverged delta answers nothing
             with table.use([k] * len(probe["input_ids"])), heads.use([k] * len(probe["input_ids"])):
@@ -210,9 +216,11 @@ def classify_many(model: nn.Module, tokenizer, requests: list[tuple[tuple[str, .
                 best = int(probabilities.argmax())
                 results.append({"label": classes[best], "probability": probabilities[best].item(),
                                 "scores": dict(zip(classes, probabilities.tolist()))})
-    finally:
-        heads.remove()
-        table.remove()
+    finally:  # the caller's model as it was, whatever failed
+        if heads:
+            heads.remove()
+        if table:
+            table.remove()
         model.train(was_training)
     return results
 

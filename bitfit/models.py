@@ -23,6 +23,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceC
 
 from . import hub
 from .errors import BitfitError
+from .collate import pad_id
 from .files import parse_json, write_error
 
 EMBEDDED = "embedded"
@@ -220,15 +221,17 @@ def load_classifier(name: str, classes: list[str] | None, device: torch.device =
         try:
             model, info = AutoModelForSequenceClassification.from_pretrained(
                 source, dtype=dtype, trust_remote_code=trust_remote_code, output_loading_info=True,
+                ignore_mismatched_sizes=True,  # a checkpoint's own head for another number of classes: drawn anew
                 use_safetensors=None if trust_pickle_weights else True, **labels)
         finally:
             transformers_logging.set_verbosity(verbosity)
     except Exception as error:  # noqa: BLE001: as in load
         raise _cannot_load(name, error, offline) from None
     if model.config.pad_token_id is None:  # a causal LM's score head finds each row's last token by its padding
-        model.config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        model.config.pad_token_id = pad_id(tokenizer)
     params = dict(model.named_parameters())
-    new = sorted(name for name in info["missing_keys"] if name in params)
+    mismatched = {entry[0] if isinstance(entry, tuple) else entry for entry in info.get("mismatched_keys", ())}
+    new = sorted(name for name in set(info["missing_keys"]) | mismatched if name in params)
     return model.to(device).train(), tokenizer, new
 
 

@@ -92,7 +92,7 @@ def save_loss_curve(records: list[dict], points: list[dict], path: Path) -> None
     losses = [r["loss"] for r in records] + [p["loss"] for p in points]
     if losses and min(losses) > 0 and max(losses) / min(losses) > 10:
         axes.set_yscale("log")
-    axes.set(xlabel="optimizer step", ylabel="loss per label token")
+    axes.set(xlabel="optimizer step", ylabel="loss per label token (a classifier's: per example)")
     axes.grid(alpha=0.3, which="both")
     axes.legend()
     figure.tight_layout()

@@ -30,6 +30,7 @@ RUN_FILES = ("delta.safetensors", "results.json", "eval_before.json", "metrics.j
 # This process's runs until release(): the open, locked marker, the folder, and the folders the run created
 # for it (the folder and any parents that did not exist, deepest first).
 _held: list[tuple[IO, Path, list[Path]]] = []
+_set_aside: set[Path] = set()  # the run folders whose earlier run this process set aside (--overwrite)
 
 
 def is_run_folder(path: Path) -> bool:
@@ -101,6 +102,7 @@ def claim(out_dir: str) -> Path:
             created = _missing(path)
             path.mkdir(parents=True, exist_ok=True)
         _lock(path, created)
+        _settle_replaced(path)
     except OSError as error:
         raise write_error(Path(out_dir or "runs"), error) from None
     return path
@@ -110,11 +112,14 @@ def release(failed: bool = False) -> None:
     """Drop this process's folder locks (a run ends; the OS drops them anyway when the process exits).
 
     A run that `failed` before it recorded anything of its training (no metrics line, checkpoint or
-    delta) gives its folder back as it found it: the files it wrote go, and the folder too if the run
-    made it. An earlier run's steps, and anything bitfit did not write, always stay."""
+    delta) takes its files away again, and the folder too if the run made it; an earlier run it set
+    aside (--overwrite) is put back. An earlier run's steps, and anything bitfit did not write, always
+    stay. (A failed --resume or a rerun into an untrained run folder leaves that folder untrained, as
+    it was, less the files of the run that failed.)"""
     while _held:
         marker, path, created = _held.pop()
-        replaced = (path / REPLACED).is_dir()
+        replaced = path in _set_aside
+        _set_aside.discard(path)
         if failed and not _holds_training(path):
             for name in (*RUN_FILES, *(() if replaced else (MARKER,))):
                 if (path / name).is_file():
@@ -178,10 +183,9 @@ def set_aside(path: Path) -> list[Path]:
     them back if it fails before one: a typo in the new command costs nothing. Links and anything else
     bitfit did not write stay where they are; returns them, for the log."""
     aside = path / REPLACED
-    if aside.is_dir() and not aside.is_symlink():  # a killed overwrite's: superseded, and bitfit's own
-        shutil.rmtree(aside)
+    own, foreign = checkpoint.own_and_foreign(path)  # refuses before anything moves
     (aside / "checkpoints").mkdir(parents=True)
-    own, foreign = checkpoint.own_and_foreign(path)
+    _set_aside.add(path)
     for folder in own:
         folder.rename(aside / "checkpoints" / folder.name)
     for name in RUN_FILES:
@@ -193,6 +197,21 @@ def set_aside(path: Path) -> list[Path]:
         (path / "checkpoints").rmdir()
     ours = {MARKER, REPLACED, "checkpoints"}
     return foreign + sorted(entry for entry in path.iterdir() if entry.name not in ours)
+
+
+def _settle_replaced(path: Path) -> None:
+    """An earlier run set aside by an --overwrite run that was killed (so never released): put back if that
+    run recorded no step, deleted if it did (it replaced the earlier one)."""
+    aside = path / REPLACED
+    if not aside.is_dir() or aside.is_symlink():
+        return
+    if _holds_training(path):
+        shutil.rmtree(aside)
+        return
+    for name in RUN_FILES:  # the killed run's own files, none of them a result
+        if (path / name).is_file():
+            (path / name).unlink()
+    _put_back(path)
 
 
 def _put_back(path: Path) -> None:

@@ -375,24 +375,29 @@ def test_classify_prints_each_texts_label_and_probability_and_marks_labelled_row
     assert "\ncorrect: TUNED " in said and "/2" in said
 
 
-@pytest.mark.parametrize(("args", "message"), [
-    (["--text", "hi"], "is a causal LM's delta \\(--task lm\\): generate.py uses it"),
-    ([], "give texts to classify: --text \\(repeatable\\) or --texts-file"),
-    (["--texts-file", "EMPTY"], "--texts-file .* holds no texts"),
+@pytest.mark.parametrize(("delta", "args", "message"), [
+    ("lm", ["--text", "hi"], "is a causal LM's delta \\(--task lm\\): generate.py uses it"),
+    ("classify", [], "give texts to classify: --text \\(repeatable\\) or --texts-file"),
+    ("classify", ["--texts-file", "EMPTY"], "--texts-file .* holds no texts"),
 ])
-def test_classify_refuses_an_lm_delta_and_no_texts_in_one_line(args, message, tmp_path, capsys):
+def test_classify_refuses_an_lm_delta_and_no_texts_in_one_line(delta, args, message, folders, tmp_path, capsys):
     from bitfit import classify
 
-    llama = saved(tiny_llama, tmp_path / "llama")
-    model, _ = models.load(llama)
-    added = add_missing_biases(model)
-    flat = FlatBiases(model, select_biases(model))
+    if delta == "lm":
+        llama = saved(tiny_llama, tmp_path / "llama")
+        model, _ = models.load(llama)
+        added, head, classes = add_missing_biases(model), [], None
+    else:
+        model, _, head = models.load_classifier(folders["bert"], ["no", "yes"])
+        added, classes, llama = [], ["no", "yes"], folders["bert"]
+    flat = FlatBiases(model, select_biases(model, "all", head))
     with torch.no_grad():
         flat.values.add_(0.1)
-    save_delta(str(tmp_path / "lm.safetensors"), model, flat, base_model=llama, added=added)
+    save_delta(str(tmp_path / "delta.safetensors"), model, flat, base_model=llama, added=added, head=head,
+               task="lm" if delta == "lm" else "classify", classes=classes)
     (tmp_path / "empty.txt").write_text("\n\n")
     args = [str(tmp_path / "empty.txt") if arg == "EMPTY" else arg for arg in args]
-    assert classify.main(["--delta", str(tmp_path / "lm.safetensors"), *args]) == 2
+    assert classify.main(["--delta", str(tmp_path / "delta.safetensors"), *args]) == 2
     assert __import__("re").search(message, last_error(capsys))
 
 
@@ -442,3 +447,29 @@ def test_eval_every_and_the_loss_curve_work_for_a_classifier_as_for_an_lm(folder
     assert [line["step"] for line in lines if "eval_loss" in line] == [2, 4]  # the last step's is "after"
     assert (out / "loss.png").stat().st_size > 0
     assert json.loads((out / "results.json").read_text())["best"]["step"] in (0, 2, 4, 6)
+
+
+@pytest.mark.parametrize("classes", [["a", "b", "c"], ["a", "b"]])
+def test_a_checkpoint_with_a_head_of_its_own_keeps_it_or_gets_a_new_one_and_its_delta_is_a_classifiers(classes, tmp_path):
+    torch.manual_seed(0)
+    BertForSequenceClassification(BertConfig(vocab_size=400, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                             intermediate_size=64, num_labels=3)).save_pretrained(tmp_path / "base")
+    tiny_tokenizer().save_pretrained(tmp_path / "base")
+    model, _, head = models.load_classifier(str(tmp_path / "base"), classes)
+    assert head == ([] if len(classes) == 3 else ["classifier.bias", "classifier.weight"])  # 3 outputs: the checkpoint's
+    flat = FlatBiases(model, select_biases(model, "all", head))
+    with torch.no_grad():
+        flat.values.add_(0.1)
+    save_delta(str(tmp_path / "delta.safetensors"), model, flat, base_model=str(tmp_path / "base"), added=[], head=head,
+               task="classify", classes=classes)
+    metadata = read_delta(str(tmp_path / "delta.safetensors"))[1]
+    assert metadata["format"] == "bitfit-delta/3" and json.loads(metadata["classes"]) == classes
+
+
+def test_a_csv_regression_label_is_its_cells_number(folders, tmp_path):
+    rows = "".join(f"row {i},{i % 5 + 0.5}\n" for i in range(24))
+    (tmp_path / "data.csv").write_text("text,label\n" + rows)
+    out = tmp_path / "run"
+    assert train.main(["--task", "regress", "--model", folders["bert"], "--data", str(tmp_path / "data.csv"),
+                       "--eval-data", "none", "--out-dir", str(out)]) == 0
+    assert json.loads(read_delta(str(out / "delta.safetensors"))[1]["classes"]) == []

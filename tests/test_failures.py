@@ -196,6 +196,7 @@ def test_resuming_with_a_broken_config_json_is_one_error_line(content, model_dir
     ("config.json", '{"lr": 1' + "0" * 400 + "}", "its config.json, the config the run started with, is broken"),
     ("config.json", "[" * 100000 + "]" * 100000, "its config.json, the config the run started with, is broken"),
     ("inputs.json", None, "its inputs.json is gone"),
+    ("metrics.jsonl", '{"step": 1, "loss": 1.0}\n', "metrics.jsonl holds 1 steps and the checkpoint 3"),
 ])
 def test_resuming_with_a_broken_or_missing_file_of_the_run_is_one_error_line(name, content, message, model_dir, tmp_path, monkeypatch, capsys):
     run = interrupted_run(model_dir, tmp_path, monkeypatch)

@@ -162,3 +162,17 @@ def test_resuming_a_finished_run_says_there_is_nothing_to_resume(model_dir, tmp_
     assert train.main(["--resume", str(out)]) == 2
     err = capsys.readouterr().err
     assert "is a finished run, nothing to resume" in err and "--overwrite" not in err
+
+
+def test_an_overwrite_killed_before_its_first_step_costs_the_earlier_run_nothing(model_dir, tmp_path, capsys):
+    out = finished(model_dir, tmp_path / "run")
+    before = snapshot(out)
+    run_folder.claim(str(out))  # what an --overwrite run does first...
+    run_folder.set_aside(out)
+    (out / "config.json").write_text("{}")  # ...and its config, before it is killed: release never runs
+    marker, _, _ = run_folder._held.pop()
+    marker.close()  # the OS drops a killed process's lock
+    run_folder._set_aside.clear()
+    assert train.main(["--model", model_dir, *QUICK, "--out-dir", str(out)]) == 2  # without --overwrite
+    assert "already holds a finished run" in capsys.readouterr().err
+    assert snapshot(out) == before  # the earlier run is back, as it was
