@@ -55,7 +55,7 @@ def run(cfg: TrainConfig) -> dict:
         examples, plan, collate, data_facts = setup_data_and_layout(cfg, rows, model, tokenizer, world, rank, log)
         base = check_inputs(cfg, model, flat, added, head, examples, out_dir)  # the base's fingerprint
         # Rank 0 evaluates, the others wait; with sharded weights each forward needs them all, so all do.
-        held_out = setup_evaluation(cfg, rows, tokenizer) if rank == 0 or cfg.shard_weights else None
+        held_out = setup_evaluation(cfg, rows, model, tokenizer) if rank == 0 or cfg.shard_weights else None
         optimizer, scheduler, first_step = setup_optimizer(cfg, flat, out_dir, len(plan), device, log)
         results = {"task": cfg.task, **({"classes": names} if names else {}),
                    "trainable": flat.num_trainable, "total": sum(p.numel() for p in model.parameters()),
@@ -190,7 +190,7 @@ def setup_model(cfg: TrainConfig, classes: list[str] | None, device: torch.devic
     flat = FlatBiases(model, selection)  # after the model is on its device and in its dtype
     params = dict(model.named_parameters())
     log(describe(*count_trainable(model, selection), {name: params[name].numel() for name in head}))
-    if (context := models.context_length(model)) and cfg.max_len > context:
+    if cfg.task == "lm" and (context := models.context_length(model)) and cfg.max_len > context:
         log(f"warning: --max-len {cfg.max_len} is past the model's context of {context} tokens: an example longer than "
             f"{context} tokens trains positions the model never saw; --max-len {context} keeps them within it")
     if flat.mask is not None and cfg.weight_decay > 0:
@@ -229,6 +229,16 @@ def choose_layout(cfg: TrainConfig, model, examples: list, pad) -> tuple[str, st
     if requested == "packed":
         raise BitfitError(f"--layout packed: {why_not}; use --layout padded (the same gradient)")
     return "padded", f"not packed: {why_not}"
+
+
+def labelled_max_len(cfg: TrainConfig, model, log=lambda *args: None) -> int:
+    """--max-len, or the encoder's positions where they are fewer: an encoder with absolute positions cannot
+    take a longer row (a causal LM's rows past its context are only warned about: setup_model)."""
+    most = models.positions(model)
+    if most and cfg.max_len > most:
+        log(f"--max-len {cfg.max_len} is past the encoder's {most} positions: rows are cut at {most} tokens")
+        return most
+    return cfg.max_len
 
 
 def read_data(cfg: TrainConfig) -> dict:
@@ -272,8 +282,8 @@ def setup_data_and_layout(cfg: TrainConfig, rows: dict, model, tokenizer, world:
         examples, dropped = examples_of(records, places, f"{cfg.data} {cfg.split}", tokenizer, cfg.max_len, cfg.template,
                                         progress=rank == 0)
     else:
-        examples, dropped = encode_labelled(records, places, tokenizer, cfg.max_len, cfg.task, rows["classes"],
-                                            progress=rank == 0), 0
+        examples, dropped = encode_labelled(records, places, tokenizer, labelled_max_len(cfg, model, log), cfg.task,
+                                            rows["classes"], progress=rank == 0), 0
     lengths = [len(e["input_ids"]) for e in examples]
     log(f"data: {len(examples)} examples from {cfg.data} {cfg.split}"
         + (f", {dropped} dropped (response cut away by max_len {cfg.max_len})" if cfg.task == "lm" else "")
@@ -308,7 +318,7 @@ def collator(cfg: TrainConfig, tokenizer):
     return partial(pad_labelled, pad_token_id=pad_id(tokenizer), padding_side=tokenizer.padding_side)
 
 
-def setup_evaluation(cfg: TrainConfig, rows: dict, tokenizer) -> dict | None:
+def setup_evaluation(cfg: TrainConfig, rows: dict, model, tokenizer) -> dict | None:
     """The held-out records and examples to evaluate on before and after training, or None."""
     if rows["held_out"] is None:
         return None
@@ -318,7 +328,7 @@ def setup_evaluation(cfg: TrainConfig, rows: dict, tokenizer) -> dict | None:
         examples, _ = examples_of(records, places, name, tokenizer, cfg.max_len, cfg.template, role="evaluation data",
                                   progress=distributed.is_main())
     else:  # its classes were checked against the training data's by read_data
-        examples = encode_labelled(records, places, tokenizer, cfg.max_len, cfg.task, rows["classes"],
+        examples = encode_labelled(records, places, tokenizer, labelled_max_len(cfg, model), cfg.task, rows["classes"],
                                    progress=distributed.is_main())
     # What the numbers depend on besides the model: the rows, and the token ids the tokenizer made of them.
     return {"records": records, "examples": examples, "name": name, "classes": rows["classes"],

@@ -20,7 +20,7 @@ from .cli import ArgumentParser, check_device, entry_point
 from .data import load_records, read_lines
 from .delta import read_delta, task_of
 from .errors import BitfitError
-from .labelled import texts_of
+from .labelled import check_label, texts_of
 from .mixed import classify_many
 from .run_folder import is_run_folder
 
@@ -82,6 +82,11 @@ def run(args: argparse.Namespace) -> list[list[dict]]:
         raise BitfitError(f"the deltas were trained on different bases ({', '.join(map(repr, bases))}): classify with "
                           "deltas of one base, or name the one to use with --model")
     texts, labels, places = read_texts(args)
+    for label, place in zip(labels, places):  # a labelled row is marked right or wrong: its label must be a class
+        for path, meta in zip(paths, metadata):
+            classes = task_of(meta)[1]
+            if label is not None and classes and str(check_label({"label": label}, place, "classify")) not in classes:
+                raise BitfitError(f"{place}: label {label!r} is not one of {path}'s classes {classes}")
     model, tokenizer = models.load_for(bases[0], *task_of(metadata[0]), models.pick_device(args.device),
                                        torch.float32, args.trust_remote_code, args.trust_pickle_weights)
     said = classify_many(model, tokenizer, [(t, path) for path in paths for t in texts], args.max_len)

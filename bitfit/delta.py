@@ -138,7 +138,7 @@ def metadata_problem(metadata: dict[str, str]) -> str | None:
         return None
     try:
         added = json.loads(metadata["added_biases"])
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):  # not JSON, or nested past what Python's reader can
         added = None
     if not isinstance(added, list) or not all(isinstance(name, str) and is_bias(name) for name in added):
         return f"added_biases must be a JSON list of bias names, not {metadata['added_biases'][:80]!r}"
@@ -158,8 +158,11 @@ def head_problem(metadata: dict[str, str]) -> str | None:
     for key in ("classes", "head"):
         if not _names(metadata[key]):
             return f"{key} must be a JSON list of names, not {metadata[key][:80]!r}"
-    if (metadata["task"] == "classify") != bool(json.loads(metadata["classes"])):
+    classes = json.loads(metadata["classes"])
+    if (metadata["task"] == "classify") != bool(classes):
         return "a classifier's delta names its classes, a regressor's none"
+    if len(set(classes)) != len(classes):
+        return f"its classes {classes} name one class twice"
     return None
 
 
@@ -215,7 +218,8 @@ def read_delta(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     problems = [metadata_problem(metadata), None if tensors else "it holds no biases"]
     head = head_of(metadata) + json.loads(metadata.get("whole", "[]")) if problems[0] is None else []
     problems += [*(tensor_problem(name, tensor, head) for name, tensor in tensors.items()),
-                 *(f"its head lists {name}, which it does not hold" for name in head if name not in tensors)]
+                 *(f"its head lists {name}, which it does not hold" for name in head if name not in tensors),
+                 None if problems[0] or any(name not in head for name in tensors) else "it holds no biases, only a head"]
     problem = next((problem for problem in problems if problem), None)
     if problem:
         raise BitfitError(f"{path} is not a valid bitfit delta: {problem}")

@@ -24,6 +24,7 @@ PAIRS = (("sentence1", "sentence2"), ("question", "sentence"), ("premise", "hypo
 SINGLES = ("text", "sentence")
 SHAPES = "text (or GLUE's sentence), or a pair: sentence1/sentence2, question/sentence, premise/hypothesis, question1/question2"
 TASKS = ("classify", "regress")
+MAX_TARGET = 1e15  # a regression target's largest size: its squared error must stay far inside float32
 
 
 def texts_of(row: object, place: str) -> tuple[str, ...]:
@@ -53,8 +54,9 @@ def check_label(row: dict, place: str, task: str) -> int | str | float:
     if task == "regress":
         if not number:
             raise BitfitError(f"{place}: --task regress needs a number as the label, found {type(label).__name__} {label!r:.40}")
-        if not finite_number(label):
-            raise BitfitError(f"{place}: the label is {str(label)[:40]}, not a finite number")
+        if not finite_number(label) or abs(float(label)) > MAX_TARGET:
+            raise BitfitError(f"{place}: the label is {str(label)[:40]}, not a finite number of at most {MAX_TARGET:g} "
+                              "(a target is learned in float32, where a larger one's squared error overflows)")
         return float(label)
     if isinstance(label, int) and not isinstance(label, bool):
         if label < 0:

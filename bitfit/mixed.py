@@ -29,6 +29,7 @@ from .delta import check_delta, head_modules, head_of, read_delta, task_of
 from .errors import BitfitError
 from .evaluate import answers
 from .finite import nonfinite_outputs, text_probe
+from .models import positions
 
 # Layers whose bias is added to their output, so a delta of it can be added there, per row. (Conv1D: GPT-2's linear.)
 ADDED_TO_OUTPUT = (nn.Linear, nn.LayerNorm, Conv1D)
@@ -192,15 +193,24 @@ def classify_many(model: nn.Module, tokenizer, requests: list[tuple[tuple[str, .
     try:
         table = DeltaTable(model, paths, with_head=False)  # checks each delta against the base
         heads = RowHeads(model, [head for head, _ in deltas])
-        probe = text_probe(tokenizer)
-        for k, path in enumerate(paths, start=1):  # the one check (bitfit.finite): a diverged delta answers nothing
+        probe = {key: tensor.to(device) for key, tensor in text_probe(tokenizer).items()}
+        for k, path in enumerate(paths, start=1):  # each delta on its own first: does its head fit, is it finite?
             with table.use([k] * len(probe["input_ids"])), heads.use([k] * len(probe["input_ids"])):
-                if problem := nonfinite_outputs(model, probe):
+                try:
+                    width = model(**probe).logits.shape[-1]
+                except RuntimeError as error:  # a head of another width than this base's hidden size
+                    raise BitfitError(f"{path}: its head does not fit this base ({str(error).splitlines()[0][:120]})") from None
+                if problem := nonfinite_outputs(model, probe):  # the one check (bitfit.finite)
                     raise BitfitError(f"the model tuned by {path} is broken: {problem}; the run that wrote the delta "
                                       "diverged (train again with a lower --lr)")
+            classes = deltas[k - 1][1][1]
+            if width != (len(classes) if classes else 1):
+                raise BitfitError(f"{path}: its head gives {width} outputs, and it names "
+                                  + (f"{len(classes)} classes" if classes else "one number (regress)"))
         for start in range(0, len(requests), batch_size):
             chunk = requests[start : start + batch_size]
-            encoded = [tokenizer(*texts, truncation=True, max_length=max_len) for texts, _ in chunk]
+            most = min(max_len, positions(model) or max_len)  # an encoder takes no longer row
+            encoded = [tokenizer(*texts, truncation=True, max_length=most) for texts, _ in chunk]
             examples = [{**{k: e[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in e}, "label": 0}
                         for e in encoded]
             batch = {k: v.to(device) for k, v in pad_labelled(examples, pad, tokenizer.padding_side).items() if k != "labels"}

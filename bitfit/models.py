@@ -131,6 +131,16 @@ def context_length(model: nn.Module) -> int | None:
     return None
 
 
+def positions(model: nn.Module) -> int | None:
+    """The longest input the model takes: its context, less the positions a RoBERTa-family encoder reserves
+    below its padding id (its position ids start at padding id + 1). An encoder with absolute positions
+    fails on a longer one; None where the model names no context."""
+    context = context_length(model)
+    if context and model.config.model_type in ("roberta", "xlm-roberta", "camembert", "longformer"):
+        context -= (model.config.pad_token_id or 0) + 1
+    return context
+
+
 NO_CONTEXT = 2048  # the context of a model that names none (ALiBi: BLOOM, trained on 2048 positions)
 
 

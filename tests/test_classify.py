@@ -19,7 +19,7 @@ from bitfit.flat import FlatBiases
 from bitfit.labelled import encode_labelled
 from bitfit.loss import label_tokens, loss_sum
 from test_train import saved
-from tiny import tiny_encoder, tiny_llama
+from tiny import tiny_encoder, tiny_llama, tiny_tokenizer
 
 QUICK = ["--split", "train[:48]", "--eval-split", "heldout[:32]", "--lr", "1e-2"]
 ENCODERS = {"bert": lambda: tiny_encoder("bert"), "roberta": lambda: tiny_encoder("roberta"), "llama": tiny_llama}
@@ -473,3 +473,67 @@ def test_a_csv_regression_label_is_its_cells_number(folders, tmp_path):
     assert train.main(["--task", "regress", "--model", folders["bert"], "--data", str(tmp_path / "data.csv"),
                        "--eval-data", "none", "--out-dir", str(out)]) == 0
     assert json.loads(read_delta(str(out / "delta.safetensors"))[1]["classes"]) == []
+
+
+# --- the second hostile round ------------------------------------------------------------------------
+
+def test_rows_longer_than_the_encoders_positions_are_cut_to_them_in_training_and_in_classify(folders, tmp_path, capsys):
+    from bitfit import classify
+
+    data = tmp_path / "long.jsonl"
+    data.write_text("".join(json.dumps({"text": "word " * 2000, "label": i % 2}) + "\n" for i in range(8)))
+    out = tmp_path / "run"
+    assert train.main(["--task", "classify", "--model", folders["bert"], "--data", str(data), "--eval-data", str(data),
+                       "--max-len", "600", "--out-dir", str(out)]) == 0  # tiny BERT: 130 positions
+    assert "--max-len 600 is past the encoder's 130 positions: rows are cut at 130 tokens" in capsys.readouterr().out
+    assert classify.main(["--delta", str(out), "--text", "word " * 2000]) == 0
+
+
+@pytest.mark.parametrize("label", ["1e300", "1" + "0" * 400, "-2e15"])
+def test_a_regression_target_too_large_for_float32_is_refused_before_the_model_loads(label, folders, tmp_path, capsys):
+    data = tmp_path / "data.jsonl"
+    data.write_text(json.dumps({"text": "a", "label": 1.5}) + "\n" + '{"text": "b", "label": ' + label + "}\n")
+    assert train.main(["--task", "regress", "--model", str(tmp_path / "nowhere"), "--data", str(data),
+                       "--eval-data", "none", "--out-dir", str(tmp_path / "run")]) == 2  # the data first: no model needed
+    assert "data.jsonl line 2: the label is " in (last := last_error(capsys)) and "not a finite number of at most 1e+15" in last
+
+
+def edited_delta(folders, tmp_path, edit) -> str:
+    """A classifier delta of the tiny BERT, then `edit(tensors, metadata)` applied to it on the disk."""
+    from safetensors.torch import load_file, save_file
+
+    model, flat, added, head = tuned(folders["bert"], ["no", "yes"])
+    path = str(tmp_path / "delta.safetensors")
+    save_delta(path, model, flat, base_model=folders["bert"], added=added, head=head, task="classify", classes=["no", "yes"])
+    with safe_open(path, "pt") as file:
+        metadata = file.metadata()
+    tensors = load_file(path)
+    edit(tensors, metadata)
+    save_file(tensors, path, metadata=metadata)
+    return path
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    (lambda t, m: m.update(classes='["a"]'), "its head gives 2 outputs, and it names 1 classes"),
+    (lambda t, m: m.update(classes='["a", "b", "c"]'), "its head gives 2 outputs, and it names 3 classes"),
+    (lambda t, m: m.update(classes='["a", "a"]'), "name one class twice"),
+    (lambda t, m: t.update({"classifier.weight": torch.zeros(2, 33)}), "its head does not fit this base"),
+    (lambda t, m: [t.pop(name) for name in list(t) if not name.startswith("classifier")], "it holds no biases, only a head"),
+    (lambda t, m: m.update(classes="[" * 100000 + "]" * 100000), "classes must be a JSON list of names"),
+    (lambda t, m: m.update(added_biases="[" * 100000 + "]" * 100000), "added_biases must be a JSON list"),
+])
+def test_a_classifier_delta_whose_head_and_classes_disagree_is_one_error_line(edit, message, folders, tmp_path, capsys):
+    from bitfit import classify
+
+    path = edited_delta(folders, tmp_path, edit)
+    assert classify.main(["--delta", path, "--text", "hi"]) == 2
+    assert message in last_error(capsys)
+
+
+def test_a_labelled_texts_file_with_a_label_the_delta_has_no_class_for_is_one_error_line(folders, tmp_path, capsys):
+    from bitfit import classify
+
+    path = edited_delta(folders, tmp_path, lambda t, m: None)
+    (tmp_path / "texts.jsonl").write_text(json.dumps({"text": "a", "label": "yes"}) + "\n" + json.dumps({"text": "b", "label": "meh"}) + "\n")
+    assert classify.main(["--delta", path, "--texts-file", str(tmp_path / "texts.jsonl")]) == 2
+    assert "texts.jsonl line 2: label 'meh' is not one of" in last_error(capsys)
