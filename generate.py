@@ -27,7 +27,7 @@ from bitfit.delta import apply_delta, read_delta, task_of
 from bitfit.errors import BitfitError
 from bitfit.files import parse_json
 from bitfit.evaluate import answers
-from bitfit.finite import nonfinite_outputs
+from bitfit.finite import refuse_broken
 from bitfit.mixed import DeltaTable, generate_many
 from bitfit.run_folder import is_run_folder
 from bitfit.tasks import is_correct
@@ -172,14 +172,6 @@ def run(args: argparse.Namespace) -> dict:
         said = {side: texts[i * len(prompts) : (i + 1) * len(prompts)] for i, side in enumerate(sides)}
     correct, checkable = mark(asked, said, shown=not streamed)
     return {"answers": said, "correct": correct, "checkable": checkable}
-
-
-def refuse_broken(model, probe: dict, delta: str) -> None:
-    """A BitfitError if the tuned model's outputs on the first prompts are not finite (bitfit.finite): its
-    answers would be empty or garbage, from a delta whose run diverged."""
-    if problem := nonfinite_outputs(model, probe):
-        raise BitfitError(f"the model tuned by {delta} is broken: {problem}; the run that wrote the delta diverged "
-                          "(train again with a lower --lr)")
 
 
 def trained_template(delta: Path) -> str | None:

@@ -70,9 +70,15 @@ def run(cfg: TrainConfig) -> dict:
         stop.at_once, stop.finishing = None, "writing the delta, then stopping"
         flat.check()  # every bias still a view of the buffer the optimizer stepped
         check_outputs(model, tokenizer, examples, cfg, len(plan))  # finite biases, but finite outputs?
+        refused = ""
         if rank == 0:
-            save_delta(str(out_dir / "delta.safetensors"), model, flat, base_model=cfg.model, added=added,
-                       selection=cfg.biases, fingerprint_of_base=base, head=head, task=cfg.task, classes=names)
+            try:
+                save_delta(str(out_dir / "delta.safetensors"), model, flat, base_model=cfg.model, added=added,
+                           selection=cfg.biases, fingerprint_of_base=base, head=head, task=cfg.task, classes=names)
+            except BitfitError as error:  # a full disk, say: every process stops with it, none waits at a barrier
+                refused = str(error)
+        if refused := distributed.share(refused):
+            raise BitfitError(refused)
         stop.at_once = f"after the delta was saved to {out_dir / 'delta.safetensors'}; the evaluation after training was skipped"
         if distributed.any_rank(stop.asked, device):  # all stop, or none: the evaluation may be a collective
             raise Interrupted(f"{stop.at_once}")

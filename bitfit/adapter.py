@@ -37,7 +37,7 @@ from .cli import ArgumentParser, entry_point
 from .delta import FOREIGN, FORMATS, apply_delta, head_modules, head_of, read_delta, task_of
 from .errors import BitfitError
 from .files import check_new_folder, parse_json, write_folder
-from .finite import nonfinite_outputs, text_probe
+from .finite import refuse_broken, text_probe
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
@@ -98,9 +98,7 @@ def export(delta_path: str, out_dir: str, model_name: str = "", trust_remote_cod
     model, tokenizer = models.load_for(base, task, classes, torch.device("cpu"), torch.float32, trust_remote_code,
                                        trust_pickle_weights)
     apply_delta(model, delta_path)  # refuses a base the delta was not trained on
-    if problem := nonfinite_outputs(model, text_probe(tokenizer)):
-        raise BitfitError(f"the model tuned by {delta_path} is broken: {problem}; refusing to export it (the run that "
-                          "wrote the delta diverged)")
+    refuse_broken(model, text_probe(tokenizer), delta_path)
     whole = whole_modules(model, tensors, head_of(metadata))
     adapter = adapter_tensors(model, tensors, whole)
     config = {

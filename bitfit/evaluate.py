@@ -9,14 +9,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from . import metrics
 from .collate import pad_batch, pad_id
 from .data import Example, questions
 from .files import finite_number
-from .loss import label_tokens, loss_sum
+from .loss import label_tokens, loss_sum, rows_loss
 from .models import cache_dir, new_tokens_within_context
 from .sharding import is_sharded
 from .tasks import is_correct
@@ -107,8 +106,7 @@ def labelled_measures(model: nn.Module, examples: list[Example], collate: Callab
         batch = {k: v.to(device) for k, v in collate(examples[start : start + batch_size]).items()}
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits.float()
-        total += (F.mse_loss(logits.squeeze(-1), batch["labels"], reduction="sum") if not n_classes else
-                  F.cross_entropy(logits, batch["labels"], reduction="sum")).double()
+        total += rows_loss(logits, batch["labels"]).double()  # as in training
         predicted += (logits.squeeze(-1) if not n_classes else logits.argmax(-1)).tolist()
     model.train(was_training)
     expected = [example["label"] for example in examples]

@@ -10,6 +10,7 @@ writes an adapter. Each refuses, with one line, a model this check finds broken.
 import torch
 from torch import nn
 
+from .errors import BitfitError
 from .collate import pad_batch, pad_id
 from .loss import forward_accepts
 
@@ -46,3 +47,11 @@ def nonfinite_outputs(model: nn.Module, batch: dict[str, torch.Tensor], bf16: bo
     rows = int(broken.reshape(len(broken), -1).any(dim=1).sum())
     return f"its logits hold NaN or inf on {rows} of {len(broken)} probe inputs" + (
         f" ({int(broken.sum())} positions)" if broken.dim() == 2 else "")
+
+
+def refuse_broken(model: nn.Module, batch: dict[str, torch.Tensor], delta: str) -> None:
+    """A BitfitError naming `delta` when the model it tuned gives non-finite outputs on `batch`: what a tool
+    (generate, merge, the adapter export, classify) says before it hands such a model on."""
+    if problem := nonfinite_outputs(model, batch):
+        raise BitfitError(f"the model tuned by {delta} is broken: {problem}; the run that wrote the delta diverged "
+                          "(train again with a lower --lr)")

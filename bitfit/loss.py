@@ -74,7 +74,12 @@ def row_loss_sum(model: nn.Module, batch: Batch) -> torch.Tensor:
     """Sum over the rows of a classification (cross-entropy, long labels) or regression (squared error,
     float labels) batch, in fp32: the model's head gives one logit vector per row."""
     inputs = {key: batch[key] for key in ("input_ids", "attention_mask", "token_type_ids") if key in batch}
-    logits = model(**inputs).logits.float()
-    if batch["labels"].is_floating_point():
-        return F.mse_loss(logits.squeeze(-1), batch["labels"], reduction="sum")
-    return F.cross_entropy(logits, batch["labels"], reduction="sum")
+    return rows_loss(model(**inputs).logits, batch["labels"])
+
+
+def rows_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The summed loss of rows with one label each, in fp32: squared error where the labels are numbers
+    (regress), cross-entropy where they are class ids (classify). The one place that tells the two apart."""
+    if labels.is_floating_point():
+        return F.mse_loss(logits.float().squeeze(-1), labels, reduction="sum")
+    return F.cross_entropy(logits.float(), labels, reduction="sum")

@@ -23,7 +23,7 @@ from .cli import ArgumentParser, entry_point
 from .delta import apply_delta, read_delta, task_of
 from .errors import BitfitError
 from .files import check_new_folder, write_folder
-from .finite import nonfinite_outputs, text_probe
+from .finite import refuse_broken, text_probe
 
 BIAS_FLAGS = ("attention_bias", "mlp_bias")  # config switches that give Llama-family layers their biases
 
@@ -84,9 +84,7 @@ def merge(model: nn.Module, delta_path: str, out_dir: str, tokenizer=None) -> Pa
         add_zero_bias(modules[name.rsplit(".", 1)[0]])
     model.config = config
     probe = probe_of(tokenizer, config.vocab_size)
-    if problem := nonfinite_outputs(model, probe):
-        raise BitfitError(f"the tuned model is broken: {problem}; refusing to write a model that cannot be used "
-                          "(the run that wrote the delta diverged)")
+    refuse_broken(model, probe, delta_path)
     expected = logits(model, probe)
 
     def save_and_check(staging: Path) -> None:

@@ -28,7 +28,7 @@ from .collate import pad_labelled, pad_id
 from .delta import check_delta, head_modules, head_of, read_delta, task_of
 from .errors import BitfitError
 from .evaluate import answers
-from .finite import nonfinite_outputs, text_probe
+from .finite import refuse_broken, text_probe
 from .models import positions
 
 # Layers whose bias is added to their output, so a delta of it can be added there, per row. (Conv1D: GPT-2's linear.)
@@ -200,9 +200,7 @@ def classify_many(model: nn.Module, tokenizer, requests: list[tuple[tuple[str, .
                     width = model(**probe).logits.shape[-1]
                 except RuntimeError as error:  # a head of another width than this base's hidden size
                     raise BitfitError(f"{path}: its head does not fit this base ({str(error).splitlines()[0][:120]})") from None
-                if problem := nonfinite_outputs(model, probe):  # the one check (bitfit.finite)
-                    raise BitfitError(f"the model tuned by {path} is broken: {problem}; the run that wrote the delta "
-                                      "diverged (train again with a lower --lr)")
+                refuse_broken(model, probe, path)  # the one check (bitfit.finite)
             classes = deltas[k - 1][1][1]
             if width != (len(classes) if classes else 1):
                 raise BitfitError(f"{path}: its head gives {width} outputs, and it names "
