@@ -85,7 +85,9 @@ def test_every_run_writes_a_loss_curve_png_and_records_where_it_ran(model_dir, t
     results = json.loads((out / "results.json").read_text())
     assert results["software"] == {"python": platform.python_version(), "torch": torch.__version__,
                                    "transformers": transformers.__version__, "bitfit": "0.1.0"}
-    assert results["machine"]["cpu"] and results["machine"]["gpu"] is None and results["machine"]["cpu_cores"] >= 1
+    on_gpu = results["device"].startswith("cuda")  # the run's own device: the suite passes on a CUDA machine too
+    assert results["machine"]["gpu"] == (torch.cuda.get_device_name(torch.device(results["device"])) if on_gpu else None)
+    assert results["machine"]["cpu"] and results["machine"]["cpu_cores"] >= 1
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
     if head:  # a git checkout (CI's clean clone is one)
         assert results["git_commit"].removesuffix("+dirty") == head
