@@ -3,6 +3,7 @@
 import os
 import re
 import shutil
+import site
 import subprocess
 import sys
 import venv
@@ -40,9 +41,14 @@ def test_pip_install_in_a_fresh_venv_gives_console_commands_that_train_both_embe
     for name in ("bitfit", "train.py", "generate.py", "pyproject.toml", "README.md", "LICENSE"):
         (shutil.copytree if (REPO / name).is_dir() else shutil.copy)(REPO / name, source / name)
     # The venv sees this environment's packages (torch is gigabytes; setuptools builds it) but not the
-    # repository; this environment's pip installs into it (--python), so nothing is downloaded.
-    venv.create(tmp_path / "venv", system_site_packages=True, with_pip=False)
+    # repository; this environment's pip installs into it (--python), so nothing is downloaded. "This
+    # environment" is the one running the tests, a virtual environment itself or not: a .pth file names its
+    # site-packages (system_site_packages would name the base interpreter's, which a venv's tests lack).
+    venv.create(tmp_path / "venv", with_pip=False)
     bin_dir = tmp_path / "venv" / "bin"
+    inner = subprocess.run([bin_dir / "python", "-c", "import site; print(site.getsitepackages()[0])"],
+                           capture_output=True, text=True, check=True).stdout.strip()
+    Path(inner, "outer-environment.pth").write_text("\n".join(site.getsitepackages()) + "\n")
     installed = subprocess.run([sys.executable, "-m", "pip", "--python", bin_dir / "python", "install", "--quiet",
                                 "--no-deps", "--no-build-isolation", str(source)], capture_output=True, text=True, timeout=300)
     assert installed.returncode == 0, installed.stderr[-2000:]
