@@ -486,20 +486,27 @@ def encode(
     check_tokenizer(tokenizer, template)
     places = places or [f"row {index}" for index in range(len(records))]
     examples, dropped = [], 0
-    with tqdm(total=len(records), desc="tokenizing", unit="row", disable=not progress or len(records) <= ENCODE_CHUNK) as bar:
-        for start in range(0, len(records), ENCODE_CHUNK):
-            chunk = range(start, min(start + ENCODE_CHUNK, len(records)))
-            rendered = [render(*check_record(records[i], places[i]), tokenizer, template, places[i]) for i in chunk]
-            for row, (pieces, templated), pieces_ids in zip(chunk, rendered, _tokenize(tokenizer, rendered, max_len)):
-                example = _example(pieces, pieces_ids, templated, tokenizer.eos_token_id, max_len)
-                if example is None:
-                    dropped += 1
-                    continue
-                # "row" (the index of its record) and "place" (where that record is) are for error messages;
-                # the collator ignores them.
-                examples.append({**example, "row": row, "place": places[row]})
-            bar.update(len(chunk))
+    for chunk in chunks(len(records), progress):
+        rendered = [render(*check_record(records[i], places[i]), tokenizer, template, places[i]) for i in chunk]
+        for row, (pieces, templated), pieces_ids in zip(chunk, rendered, _tokenize(tokenizer, rendered, max_len)):
+            example = _example(pieces, pieces_ids, templated, tokenizer.eos_token_id, max_len)
+            if example is None:
+                dropped += 1
+                continue
+            # "row" (the index of its record) and "place" (where that record is) are for error messages;
+            # the collator ignores them.
+            examples.append({**example, "row": row, "place": places[row]})
     return examples, dropped
+
+
+def chunks(n_rows: int, progress: bool = True) -> Iterator[range]:
+    """The row indices 0..n_rows-1 in chunks of ENCODE_CHUNK, under a "tokenizing" progress bar when there
+    is more than one chunk (and `progress`): how every encoder walks a large source."""
+    with tqdm(total=n_rows, desc="tokenizing", unit="row", disable=not progress or n_rows <= ENCODE_CHUNK) as bar:
+        for start in range(0, n_rows, ENCODE_CHUNK):
+            chunk = range(start, min(start + ENCODE_CHUNK, n_rows))
+            yield chunk
+            bar.update(len(chunk))
 
 
 def _example(pieces: list[Piece], pieces_ids: list[list[int]], templated: bool, eos: int, max_len: int) -> Example | None:

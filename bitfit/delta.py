@@ -33,7 +33,7 @@ from torch import nn
 
 from .biases import add_zero_bias, is_bias
 from .errors import BitfitError
-from .files import write_atomically
+from .files import parse_json, write_atomically
 from .flat import FlatBiases
 from .sharding import whole
 
@@ -102,8 +102,8 @@ def save_delta(path: str, model: nn.Module, flat: FlatBiases, *, base_model: str
     that trained nothing). Written atomically: a crash or a full disk leaves any earlier file at `path`
     as it was and no half-written one.
     """
-    whole = flat.unflatten(flat.values)
-    tensors = {name: (whole[name] if name in head else t).detach().cpu().clone()
+    values = flat.unflatten(flat.values)  # the head is stored as it is, the biases as their change
+    tensors = {name: (values[name] if name in head else t).detach().cpu().clone()
                for name, t in flat.unflatten(flat.values - flat.base).items()}
     non_finite = [name for name, t in tensors.items() if not torch.isfinite(t).all()]
     if non_finite:
@@ -137,8 +137,8 @@ def metadata_problem(metadata: dict[str, str]) -> str | None:
     if metadata["format"] == FOREIGN:  # an adapter PEFT trained: no fingerprint, its added biases found on applying
         return None
     try:
-        added = json.loads(metadata["added_biases"])
-    except (ValueError, RecursionError):  # not JSON, or nested past what Python's reader can
+        added = parse_json(metadata["added_biases"])
+    except ValueError:  # not JSON, or nested past what Python's reader can
         added = None
     if not isinstance(added, list) or not all(isinstance(name, str) and is_bias(name) for name in added):
         return f"added_biases must be a JSON list of bias names, not {metadata['added_biases'][:80]!r}"
@@ -169,8 +169,8 @@ def head_problem(metadata: dict[str, str]) -> str | None:
 def _names(text: str) -> bool:
     """Whether `text` is a JSON list of strings."""
     try:
-        value = json.loads(text)
-    except (ValueError, RecursionError):
+        value = parse_json(text)
+    except ValueError:
         return False
     return isinstance(value, list) and all(isinstance(item, str) for item in value)
 

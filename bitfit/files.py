@@ -63,15 +63,18 @@ def free_bytes(path: Path) -> int | None:
         return None
 
 
+def size(n_bytes: float) -> str:
+    """'512 B', '62.1 KiB', '1.3 GiB'."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n_bytes < 1024 or unit == "TiB":
+            return f"{n_bytes:,.1f} {unit}" if unit != "B" else f"{n_bytes} B"
+        n_bytes /= 1024
+
+
 def free_space(path: Path) -> str:
     """'12.0 MiB free there' for the file system `path` is (or would be) on."""
     free = free_bytes(path)
-    if free is None:
-        return "free space unknown"
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if free < 1024 or unit == "TiB":
-            return (f"{free} B" if unit == "B" else f"{free:,.1f} {unit}") + " free there"
-        free /= 1024
+    return "free space unknown" if free is None else f"{size(free)} free there"
 
 
 def write_error(path: Path, error: BaseException) -> BitfitError | None:

@@ -14,9 +14,7 @@ null, of the wrong type, NaN, a class the training data never had, GLUE's -1 "no
 naming its file and line, before any model loads.
 """
 
-from tqdm import tqdm
-
-from .data import ENCODE_CHUNK, Example, text_field
+from .data import Example, chunks, text_field
 from .errors import BitfitError
 from .files import finite_number
 
@@ -100,25 +98,22 @@ def encode_labelled(records: list, places: list[str], tokenizer, max_len: int, t
     number (regress). A class the training data never had is an error naming the row."""
     ids = {label: i for i, label in enumerate(classes or [])}
     examples = []
-    with tqdm(total=len(records), desc="tokenizing", unit="row", disable=not progress or len(records) <= ENCODE_CHUNK) as bar:
-        for start in range(0, len(records), ENCODE_CHUNK):
-            chunk = range(start, min(start + ENCODE_CHUNK, len(records)))
-            checked = [check_labelled(records[i], places[i], task) for i in chunk]
-            # One batched call per shape: single texts, then pairs.
-            for width in (1, 2):
-                rows = [(i, texts, label) for i, (texts, label) in zip(chunk, checked) if len(texts) == width]
-                if not rows:
-                    continue
-                columns = list(zip(*(texts for _, texts, _ in rows)))
-                encoded = tokenizer(list(columns[0]), list(columns[1]) if width == 2 else None, truncation=True,
-                                    max_length=max_len)
-                for k, (i, _, label) in enumerate(rows):
-                    if task == "classify" and label not in ids:
-                        raise BitfitError(f"{places[i]}: label {label!r} is not one of the training data's classes "
-                                          f"{classes}")
-                    fields = {key: encoded[key][k] for key in ("input_ids", "attention_mask", "token_type_ids")
-                              if key in encoded}
-                    examples.append({**fields, "label": ids[label] if task == "classify" else label, "row": i,
-                                     "place": places[i]})
-            bar.update(len(chunk))
+    for chunk in chunks(len(records), progress):
+        checked = [check_labelled(records[i], places[i], task) for i in chunk]
+        # One batched call per shape: single texts, then pairs.
+        for width in (1, 2):
+            rows = [(i, texts, label) for i, (texts, label) in zip(chunk, checked) if len(texts) == width]
+            if not rows:
+                continue
+            columns = list(zip(*(texts for _, texts, _ in rows)))
+            encoded = tokenizer(list(columns[0]), list(columns[1]) if width == 2 else None, truncation=True,
+                                max_length=max_len)
+            for k, (i, _, label) in enumerate(rows):
+                if task == "classify" and label not in ids:
+                    raise BitfitError(f"{places[i]}: label {label!r} is not one of the training data's classes "
+                                      f"{classes}")
+                fields = {key: encoded[key][k] for key in ("input_ids", "attention_mask", "token_type_ids")
+                          if key in encoded}
+                examples.append({**fields, "label": ids[label] if task == "classify" else label, "row": i,
+                                 "place": places[i]})
     return sorted(examples, key=lambda example: example["row"])
