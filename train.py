@@ -17,8 +17,10 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
@@ -32,12 +34,14 @@ from bitfit.data import examples_of, is_builtin, read_records
 from bitfit.delta import base_fingerprint, save_delta
 from bitfit.errors import BitfitError, Interrupted, NonFiniteError
 from bitfit.evaluate import base_eval_cache, exact_match, heldout_loss, labelled_measures, stored_evaluation_problem
-from bitfit.files import finite_number, parse_json, write_atomically, write_json
+from bitfit.files import finite_number, parse_json, size, write_atomically, write_json
 from bitfit.finite import nonfinite_outputs
 from bitfit.flat import FlatBiases
 from bitfit.interrupt import graceful_stop
 from bitfit.labelled import check_labelled, encode_labelled, label_names
 from bitfit.loop import fit, lr_factor
+
+T = TypeVar("T")
 
 
 def run(cfg: TrainConfig) -> dict:
@@ -70,15 +74,9 @@ def run(cfg: TrainConfig) -> dict:
         stop.at_once, stop.finishing = None, "writing the delta, then stopping"
         flat.check()  # every bias still a view of the buffer the optimizer stepped
         check_outputs(model, tokenizer, examples, cfg, len(plan))  # finite biases, but finite outputs?
-        refused = ""
-        if rank == 0:
-            try:
-                save_delta(str(out_dir / "delta.safetensors"), model, flat, base_model=cfg.model, added=added,
-                           selection=cfg.biases, fingerprint_of_base=base, head=head, task=cfg.task, classes=names)
-            except BitfitError as error:  # a full disk, say: every process stops with it, none waits at a barrier
-                refused = str(error)
-        if refused := distributed.share(refused):
-            raise BitfitError(refused)
+        on_main(lambda: save_delta(str(out_dir / "delta.safetensors"), model, flat, base_model=cfg.model, added=added,
+                                   selection=cfg.biases, fingerprint_of_base=base, head=head, task=cfg.task,
+                                   classes=names))
         stop.at_once = f"after the delta was saved to {out_dir / 'delta.safetensors'}; the evaluation after training was skipped"
         if distributed.any_rank(stop.asked, device):  # all stop, or none: the evaluation may be a collective
             raise Interrupted(f"{stop.at_once}")
@@ -92,6 +90,20 @@ def run(cfg: TrainConfig) -> dict:
                               "is not written") from None
         distributed.barrier()  # no process tears down the group while rank 0 still evaluates and writes (gloo aborts then)
     return results
+
+
+def on_main(work: Callable[[], T]) -> T | None:
+    """`work()` on process 0, which alone reads and writes the run folder; its BitfitError is raised on
+    every process, so that none is left waiting at a collective (torchrun). The others get None."""
+    result, error = None, ""
+    if distributed.is_main():
+        try:
+            result = work()
+        except BitfitError as failure:
+            error = str(failure)
+    if error := distributed.share(error):
+        raise BitfitError(error)
+    return result
 
 
 # --- run folder -------------------------------------------------------------------------------------
@@ -138,18 +150,15 @@ def setup_run_dir(cfg: TrainConfig, log) -> tuple[TrainConfig, Path]:
     the folder and tells the others its name, or the error that every process then stops with."""
     if cfg.resume:
         cfg = resumed_config(cfg)
-    claimed, error = "", ""
-    if distributed.is_main():
+    def claim_and_save() -> str:
         try:
             claimed = str(claim_run_dir(cfg, log))
-            write_atomically(Path(claimed) / "config.json", (dataclasses.replace(cfg, out_dir=claimed).to_json() + "\n").encode())
-        except BitfitError as failure:
-            error = str(failure)
-        except OSError as failure:  # a folder that cannot be listed or moved in: every process stops, not just this one
-            error = f"cannot use the output folder {claimed or cfg.out_dir or 'runs/'}: {failure.strerror or failure}"
-    claimed, error = distributed.share((claimed, error))
-    if error:
-        raise BitfitError(error)
+        except OSError as failure:  # a folder that cannot be listed or moved in
+            raise BitfitError(f"cannot use the output folder {cfg.out_dir or 'runs/'}: {failure.strerror or failure}") from None
+        write_atomically(Path(claimed) / "config.json", (dataclasses.replace(cfg, out_dir=claimed).to_json() + "\n").encode())
+        return claimed
+
+    claimed = distributed.share(on_main(claim_and_save))  # its name holds a timestamp: process 0's, for all
     return dataclasses.replace(cfg, out_dir=claimed), Path(claimed)
 
 
@@ -211,14 +220,6 @@ def setup_model(cfg: TrainConfig, classes: list[str] | None, device: torch.devic
     return model, tokenizer, flat, added, head, memory
 
 
-def size(n_bytes: int) -> str:
-    """'62.1 KiB', '1.3 GiB'."""
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n_bytes < 1024 or unit == "GiB":
-            return f"{n_bytes:,.1f} {unit}" if unit != "B" else f"{n_bytes} B"
-        n_bytes /= 1024
-
-
 # --- data and layout --------------------------------------------------------------------------------
 
 def choose_layout(cfg: TrainConfig, model, examples: list, pad) -> tuple[str, str]:
@@ -235,6 +236,19 @@ def choose_layout(cfg: TrainConfig, model, examples: list, pad) -> tuple[str, st
     if requested == "packed":
         raise BitfitError(f"--layout packed: {why_not}; use --layout padded (the same gradient)")
     return "padded", f"not packed: {why_not}"
+
+
+def examples_for(cfg: TrainConfig, rows: dict, part: str, name: str, model, tokenizer,
+                 log=lambda *args: None) -> tuple[list, int]:
+    """(examples, number dropped) of the rows of `part` ('train' or 'held_out', from read_data, named `name`
+    in errors), encoded for the task: next-token examples, or labelled ones (none dropped; classes checked
+    against the training data's by read_data)."""
+    records, places = rows[part]
+    role, progress = "training data" if part == "train" else "evaluation data", distributed.is_main()
+    if cfg.task == "lm":
+        return examples_of(records, places, name, tokenizer, cfg.max_len, cfg.template, role=role, progress=progress)
+    return encode_labelled(records, places, tokenizer, labelled_max_len(cfg, model, log), cfg.task, rows["classes"],
+                           progress=progress), 0
 
 
 def labelled_max_len(cfg: TrainConfig, model, log=lambda *args: None) -> int:
@@ -283,13 +297,7 @@ def eval_source(cfg: TrainConfig) -> str:
 def setup_data_and_layout(cfg: TrainConfig, rows: dict, model, tokenizer, world: int, rank: int, log) -> tuple:
     """(examples, this process's passes of every step, the collator that makes a pass a batch, and the facts
     for results.json: examples kept and dropped, steps, layout)."""
-    records, places = rows["train"]
-    if cfg.task == "lm":
-        examples, dropped = examples_of(records, places, f"{cfg.data} {cfg.split}", tokenizer, cfg.max_len, cfg.template,
-                                        progress=rank == 0)
-    else:
-        examples, dropped = encode_labelled(records, places, tokenizer, labelled_max_len(cfg, model, log), cfg.task,
-                                            rows["classes"], progress=rank == 0), 0
+    examples, dropped = examples_for(cfg, rows, "train", f"{cfg.data} {cfg.split}", model, tokenizer, log)
     lengths = [len(e["input_ids"]) for e in examples]
     log(f"data: {len(examples)} examples from {cfg.data} {cfg.split}"
         + (f", {dropped} dropped (response cut away by max_len {cfg.max_len})" if cfg.task == "lm" else "")
@@ -328,14 +336,9 @@ def setup_evaluation(cfg: TrainConfig, rows: dict, model, tokenizer) -> dict | N
     """The held-out records and examples to evaluate on before and after training, or None."""
     if rows["held_out"] is None:
         return None
-    records, places = rows["held_out"]
+    records = rows["held_out"][0]
     name = f"{eval_source(cfg)} {cfg.eval_split}"
-    if cfg.task == "lm":
-        examples, _ = examples_of(records, places, name, tokenizer, cfg.max_len, cfg.template, role="evaluation data",
-                                  progress=distributed.is_main())
-    else:  # its classes were checked against the training data's by read_data
-        examples = encode_labelled(records, places, tokenizer, labelled_max_len(cfg, model), cfg.task, rows["classes"],
-                                   progress=distributed.is_main())
+    examples, _ = examples_for(cfg, rows, "held_out", name, model, tokenizer)
     # What the numbers depend on besides the model: the rows, and the token ids the tokenizer made of them.
     return {"records": records, "examples": examples, "name": name, "classes": rows["classes"],
             "hash": digest([records, token_ids(examples)])}
@@ -355,17 +358,11 @@ def check_inputs(cfg: TrainConfig, model, flat: FlatBiases, added: list[str], he
     """Record the model's and the data's hashes in the run, or refuse to resume on other ones. Rank 0
     checks, and returns the base's fingerprint (every process does under sharded weights, '' elsewhere);
     every process stops if it refuses."""
-    error, fingerprint = "", ""
+    fingerprint = ""
     if distributed.is_main() or cfg.shard_weights:  # sharded, it gathers each weight: a collective, all take part
         fingerprint = base_fingerprint(model, flat, added, head)
-    if distributed.is_main():
-        try:
-            run_folder.same_inputs(out_dir, {"model": fingerprint, "training data": digest(token_ids(examples))},
-                                   resuming=bool(cfg.resume))
-        except BitfitError as refused:
-            error = str(refused)
-    if error := distributed.share(error):
-        raise BitfitError(error)
+    on_main(lambda: run_folder.same_inputs(out_dir, {"model": fingerprint, "training data": digest(token_ids(examples))},
+                                           resuming=bool(cfg.resume)))
     return fingerprint
 
 
@@ -387,14 +384,7 @@ def setup_optimizer(cfg: TrainConfig, flat: FlatBiases, out_dir: Path, n_steps: 
                               "not this run's")
         log(f"resuming from {checkpoint}: after step {first_step}")
     metrics = out_dir / "metrics.jsonl"  # it holds exactly the steps done: none, or the checkpoint's
-    done, error = [], ""
-    if first_step and distributed.is_main():
-        try:
-            done = recorded_steps(metrics, first_step)
-        except BitfitError as refused:
-            error = str(refused)
-    if error := distributed.share(error):  # every process stops, not only the one that read the file
-        raise BitfitError(error)
+    done = on_main(lambda: recorded_steps(metrics, first_step) if first_step else [])
     if distributed.is_main():
         write_atomically(metrics, "".join(line + "\n" for line in done).encode())
     for group in optimizer.param_groups:
