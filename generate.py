@@ -8,7 +8,7 @@
 
 The base is the model the deltas name (or --model); each tuned model is that base plus its delta. All
 see the prompt template the (first) run trained with (its config.json), so the comparison is fair.
-The base and every delta answer in one batch: each row adds its own delta (bitfit.mixed).
+The base and every delta answer in one batch: each row adds its own delta (bitfit.export.mixed).
 """
 
 import argparse
@@ -19,23 +19,24 @@ from pathlib import Path
 import torch
 from transformers import TextStreamer
 
-from bitfit import models
 from bitfit.cli import ArgumentParser, check_device, entry_point
-from bitfit.collate import pad_batch, pad_id
-from bitfit.data import load_records, questions, read_lines
-from bitfit.delta import apply_delta, read_delta, task_of
-from bitfit.errors import BitfitError
+from bitfit.core.errors import BitfitError
+from bitfit.data.collate import pad_batch, pad_id
+from bitfit.data.examples import TEMPLATES, questions
+from bitfit.data.sources import load_records, read_lines
+from bitfit.data.tasks import is_correct
+from bitfit.export.mixed import DeltaTable, generate_many
 from bitfit.files import parse_json
-from bitfit.evaluate import answers
-from bitfit.finite import refuse_broken
-from bitfit.mixed import DeltaTable, generate_many
-from bitfit.run_folder import is_run_folder
-from bitfit.tasks import is_correct
+from bitfit.model import pretrained
+from bitfit.model.delta import apply_delta, read_delta, task_of
+from bitfit.run.evaluate import answers
+from bitfit.run.finite import refuse_broken
+from bitfit.run.run_folder import DELTA, delta_of, is_run_folder
 
 
 def latest_delta(runs: Path = Path("runs")) -> Path:
     """The delta of the most recent `python train.py` run under `runs/`."""
-    deltas = sorted(runs.glob("*/delta.safetensors"), key=lambda path: path.stat().st_mtime)
+    deltas = sorted(runs.glob(f"*/{DELTA}"), key=lambda path: path.stat().st_mtime)
     if not deltas:
         raise BitfitError(f"no finished run under {runs}/: run `python train.py` first, or pass --delta")
     return deltas[-1]
@@ -92,7 +93,7 @@ def check_args(args: argparse.Namespace) -> argparse.Namespace:
         raise BitfitError(f"--max-new-tokens must be at least 1, not {args.max_new_tokens}")
     if args.n < 1:
         raise BitfitError(f"-n must be at least 1, not {args.n}")
-    if args.template not in ("", "alpaca", "chat"):
+    if args.template not in ("", *TEMPLATES):
         raise BitfitError(f"--template must be 'alpaca', 'chat' or '' (the run's template), not {args.template!r}")
     # Greedy decoding ignores the temperature, and a temperature of 0 commonly means greedy: checked with --sample.
     if args.sample and not (math.isfinite(args.temperature) and args.temperature > 0):
@@ -108,19 +109,14 @@ def check_args(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
-def delta_path(given: str) -> Path:
-    """A run folder's delta, or what was given (a delta file or a PEFT adapter folder)."""
-    path = Path(given)
-    return path / "delta.safetensors" if is_run_folder(path) else path
-
 
 def run(args: argparse.Namespace) -> dict:
-    deltas = [delta_path(given) for given in args.delta] or [latest_delta()]
+    deltas = [delta_of(given) for given in args.delta] or [latest_delta()]
     metadata = [read_delta(str(delta))[1] for delta in deltas]
     for delta, meta in zip(deltas, metadata):
         if task_of(meta)[0] != "lm":
             raise BitfitError(f"{delta} is a {task_of(meta)[0]} delta (a classifier's or regressor's): classify text "
-                              f"with it by python -m bitfit.classify --delta {delta} --text ...")
+                              f"with it by python -m bitfit.export.classify --delta {delta} --text ...")
     bases = sorted({args.model or m["base_model"] for m in metadata})
     if len(bases) > 1:
         raise BitfitError(f"the deltas were trained on different bases ({', '.join(map(repr, bases))}): compare deltas "
@@ -130,15 +126,15 @@ def run(args: argparse.Namespace) -> dict:
     trained = trained_template(deltas[0]) if not args.template else None
     template = args.template or trained or "alpaca"
     records, places = read_prompts(args)  # read and checked before the model loads
-    device = models.pick_device(args.device)
-    model, tokenizer = models.load(bases[0], device, torch.float32, args.trust_remote_code, args.trust_pickle_weights)
+    device = pretrained.pick_device(args.device)
+    model, tokenizer = pretrained.load(bases[0], device, torch.float32, args.trust_remote_code, args.trust_pickle_weights)
 
     asked = questions(records, tokenizer, template, places)  # (prompt ids, question, expected answer or '')
     prompts = [ids for ids, _, _ in asked]
-    most = models.new_tokens_within_context(model, max(map(len, prompts)), args.max_new_tokens)
+    most = pretrained.new_tokens_within_context(model, max(map(len, prompts)), args.max_new_tokens)
     if most < args.max_new_tokens:
         print(f"note: --max-new-tokens {args.max_new_tokens} is past the model's context of "
-              f"{models.context_length(model) or models.NO_CONTEXT} tokens: at most {most} new tokens after the longest prompt")
+              f"{pretrained.context_length(model) or pretrained.NO_CONTEXT} tokens: at most {most} new tokens after the longest prompt")
     generation = {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p} if args.sample else {"do_sample": False}
     labels = ["TUNED"] if len(deltas) == 1 else [chr(ord("A") + i) for i in range(len(deltas))]
     for label, delta, trained_on in zip(labels, deltas, metadata):
@@ -183,7 +179,7 @@ def trained_template(delta: Path) -> str | None:
     except (OSError, ValueError, AttributeError) as error:  # gone, not JSON, not an object
         raise BitfitError(f"{delta.parent / 'config.json'} cannot be read ({error}); pass --template to say which "
                           "template the run trained with") from None
-    if template not in ("alpaca", "chat"):
+    if template not in TEMPLATES:
         raise BitfitError(f"{delta.parent / 'config.json'} names template {template!r}, not 'alpaca' or 'chat'; "
                           "pass --template")
     return template

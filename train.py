@@ -6,12 +6,12 @@
     python train.py --help                # every flag, with its default
 
 `run()` is the table of contents: run folder -> data read and checked -> device -> model and biases ->
-examples and layout -> optimizer and resume -> evaluate -> train -> check the outputs -> save -> evaluate. Each stage is a small function below;
-the work itself lives in bitfit/ (the step a reader learns BitFit from is bitfit/loop.py: train_step).
+examples and layout -> optimizer and resume -> evaluate -> train -> check the outputs -> save -> evaluate.
+Each stage is a small function below; the work itself lives in bitfit/ (the step a reader learns BitFit
+from is bitfit/core/step.py: train_step; the loop around it is bitfit/run/loop.py: fit).
 """
 
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -24,31 +24,51 @@ from typing import TypeVar
 
 import torch
 
-from bitfit import __version__, distributed, layout, models, packing, report, run_folder, sharding
-from bitfit.biases import add_missing_biases, count_trainable, describe, select_biases
-from bitfit.checkpoint import latest_checkpoint, load_checkpoint
-from bitfit.collate import pad_batch, pad_id, pad_labelled
+from bitfit import __version__
 from bitfit.cli import os_error, out_of_memory
-from bitfit.config import MAX_DRAWS, TrainConfig, from_args
-from bitfit.data import examples_of, is_builtin, read_records
-from bitfit.delta import base_fingerprint, save_delta
-from bitfit.errors import BitfitError, Interrupted, NonFiniteError
-from bitfit.evaluate import base_eval_cache, exact_match, heldout_loss, labelled_measures, stored_evaluation_problem
-from bitfit.files import finite_number, parse_json, size, write_atomically, write_json
-from bitfit.finite import nonfinite_outputs
-from bitfit.flat import FlatBiases
-from bitfit.interrupt import graceful_stop
-from bitfit.labelled import check_labelled, encode_labelled, label_names
-from bitfit.loop import fit, lr_factor
+from bitfit.core.biases import (
+    add_missing_biases,
+    count_trainable,
+    describe,
+    select_biases,
+)
+from bitfit.core.errors import BitfitError, Interrupted, NonFiniteError
+from bitfit.core.flat import FlatBiases
+from bitfit.core.step import lr_factor
+from bitfit.data import layout, packing
+from bitfit.data.collate import pad_batch, pad_id, pad_labelled
+from bitfit.data.examples import examples_of, read_records
+from bitfit.data.labelled import check_labelled, encode_labelled, label_names
+from bitfit.data.sources import is_builtin
+from bitfit.files import digest, finite_number, parse_json, size, write_atomically, write_json
+from bitfit.model import pretrained
+from bitfit.model.delta import base_fingerprint, save_delta
+from bitfit.run import ranks, report, run_folder
+from bitfit.run.checkpoint import latest_checkpoint, load_checkpoint
+from bitfit.run.config import MAX_DRAWS, TrainConfig, from_args
+from bitfit.run.evaluate import (
+    base_eval_cache,
+    exact_match,
+    heldout_loss,
+    labelled_measures,
+    stored_evaluation_problem,
+)
+from bitfit.run.finite import nonfinite_outputs
+from bitfit.run.interrupt import graceful_stop
+from bitfit.run.loop import fit
 
 T = TypeVar("T")
 
 
 def run(cfg: TrainConfig) -> dict:
     started = time.perf_counter()
-    rank, world, local_rank = distributed.init()  # (0, 1, 0) unless launched by torchrun
-    log = print if rank == 0 else (lambda *args, **kwargs: None)  # rank 0 speaks for all
-    with graceful_stop(announce=rank == 0) as stop:  # Ctrl-C / SIGTERM, until the delta is on disk (bitfit.interrupt)
+    rank, world, local_rank = 0, 1, 0
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched by torchrun
+        from bitfit.parallel import torchrun  # loaded only here: one process never needs it, and a fork may delete it
+
+        rank, world, local_rank = torchrun.init()
+    log = print if ranks.is_main() else (lambda *args, **kwargs: None)  # rank 0 speaks for all
+    with graceful_stop(announce=ranks.is_main()) as stop:  # Ctrl-C / SIGTERM, until the delta is on disk (bitfit.run.interrupt)
         cfg, out_dir = setup_run_dir(cfg, log)
         log("config:", cfg.to_json())
         rows = read_data(cfg)  # every row read and checked before the model loads: a typo fails in seconds
@@ -59,7 +79,7 @@ def run(cfg: TrainConfig) -> dict:
         examples, plan, collate, data_facts = setup_data_and_layout(cfg, rows, model, tokenizer, world, rank, log)
         base = check_inputs(cfg, model, flat, added, head, examples, out_dir)  # the base's fingerprint
         # Rank 0 evaluates, the others wait; with sharded weights each forward needs them all, so all do.
-        held_out = setup_evaluation(cfg, rows, model, tokenizer) if rank == 0 or cfg.shard_weights else None
+        held_out = setup_evaluation(cfg, rows, model, tokenizer) if ranks.is_main() or cfg.shard_weights else None
         optimizer, scheduler, first_step = setup_optimizer(cfg, flat, out_dir, len(plan), device, log)
         results = {"task": cfg.task, **({"classes": names} if names else {}),
                    "trainable": flat.num_trainable, "total": sum(p.numel() for p in model.parameters()),
@@ -74,21 +94,21 @@ def run(cfg: TrainConfig) -> dict:
         stop.at_once, stop.finishing = None, "writing the delta, then stopping"
         flat.check()  # every bias still a view of the buffer the optimizer stepped
         check_outputs(model, tokenizer, examples, cfg, len(plan))  # finite biases, but finite outputs?
-        on_main(lambda: save_delta(str(out_dir / "delta.safetensors"), model, flat, base_model=cfg.model, added=added,
+        on_main(lambda: save_delta(str(out_dir / run_folder.DELTA), model, flat, base_model=cfg.model, added=added,
                                    selection=cfg.biases, fingerprint_of_base=base, head=head, task=cfg.task,
                                    classes=names))
-        stop.at_once = f"after the delta was saved to {out_dir / 'delta.safetensors'}; the evaluation after training was skipped"
-        if distributed.any_rank(stop.asked, device):  # all stop, or none: the evaluation may be a collective
+        stop.at_once = f"after the delta was saved to {out_dir / run_folder.DELTA}; the evaluation after training was skipped"
+        if ranks.any_rank(stop.asked, device):  # all stop, or none: the evaluation may be a collective
             raise Interrupted(f"{stop.at_once}")
         try:  # the delta is whole on the disk: a failure from here on says so
             if held_out:
                 results["after"] = evaluate_trained(model, tokenizer, held_out, cfg, device, out_dir)
-            if rank == 0:
+            if ranks.is_main():
                 save_results(model, held_out, out_dir, results, started, log)
         except (BitfitError, OSError) as error:  # a full disk, say: the report is lost, not the training
-            raise BitfitError(f"{error}; the trained delta is whole in {out_dir / 'delta.safetensors'}, its report "
+            raise BitfitError(f"{error}; the trained delta is whole in {out_dir / run_folder.DELTA}, its report "
                               "is not written") from None
-        distributed.barrier()  # no process tears down the group while rank 0 still evaluates and writes (gloo aborts then)
+        ranks.barrier()  # no process tears down the group while rank 0 still evaluates and writes (gloo aborts then)
     return results
 
 
@@ -96,12 +116,12 @@ def on_main(work: Callable[[], T]) -> T | None:
     """`work()` on process 0, which alone reads and writes the run folder; its BitfitError is raised on
     every process, so that none is left waiting at a collective (torchrun). The others get None."""
     result, error = None, ""
-    if distributed.is_main():
+    if ranks.is_main():
         try:
             result = work()
         except BitfitError as failure:
             error = str(failure)
-    if error := distributed.share(error):
+    if error := ranks.broadcast(error):
         raise BitfitError(error)
     return result
 
@@ -126,11 +146,11 @@ def resumed_config(given: TrainConfig) -> TrainConfig:
 
 
 def claim_run_dir(cfg: TrainConfig, log) -> Path:
-    """The run's folder (bitfit.run_folder: new, empty or bitfit's own, locked), refusing to mix two runs in one."""
+    """The run's folder (bitfit.run.run_folder: new, empty or bitfit's own, locked), refusing to mix two runs in one."""
     out_dir = run_folder.claim(cfg.out_dir)
-    if (out_dir / "delta.safetensors").exists() and not cfg.overwrite:
+    if (out_dir / run_folder.DELTA).exists() and not cfg.overwrite:
         if cfg.resume:
-            raise BitfitError(f"{out_dir} is a finished run, nothing to resume (its delta is {out_dir / 'delta.safetensors'}); "
+            raise BitfitError(f"{out_dir} is a finished run, nothing to resume (its delta is {out_dir / run_folder.DELTA}); "
                               "to train again, start a new run without --resume")
         raise BitfitError(f"{out_dir} already holds a finished run; pick another --out-dir or pass --overwrite")
     if not cfg.resume and latest_checkpoint(out_dir) and not cfg.overwrite:
@@ -158,14 +178,14 @@ def setup_run_dir(cfg: TrainConfig, log) -> tuple[TrainConfig, Path]:
         write_atomically(Path(claimed) / "config.json", (dataclasses.replace(cfg, out_dir=claimed).to_json() + "\n").encode())
         return claimed
 
-    claimed = distributed.share(on_main(claim_and_save))  # its name holds a timestamp: process 0's, for all
+    claimed = ranks.broadcast(on_main(claim_and_save))  # its name holds a timestamp: process 0's, for all
     return dataclasses.replace(cfg, out_dir=claimed), Path(claimed)
 
 
 # --- device, model and biases -----------------------------------------------------------------------
 
 def setup_device(cfg: TrainConfig, local_rank: int, log) -> torch.device:
-    device = models.pick_device(cfg.device, local_rank)
+    device = pretrained.pick_device(cfg.device, local_rank)
     torch.manual_seed(cfg.seed)
     if cfg.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it for determinism
@@ -179,7 +199,7 @@ def setup_model(cfg: TrainConfig, classes: list[str] | None, device: torch.devic
     """(model, tokenizer, flat biases, names of the biases bitfit added, names of the new parameters (a
     classifier's head), where the memory went): the model frozen but for the selected biases and the new
     parameters, each of them a view into the one flat fp32 buffer the optimizer steps. With
-    --shard-weights each process holds 1/N of the frozen weights (bitfit.sharding)."""
+    --shard-weights each process holds 1/N of the frozen weights (bitfit.parallel.sharding)."""
     if cfg.shard_weights and world == 1:
         raise BitfitError("--shard-weights splits the frozen weights between torchrun's processes, and this run has "
                           "one: launch it with torchrun --nproc_per_node=N train.py ... (N >= 2)"
@@ -187,32 +207,34 @@ def setup_model(cfg: TrainConfig, classes: list[str] | None, device: torch.devic
                              if cfg.resume else ", or drop the flag"))
     weights_dtype = torch.bfloat16 if cfg.bf16_weights else torch.float32
     if cfg.task == "lm":
-        model, tokenizer = models.load(cfg.model, device, weights_dtype, cfg.trust_remote_code, cfg.trust_pickle_weights,
+        model, tokenizer = pretrained.load(cfg.model, device, weights_dtype, cfg.trust_remote_code, cfg.trust_pickle_weights,
                                        weights_on_meta=cfg.shard_weights)
         head = []
     else:  # an encoder (or a causal LM) with a sequence classification head, new and drawn from the seed
-        model, tokenizer, head = models.load_classifier(cfg.model, classes, device, weights_dtype, cfg.trust_remote_code,
+        model, tokenizer, head = pretrained.load_classifier(cfg.model, classes, device, weights_dtype, cfg.trust_remote_code,
                                                         cfg.trust_pickle_weights)
         log(f"task: {cfg.task}, " + (f"{len(classes)} classes: {', '.join(classes)}" if classes else "one number per row")
             + f"; the checkpoint lacks {', '.join(head) or 'nothing'}" + (": new, trained whole" if head else ""))
     added = add_missing_biases(model) if cfg.add_biases else []
     if added:
         log(f"added {len(added)} zero biases to bias-free linear layers inside the blocks")
-    selection = select_biases(model, cfg.biases, head)  # THE decision of what trains (bitfit.biases.trains)
+    selection = select_biases(model, cfg.biases, head)  # THE decision of what trains (bitfit.core.biases.trains)
     if cfg.shard_weights:  # the selected biases stay whole: FSDP ignores them
+        from bitfit.parallel import sharding  # loaded only here (FSDP2): `import bitfit` stays free of it
+
         sharding.shard(model, selection, device, world)
-        sharding.fill(model, models.resolve(cfg.model), added, rank, world)
+        sharding.fill(model, pretrained.resolve(cfg.model), added, rank, world)
     flat = FlatBiases(model, selection)  # after the model is on its device and in its dtype
     params = dict(model.named_parameters())
     log(describe(*count_trainable(model, selection), {name: params[name].numel() for name in head}))
-    if cfg.task == "lm" and (context := models.context_length(model)) and cfg.max_len > context:
+    if cfg.task == "lm" and (context := pretrained.context_length(model)) and cfg.max_len > context:
         log(f"warning: --max-len {cfg.max_len} is past the model's context of {context} tokens: an example longer than "
             f"{context} tokens trains positions the model never saw; --max-len {context} keeps them within it")
     if flat.mask is not None and cfg.weight_decay > 0:
         raise BitfitError("--weight-decay would shrink the frozen key/value entries of fused q/k/v biases under "
                           "--biases reduced; use --weight-decay 0 (the BitFit paper's setting)")
-    memory = {"weight_bytes_per_process": distributed.gather(sharding.local_weight_bytes(model)),
-              "bias_buffer_bytes_per_process": distributed.gather(flat.values.nbytes)}
+    memory = {"weight_bytes_per_process": ranks.gather(pretrained.local_weight_bytes(model)),
+              "bias_buffer_bytes_per_process": ranks.gather(flat.values.nbytes)}
     if cfg.shard_weights:
         frozen = sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
         log(f"weights: sharded over {world} processes (FSDP2): {size(max(memory['weight_bytes_per_process']))} of the "
@@ -224,7 +246,7 @@ def setup_model(cfg: TrainConfig, classes: list[str] | None, device: torch.devic
 
 def choose_layout(cfg: TrainConfig, model, examples: list, pad) -> tuple[str, str]:
     """The layout to train with, and why: 'auto' is packed when the model can keep packed examples
-    apart (bitfit.packing checks it on the first examples), else padded."""
+    apart (bitfit.data.packing checks it on the first examples), else padded."""
     requested = cfg.layout
     if requested not in ("auto", "packed"):
         return requested, "as asked"
@@ -244,7 +266,7 @@ def examples_for(cfg: TrainConfig, rows: dict, part: str, name: str, model, toke
     in errors), encoded for the task: next-token examples, or labelled ones (none dropped; classes checked
     against the training data's by read_data)."""
     records, places = rows[part]
-    role, progress = "training data" if part == "train" else "evaluation data", distributed.is_main()
+    role, progress = "training data" if part == "train" else "evaluation data", ranks.is_main()
     if cfg.task == "lm":
         return examples_of(records, places, name, tokenizer, cfg.max_len, cfg.template, role=role, progress=progress)
     return encode_labelled(records, places, tokenizer, labelled_max_len(cfg, model, log), cfg.task, rows["classes"],
@@ -254,7 +276,7 @@ def examples_for(cfg: TrainConfig, rows: dict, part: str, name: str, model, toke
 def labelled_max_len(cfg: TrainConfig, model, log=lambda *args: None) -> int:
     """--max-len, or the encoder's positions where they are fewer: an encoder with absolute positions cannot
     take a longer row (a causal LM's rows past its context are only warned about: setup_model)."""
-    most = models.positions(model)
+    most = pretrained.positions(model)
     if most and cfg.max_len > most:
         log(f"--max-len {cfg.max_len} is past the encoder's {most} positions: rows are cut at {most} tokens")
         return most
@@ -263,7 +285,7 @@ def labelled_max_len(cfg: TrainConfig, model, log=lambda *args: None) -> int:
 
 def read_data(cfg: TrainConfig) -> dict:
     """The training rows and the held-out rows (or None), each as (records, places), every row checked,
-    and a classifier's classes (bitfit.labelled): what can be wrong with the data is said before the
+    and a classifier's classes (bitfit.data.labelled): what can be wrong with the data is said before the
     model loads."""
     check = partial(check_labelled, task=cfg.task) if cfg.task != "lm" else None
     source = eval_source(cfg)
@@ -348,18 +370,13 @@ def token_ids(examples: list) -> list:
     return [[e["input_ids"], e["labels"] if "labels" in e else e["label"]] for e in examples]
 
 
-def digest(value) -> str:
-    """16 hex digits of the SHA-256 of `value` as JSON: a change to any part of it changes them."""
-    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 def check_inputs(cfg: TrainConfig, model, flat: FlatBiases, added: list[str], head: list[str], examples: list,
                  out_dir: Path) -> str:
     """Record the model's and the data's hashes in the run, or refuse to resume on other ones. Rank 0
     checks, and returns the base's fingerprint (every process does under sharded weights, '' elsewhere);
     every process stops if it refuses."""
     fingerprint = ""
-    if distributed.is_main() or cfg.shard_weights:  # sharded, it gathers each weight: a collective, all take part
+    if ranks.is_main() or cfg.shard_weights:  # sharded, it gathers each weight: a collective, all take part
         fingerprint = base_fingerprint(model, flat, added, head)
     on_main(lambda: run_folder.same_inputs(out_dir, {"model": fingerprint, "training data": digest(token_ids(examples))},
                                            resuming=bool(cfg.resume)))
@@ -385,7 +402,7 @@ def setup_optimizer(cfg: TrainConfig, flat: FlatBiases, out_dir: Path, n_steps: 
         log(f"resuming from {checkpoint}: after step {first_step}")
     metrics = out_dir / "metrics.jsonl"  # it holds exactly the steps done: none, or the checkpoint's
     done = on_main(lambda: recorded_steps(metrics, first_step) if first_step else [])
-    if distributed.is_main():
+    if ranks.is_main():
         write_atomically(metrics, "".join(line + "\n" for line in done).encode())
     for group in optimizer.param_groups:
         group["initial_lr"] = cfg.lr
@@ -425,7 +442,7 @@ def recorded_steps(path: Path, steps: int) -> list[str]:
 # --- evaluate and save ------------------------------------------------------------------------------
 
 def evaluate(model, tokenizer, held_out: dict, cfg: TrainConfig, device) -> dict:
-    """Held-out loss and exact match (a classifier's or regressor's measures: bitfit.metrics), timed."""
+    """Held-out loss and exact match (a classifier's or regressor's measures: bitfit.run.metrics), timed."""
     start = time.perf_counter()
     if cfg.task != "lm":
         result = labelled_measures(model, held_out["examples"], collator(cfg, tokenizer), device, cfg.bf16,
@@ -464,8 +481,8 @@ def evaluate_trained(model, tokenizer, held_out: dict, cfg: TrainConfig, device,
     try:
         return evaluate(model, tokenizer, held_out, cfg, device)
     except NonFiniteError as error:
-        if distributed.is_main():
-            (out_dir / "delta.safetensors").unlink(missing_ok=True)
+        if ranks.is_main():
+            (out_dir / run_folder.DELTA).unlink(missing_ok=True)
         raise NonFiniteError(f"after training, {error}: the tuned model is broken on the held-out data, so its delta "
                              f"was deleted (try a lower --lr)") from None
 
@@ -494,25 +511,25 @@ def evaluate_untrained(model, tokenizer, held_out: dict, cfg: TrainConfig, devic
                               "max_new_tokens": cfg.max_new_tokens, "bf16": cfg.bf16, "bf16_weights": cfg.bf16_weights,
                               "device": device.type, "sharded": cfg.shard_weights, "bitfit": __version__})
     before, source = None, ""
-    if distributed.is_main():
+    if ranks.is_main():
         if first_step and (before := read_cached(path, cfg.task, log)) is not None:  # what the run measured when it started
             source = "this run's eval_before.json"
         elif (before := read_cached(cached, cfg.task, log)) is not None:
             source = f"cached in {cached}"
     if cfg.shard_weights:  # every process measures, or none does
-        before, source = distributed.share((before, source))
+        before, source = ranks.broadcast((before, source))
     if before is None and first_step:
         log("before training: not reported (the run's eval_before.json is gone, and the cache has no entry)")
         return None
     if before is None:
         before, source = evaluate(model, tokenizer, held_out, cfg, device), "measured"
         try:
-            if distributed.is_main():
+            if ranks.is_main():
                 cached.parent.mkdir(parents=True, exist_ok=True)
                 write_json(cached, before)
         except (OSError, BitfitError):  # a cache that cannot be written costs time next run, nothing else
             pass
-    if distributed.is_main():
+    if ranks.is_main():
         write_json(path, before)
     log(f"before training: {said(before, cfg.task)} "
         f"({len(held_out['records'])} examples of {held_out['name']}; {source})")
@@ -554,7 +571,7 @@ def evaluate_during(model, tokenizer, held_out: dict, cfg: TrainConfig, device) 
 def save_results(model, held_out, out_dir: Path, results: dict, started: float, log) -> None:
     """After the delta is saved (what training made must not wait on evaluation) and evaluated: results.json
     and the loss curve (rank 0)."""
-    delta_path = out_dir / "delta.safetensors"
+    delta_path = out_dir / run_folder.DELTA
     if held_out:
         before, after, task = results.get("before"), results["after"], results["task"]  # before: None if a resume lost it
         log(f"after training:  {said(after, task)}" + (gain(before, after, task) if before else ""))
@@ -600,14 +617,14 @@ def main(argv: list[str] | None = None) -> int:
         code = exit_with(f"error: {memory_advice(cfg, error)}", 2, own_error=True)
     finally:
         run_folder.release(failed=code != 0)
-        distributed.finish()
+        ranks.finish()
     return code
 
 
 def memory_advice(cfg: TrainConfig, error: Exception) -> str:
     """One line: memory ran out, and which flags lower it by about how much."""
     first_line = (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
-    if cfg.layout == "seeds":
+    if cfg.layout == "trainer":
         knobs = (f"a pass is --batch-size {cfg.batch_size} rows of at most --max-len {cfg.max_len} tokens, and halving "
                  "either about halves them")
     else:
@@ -625,7 +642,7 @@ def exit_with(message: str, code: int, own_error: bool = False) -> int:
     fails every process alike. An input error could still be one process's own (a file only it cannot
     read), so another process with an input error waits a few seconds first: when process 0 fails alike,
     torchrun ends this process before it speaks; otherwise it says what went wrong where."""
-    rank = int(os.environ.get("RANK", "0"))
+    rank = ranks.rank()
     if rank == 0:
         print(message, file=sys.stderr)
     elif own_error:

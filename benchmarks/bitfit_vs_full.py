@@ -32,14 +32,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bitfit import layout, models, packing  # noqa: E402
-from bitfit.collate import pad_batch, pad_id  # noqa: E402
-from bitfit.config import TrainConfig, from_args  # noqa: E402
-from bitfit.data import encode, load_examples, questions  # noqa: E402
-from bitfit.delta import apply_delta  # noqa: E402
-from bitfit.evaluate import answers, exact_match, heldout_loss  # noqa: E402
-from bitfit.loop import lr_factor, peak_memory_gb  # noqa: E402
-from bitfit.loss import label_tokens, loss_sum  # noqa: E402
+from bitfit.core.loss import label_tokens, loss_sum  # noqa: E402
+from bitfit.core.step import lr_factor  # noqa: E402
+from bitfit.data import layout, packing  # noqa: E402
+from bitfit.data.collate import pad_batch, pad_id  # noqa: E402
+from bitfit.data.examples import encode, load_examples, questions  # noqa: E402
+from bitfit.model import pretrained
+from bitfit.model.delta import apply_delta  # noqa: E402
+from bitfit.run.config import TrainConfig, from_args  # noqa: E402
+from bitfit.run.evaluate import answers, exact_match, heldout_loss  # noqa: E402
+from bitfit.run.report import peak_memory_gb
 
 CAPITALS = {
     "France": "Paris", "Germany": "Berlin", "Italy": "Rome", "Spain": "Madrid", "Portugal": "Lisbon",
@@ -77,7 +79,7 @@ def evaluate(model, tokenizer, cfg: TrainConfig) -> dict:
 
 
 def run_frozen(cfg: TrainConfig) -> dict:
-    model, tokenizer = models.load(cfg.model, torch.device("cpu"))
+    model, tokenizer = pretrained.load(cfg.model, torch.device("cpu"))
     return {"trainable": 0, "steps": 0, "seconds_per_step": None, "saved_bytes": 0,
             "after": evaluate(model, tokenizer, cfg), "peak_rss_gb": peak_memory_gb(torch.device("cpu"))}
 
@@ -91,7 +93,7 @@ def run_bitfit(cfg_args: list[str], steps: int) -> dict:
                          *(["--max-steps", str(steps)] if steps else [])])
         results = train.run(cfg)
         peak = peak_memory_gb(torch.device("cpu"))  # training's peak, before a second model is loaded
-        model, tokenizer = models.load(cfg.model, torch.device("cpu"))
+        model, tokenizer = pretrained.load(cfg.model, torch.device("cpu"))
         apply_delta(model, str(Path(out) / "delta.safetensors"))
         saved = (Path(out) / "delta.safetensors").stat().st_size
     return {"trainable": results["trainable"], "steps": results["steps"],
@@ -102,7 +104,7 @@ def run_bitfit(cfg_args: list[str], steps: int) -> dict:
 def run_full(cfg: TrainConfig, lr: float, steps: int) -> dict:
     """Every weight trains: the same data, order, layout, loss and schedule as train.py, AdamW over all."""
     torch.manual_seed(cfg.seed)
-    model, tokenizer = models.load(cfg.model, torch.device("cpu"))
+    model, tokenizer = pretrained.load(cfg.model, torch.device("cpu"))
     _, examples, _ = load_examples(cfg.data, cfg.split, tokenizer, cfg.max_len, cfg.template)
     pad = partial(pad_batch, pad_token_id=pad_id(tokenizer), padding_side=tokenizer.padding_side)
     packed = packing.enable(model, examples, pad, cfg.max_pass_tokens) is None
@@ -193,7 +195,7 @@ def main() -> None:
         Path(args.out).write_text(json.dumps(one_method(args.method, args.lr, args.steps)))
         return
 
-    models.resolve(models.EMBEDDED)  # build the cached model once, outside every measurement
+    pretrained.resolve(pretrained.EMBEDDED)  # build the cached model once, outside every measurement
     work = Path(tempfile.mkdtemp(prefix="bitfit-vs-full-"))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; steps: "
           f"{args.steps or 'train.py default'}; each method in its own process", flush=True)

@@ -11,7 +11,7 @@
    what requires grad, `CrossEntropyLoss`, dropout on. Two rounds per side, alternating, each run in a
    process of its own: seconds of training, peak RSS, held-out accuracy.
 2. The BitFit paper's comparison on two classification tasks and one regression task generated in code
-   (bitfit.tasks: sentiment, 2 classes; topic, 4 classes; rating, 1-5 stars): BitFit (`train.py` as it
+   (bitfit.data.tasks: sentiment, 2 classes; topic, 4 classes; rating, 1-5 stars): BitFit (`train.py` as it
    is), full fine-tuning (every weight, AdamW at --full-lr), and a frozen encoder whose new head alone
    trains (AdamW at train.py's lr), with the same rows, order, batches, linear schedule and clipping.
    Held-out accuracy and MCC (Pearson and Spearman for the rating), trainable parameters, seconds, peak RSS.
@@ -30,14 +30,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bitfit import models, report  # noqa: E402
-from bitfit.collate import pad_labelled, pad_id  # noqa: E402
-from bitfit.config import TrainConfig  # noqa: E402
-from bitfit.data import read_records  # noqa: E402
-from bitfit.evaluate import labelled_measures  # noqa: E402
-from bitfit.labelled import check_labelled, encode_labelled, label_names  # noqa: E402
-from bitfit.layout import draw_steps  # noqa: E402
-from bitfit.loop import lr_factor, peak_memory_gb  # noqa: E402
+from bitfit.core.step import lr_factor  # noqa: E402
+from bitfit.data.collate import pad_id, pad_labelled  # noqa: E402
+from bitfit.data.examples import read_records  # noqa: E402
+from bitfit.data.labelled import check_labelled, encode_labelled, label_names  # noqa: E402
+from bitfit.data.layout import draw_steps  # noqa: E402
+from bitfit.model import pretrained  # noqa: E402
+from bitfit.run import report
+from bitfit.run.config import TrainConfig  # noqa: E402
+from bitfit.run.evaluate import labelled_measures  # noqa: E402
+from bitfit.run.report import peak_memory_gb
 
 TASKS = {"sentiment": ("builtin-sentiment", "classify"), "topic": ("builtin-topic", "classify"),
          "rating": ("builtin-rating", "regress")}
@@ -78,7 +80,7 @@ def loop_side(method: str, source: str, task: str, lr: float) -> dict:
     head ('full' / 'head'): a plain loop over the same batches as bitfit's."""
     torch.manual_seed(SEED)
     classes = classes_of(source, task)
-    model, tokenizer, head = models.load_classifier(models.EMBEDDED_ENCODER, [str(c) for c in classes] if classes else None)
+    model, tokenizer, head = pretrained.load_classifier(pretrained.EMBEDDED_ENCODER, [str(c) for c in classes] if classes else None)
     batches, held_out = data(source, task, tokenizer, classes)
     collate = lambda examples: pad_labelled(examples, pad_id(tokenizer), tokenizer.padding_side)  # noqa: E731
     for name, param in model.named_parameters():

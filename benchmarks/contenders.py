@@ -1,6 +1,6 @@
 """What the speed benchmarks (trainer_vs_bitfit.py on the CPU, gpu.py on a GPU) run and measure alike.
 
-    recipe_side(model_dir, jsonl, steps, lr)           the seeds' HF Trainer recipe, 1 x 8
+    recipe_side(model_dir, jsonl, steps, lr)           the HF Trainer recipe, 1 x 8
     bitfit_side(model_dir, jsonl, steps, lr, extra)    train.run() with train.py's defaults (plus `extra`)
     matmul_peak(...), floor_flops(...)                  the BitFit-MFU: the least work, over the device's peak
     optimizer_steps(device)                             one AdamW step over bloomz-1b1's biases, four ways
@@ -21,10 +21,11 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BloomC
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bitfit.biases import add_missing_biases  # noqa: E402
-from bitfit.data import encode, load_records, token_fields  # noqa: E402
-from bitfit.layout import draw_steps  # noqa: E402
-from bitfit.loop import peak_memory_gb  # noqa: E402  (this process's own peak RSS on the CPU)
+from bitfit.core.biases import add_missing_biases  # noqa: E402
+from bitfit.data.examples import encode, token_fields  # noqa: E402
+from bitfit.data.layout import draw_steps  # noqa: E402
+from bitfit.data.sources import load_records
+from bitfit.run.report import peak_memory_gb  # noqa: E402  (this process's own peak RSS on the CPU)
 
 SEED, ACCUM = 0, 8
 BLOOMZ_1B1 = dict(vocab_size=250880, hidden_size=1536, n_layer=24, n_head=16)  # bigscience/bloomz-1b1's config.json
@@ -67,7 +68,7 @@ def timed(run) -> float:
 
 
 def recipe_side(model_dir: str, jsonl: str, steps: int, lr: float) -> dict:
-    """The seeds' recipe: from_pretrained, the seeds' freezing ("bias" in name), Trainer +
+    """The HF Trainer recipe: from_pretrained, the recipe's freezing ("bias" in name), Trainer +
     DataCollatorForSeq2Seq, batch 1 x accumulation 8 (seed 001); bf16 autocast on a GPU, as they ran it."""
     from datasets import Dataset
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
@@ -98,7 +99,7 @@ def bitfit_side(model_dir: str, jsonl: str, steps: int, lr: float, extra: list[s
     """`python train.py` with its default flags (plus `extra`), run in this process on the same data,
     steps and lr."""
     import train
-    from bitfit.config import from_args
+    from bitfit.run.config import from_args
 
     with tempfile.TemporaryDirectory() as out:
         cfg = from_args(["--model", model_dir, "--data", jsonl, "--eval-data", "none", "--lr", str(lr), "--max-steps",

@@ -1,4 +1,4 @@
-"""On a GPU: the seeds' recipe against bitfit, on a bloomz-1b1-shaped model and on the embedded SmolLM2.
+"""On a GPU: the HF Trainer recipe against bitfit, on a bloomz-1b1-shaped model and on the embedded SmolLM2.
 
     python benchmarks/gpu.py                 # on CUDA: ~10 min on one H100 (needs accelerate for the recipe)
     python benchmarks/gpu.py --tiny --steps 3   # no GPU: the same script on the CPU with tiny configs (a test runs it)
@@ -7,14 +7,14 @@ Two models: one of bloomz-1b1's shape built from its config (random weights: spe
 on them; no download) and the embedded SmolLM2-135M-Instruct (real weights: the losses must agree). On each,
 in a process of its own each, on the same Alpaca-length examples (benchmarks/workload.py: 20-370 tokens,
 mean ~150, cut at 256), in the same order, for the same steps of 1 x 8 with the same lr and schedule:
-    recipe   the seeds' HF Trainer + DataCollatorForSeq2Seq, batch 1 x accumulation 8, bf16, their
+    recipe   the HF Trainer recipe's Trainer + DataCollatorForSeq2Seq, batch 1 x accumulation 8, bf16, their
              freezing (`"bias" in name`), fp32 weights under bf16 autocast
     bitfit   `python train.py` with its defaults plus the GPU flags the README gives: --bf16 --bf16-weights
 Per contender: tokens/s, label tokens/s, max allocated and max reserved memory, per-step losses side by
 side, and BitFit-MFU: the least matmul work of these steps (4 x matmul parameters per token: forward, and
 backward to the activations only; the LM head at label positions) against a large bf16 matmul measured
 in the same run. Then the optimizer step over bloomz-1b1's 146 bias tensors (flat fused vs per-tensor
-foreach and fused) and bloomz-1b1's memory table against the seeds' "under 6 GB".
+foreach and fused) and bloomz-1b1's memory table against the HF Trainer recipe's "under 6 GB".
 """
 
 import argparse
@@ -30,18 +30,27 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, BloomConfig, Llama
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bitfit import models  # noqa: E402
-from contenders import (ACCUM, BLOOMZ_1B1, bitfit_side, device, floor_flops, matmul_peak,  # noqa: E402
-                        optimizer_steps, recipe_side)
+from contenders import (  # noqa: E402
+    ACCUM,
+    BLOOMZ_1B1,
+    bitfit_side,
+    device,
+    floor_flops,
+    matmul_peak,
+    optimizer_steps,
+    recipe_side,
+)
 from workload import alpaca_like_records  # noqa: E402
 
-LR = 1e-3  # the seeds' lr
+from bitfit.model import pretrained  # noqa: E402
+
+LR = 1e-3  # the HF Trainer recipe's lr
 TINY_BLOOM = dict(vocab_size=49152, hidden_size=64, n_layer=2, n_head=4)  # --tiny: the CPU check of this script
 
 
 def build_models(folder: Path, tiny: bool) -> dict[str, str]:
     """Model folders: {'bloomz-1b1 shape': ..., 'SmolLM2-135M': ...}, with the embedded tokenizer in each."""
-    tokenizer = AutoTokenizer.from_pretrained(models.resolve(models.EMBEDDED))
+    tokenizer = AutoTokenizer.from_pretrained(pretrained.resolve(pretrained.EMBEDDED))
     folders = {"bloomz-1b1 shape": folder / "bloom"}
     config = BloomConfig(**(TINY_BLOOM if tiny else BLOOMZ_1B1))
     torch.manual_seed(0)
@@ -52,9 +61,9 @@ def build_models(folder: Path, tiny: bool) -> dict[str, str]:
                                                      num_hidden_layers=2, num_attention_heads=4,
                                                      num_key_value_heads=2)).save_pretrained(folders["SmolLM2-135M"])
     else:
-        folders["SmolLM2-135M"] = Path(models.resolve(models.EMBEDDED))
+        folders["SmolLM2-135M"] = Path(pretrained.resolve(pretrained.EMBEDDED))
     for name, path in folders.items():
-        if path != Path(models.resolve(models.EMBEDDED)):
+        if path != Path(pretrained.resolve(pretrained.EMBEDDED)):
             tokenizer.save_pretrained(path)
     return {name: str(path) for name, path in folders.items()}
 
@@ -74,7 +83,7 @@ def report(name: str, model_dir: str, sides: dict[str, dict], peak: float) -> di
     a, b = sides["recipe"], sides["bitfit"]
     floor = floor_flops(model_dir, b["tokens"], b["label_tokens"])
     print(f"\n## {name}: {len(b['losses'])} steps of 1 x {ACCUM}; bitfit's layout: {b['layout']}")
-    print("| | seeds' recipe (HF Trainer) | bitfit | bitfit / recipe |\n|---|---:|---:|---:|")
+    print("| | HF Trainer recipe | bitfit | bitfit / recipe |\n|---|---:|---:|---:|")
     for label, key in (("tokens/s", "tokens"), ("label tokens/s", "label_tokens")):
         x, y = a[key] / a["seconds"], b[key] / b["seconds"]
         print(f"| {label} | {x:,.0f} | {y:,.0f} | **{y / x:.2f}x** |")
@@ -99,7 +108,7 @@ def memory_table() -> None:
     print(f"\n## bloomz-1b1 memory with --bf16 --bf16-weights ({params:,} parameters, {biases:,} biases)")
     print(f"  frozen weights, bf16:                       {2 * params / 2**30:.2f} GiB")
     print(f"  per bias: value, gradient, AdamW m and v, base copy (fp32): {20 * biases / 2**20:.1f} MiB")
-    print("  activations: max allocated above, less the weights (the seeds: 'under 6 GB' in all, fp32 weights)")
+    print("  activations: max allocated above, less the weights (the HF Trainer recipe: 'under 6 GB' in all, fp32 weights)")
 
 
 def main() -> None:
@@ -122,7 +131,7 @@ def main() -> None:
     name = torch.cuda.get_device_name() if device().type == "cuda" else "CPU (no GPU: the --tiny check)"
     print(f"device: {name}; torch {torch.__version__}; {args.steps} steps per contender and model")
     jsonl = work / "alpaca.jsonl"
-    tokenizer = AutoTokenizer.from_pretrained(models.resolve(models.EMBEDDED))
+    tokenizer = AutoTokenizer.from_pretrained(pretrained.resolve(pretrained.EMBEDDED))
     jsonl.write_text("".join(json.dumps(r) + "\n" for r in alpaca_like_records(tokenizer, ACCUM * args.steps)))
     folders = build_models(work, args.tiny)
     peak = matmul_peak(256 if args.tiny else 8192, torch.bfloat16 if device().type == "cuda" else torch.float32, repeats=20)

@@ -14,6 +14,7 @@ Then how far rounding the frozen weight matrices to fp16 or bf16 moves the loss,
 relative agreement with the fp32 recipe that the speed benchmark asks for.
 """
 
+import argparse
 import subprocess
 import sys
 from collections import Counter
@@ -23,10 +24,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bitfit.data import encode, load_records  # noqa: E402
-from bitfit.loss import label_tokens, loss_sum  # noqa: E402
-from bitfit.packing import pack_batch, use_per_example_attention  # noqa: E402
 from workload import load_model  # noqa: E402  (the model as train.py sets it up)
+
+from bitfit.core.loss import label_tokens, loss_sum  # noqa: E402
+from bitfit.data.examples import encode  # noqa: E402
+from bitfit.data.packing import pack_batch, use_per_example_attention  # noqa: E402
+from bitfit.data.sources import load_records
 
 
 def rss() -> dict[str, float]:
@@ -73,14 +76,14 @@ def mean_losses(model, batches) -> torch.Tensor:
 def main() -> None:
     # The first use of the embedded model dequantizes its GGUF file, which leaves memory behind that a
     # cached load never allocates: do that once in a child process so it does not count here.
-    subprocess.run([sys.executable, "-c", "from bitfit import models; models.resolve(models.EMBEDDED)"],
+    subprocess.run([sys.executable, "-c", "from bitfit.model import pretrained; pretrained.resolve(pretrained.EMBEDDED)"],
                    cwd=Path(__file__).resolve().parent.parent, check=True)
     runtime = show("runtime (torch + transformers + bitfit imported)")
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from bitfit import models
+    from bitfit.model import pretrained
 
-    config = AutoConfig.from_pretrained(models.resolve(models.EMBEDDED))
+    config = AutoConfig.from_pretrained(pretrained.resolve(pretrained.EMBEDDED))
     with torch.device("meta"):
         AutoModelForCausalLM.from_config(config)
     code = show("model code imported, model built on the meta device", runtime)
@@ -119,4 +122,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()  # no flags: --help says what it measures
     main()

@@ -1,10 +1,10 @@
-"""Several fine-tunes in one batch (bitfit.mixed) against serving them one after another.
+"""Several fine-tunes in one batch (bitfit.export.mixed) against serving them one after another.
 
     python benchmarks/mixed_batch.py          # the embedded SmolLM2-135M, 4 deltas, 8 rows: ~2 min on 2 CPU cores
 
 Four deltas on the embedded model (random biases of the size training gives them: speed does not depend
 on their values), eight requests, two per delta, each generating --new-tokens tokens greedily:
-    mixed       ONE batch of 8 rows, each row adding its own delta (bitfit.mixed.generate_many)
+    mixed       ONE batch of 8 rows, each row adding its own delta (bitfit.export.mixed.generate_many)
     one by one  for each delta: apply it, a batch of its 2 rows, take it off (what serving one
                 fine-tune at a time costs; applying and removing a delta takes microseconds)
 Reported: new tokens per second of each, best of --repeats, and that both give the same answers.
@@ -20,25 +20,26 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bitfit import models  # noqa: E402
-from bitfit.biases import add_missing_biases, select_biases  # noqa: E402
-from bitfit.data import load_records, questions  # noqa: E402
-from bitfit.delta import apply_delta, read_delta, save_delta  # noqa: E402
-from bitfit.evaluate import answers  # noqa: E402
-from bitfit.flat import FlatBiases  # noqa: E402
-from bitfit.mixed import generate_many  # noqa: E402
+from bitfit.core.biases import add_missing_biases, select_biases  # noqa: E402
+from bitfit.core.flat import FlatBiases  # noqa: E402
+from bitfit.data.examples import questions
+from bitfit.data.sources import load_records  # noqa: E402
+from bitfit.export.mixed import generate_many  # noqa: E402
+from bitfit.model import pretrained  # noqa: E402
+from bitfit.model.delta import apply_delta, read_delta, save_delta  # noqa: E402
+from bitfit.run.evaluate import answers  # noqa: E402
 
 
 def make_deltas(folder: Path, n: int) -> list[str]:
     """`n` deltas on the embedded model, each its biases moved by a different random 0.03 per entry."""
     paths = []
     for seed in range(n):
-        model, _ = models.load(models.EMBEDDED)
+        model, _ = pretrained.load(pretrained.EMBEDDED)
         added = add_missing_biases(model)
         flat = FlatBiases(model, select_biases(model))
         flat.values.add_(0.03 * torch.randn(flat.values.shape, generator=torch.Generator().manual_seed(seed)))
         paths.append(str(folder / f"delta-{seed}.safetensors"))
-        save_delta(paths[-1], model, flat, base_model=models.EMBEDDED, added=added)
+        save_delta(paths[-1], model, flat, base_model=pretrained.EMBEDDED, added=added)
     return paths
 
 
@@ -72,7 +73,7 @@ def main() -> None:
     args = cli.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         paths = make_deltas(Path(tmp), args.deltas)
-        model, tokenizer = models.load(models.EMBEDDED)
+        model, tokenizer = pretrained.load(pretrained.EMBEDDED)
         model.eval()
         records, places = load_records("builtin", f"heldout[:{args.deltas * args.rows_per_delta}]")
         prompts = [ids for ids, _, _ in questions(records, tokenizer, "alpaca", places)]

@@ -18,10 +18,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bitfit.packing import pack_batch, use_per_example_attention  # noqa: E402
-from bitfit.data import encode, load_records  # noqa: E402
-from bitfit.loss import loss_sum  # noqa: E402
 from workload import load_model  # noqa: E402  (the model as train.py sets it up)
+
+from bitfit.core.loss import loss_sum  # noqa: E402
+from bitfit.data.examples import encode  # noqa: E402
+from bitfit.data.packing import pack_batch, use_per_example_attention  # noqa: E402
+from bitfit.data.sources import load_records
 
 
 def timed_passes(model, batches) -> tuple[float, torch.Tensor]:

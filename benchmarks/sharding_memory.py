@@ -8,7 +8,7 @@ The models are the real architectures (transformers' Llama and Qwen2 classes at 
 built with their parameters on the meta device, with bitfit's added zero biases: the parameter and bias
 counts are exact. Per GPU, with the README's big-model flags (--bf16 --bf16-weights --shard-weights):
 
-    weights      2 bytes x frozen parameters / N            each process's shard (bitfit.sharding)
+    weights      2 bytes x frozen parameters / N            each process's shard (bitfit.parallel.sharding)
     biases       4 bytes x 5 x biases                       flat values, gradient, base copy, AdamW's two moments
     gathered     2 bytes x (root group + 2 blocks)          the root (embeddings, head) is whole while the
                                                             forward (and the backward) runs; a block and the
@@ -37,8 +37,8 @@ from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bitfit.biases import add_missing_biases, block_lists  # noqa: E402
-from bitfit.models import parameters_on_meta  # noqa: E402
+from bitfit.core.biases import add_missing_biases, block_lists  # noqa: E402
+from bitfit.model.pretrained import parameters_on_meta  # noqa: E402
 
 GIB = 2**30
 CARD = 79.6 * GIB  # an "80 GB" H100 / A100: what torch.cuda.mem_get_info reports on an idle card

@@ -7,9 +7,9 @@
 The built-in task's examples are short (26.5 tokens). The Alpaca-length records are generated in code:
 the lengths of alpaca-cleaned, without a download. The speed of a training step depends on how many
 tokens its examples hold and how they spread, not on what the words mean. alpaca-cleaned examples (prompt + response) run from about 20 to a few hundred
-tokens, most between 50 and 250, and the seeds cut them at 256. Here each record's total length is
+tokens, most between 50 and 250, and the HF Trainer recipe cuts them at 256. Here each record's total length is
 20 + a gamma(2, 65) draw, capped at 370: mean ~150 tokens, ~12% longer than 256 (so the cut at 256
-happens, as in the seeds). An instruction of 6-24 words, an input on 40% of the records, and the
+happens, as in the HF Trainer recipe). An instruction of 6-24 words, an input on 40% of the records, and the
 response takes the rest. Words are drawn from those the tokenizer keeps as ONE token, so a record's
 token count is its word count plus the prompt template's few tokens.
 """
@@ -24,9 +24,9 @@ from transformers import AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bitfit import models  # noqa: E402
-from bitfit.biases import add_missing_biases, select_biases  # noqa: E402
-from bitfit.data import load_records  # noqa: E402
+from bitfit.core.biases import add_missing_biases, select_biases  # noqa: E402
+from bitfit.data.sources import load_records  # noqa: E402
+from bitfit.model import pretrained  # noqa: E402
 
 WORDS = (
     "the of and to in is that for it as with was on be by this are from at or an have not they which one "
@@ -68,7 +68,7 @@ def alpaca_like_records(tokenizer, n: int, seed: int = 0) -> list[dict]:
 
 def load_model() -> tuple:
     """The embedded SmolLM2-135M-Instruct as train.py sets it up: zero biases added, everything else frozen."""
-    model, tokenizer = models.load(models.EMBEDDED, torch.device("cpu"))
+    model, tokenizer = pretrained.load(pretrained.EMBEDDED, torch.device("cpu"))
     add_missing_biases(model)
     select_biases(model)
     return model, tokenizer
@@ -76,7 +76,7 @@ def load_model() -> tuple:
 
 def write_data(folder: Path) -> dict[str, Path]:
     """The two data sets as Alpaca JSONL files in `folder`: the built-in train split, 1,000 Alpaca-length records."""
-    tokenizer = AutoTokenizer.from_pretrained(models.resolve(models.EMBEDDED))
+    tokenizer = AutoTokenizer.from_pretrained(pretrained.resolve(pretrained.EMBEDDED))
     sets = {"builtin": [{k: r[k] for k in ("instruction", "input", "output")} for r in load_records("builtin", "train")[0]],
             "alpaca": alpaca_like_records(tokenizer, 1000)}
     paths = {}

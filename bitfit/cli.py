@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import torch
 
-from .errors import BitfitError
+from bitfit.core.errors import BitfitError
 
 DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 

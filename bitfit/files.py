@@ -10,6 +10,7 @@ Files get the permissions any new file of the user gets (0o666 less the umask: 0
 """
 
 import errno
+import hashlib
 import json
 import math
 import os
@@ -20,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
-from .errors import BitfitError
+from bitfit.core.errors import BitfitError
 
 
 def umask() -> int:
@@ -215,6 +216,11 @@ def parse_json(text: str, strict: bool = True) -> object:
         return json.loads(text, **({"parse_constant": refuse} if strict else {}))
     except RecursionError:
         raise ValueError("nested too deeply to read") from None
+
+
+def digest(value: object) -> str:
+    """16 hex digits of the SHA-256 of `value` as JSON: a change to any part of it changes them."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def finite_number(value: object) -> bool:

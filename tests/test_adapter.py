@@ -1,4 +1,4 @@
-"""A delta as a PEFT BEFT adapter (python -m bitfit.adapter), and such an adapter read back as a delta.
+"""A delta as a PEFT BEFT adapter (python -m bitfit.export.adapter), and such an adapter read back as a delta.
 peft is a test dependency only: the export never imports it."""
 
 import json
@@ -9,15 +9,15 @@ from pathlib import Path
 import pytest
 import torch
 from peft import BeftConfig, PeftModel, get_peft_model
+from test_merge import files
+from test_train import saved
 from transformers import AutoModelForCausalLM
 
 import generate
-from bitfit import adapter, merge
-from bitfit.biases import add_missing_biases, select_biases
-from bitfit.delta import apply_delta, read_delta, save_delta
-from bitfit.flat import FlatBiases
-from test_merge import files
-from test_train import saved
+from bitfit.core.biases import add_missing_biases, select_biases
+from bitfit.core.flat import FlatBiases
+from bitfit.export import adapter, merge
+from bitfit.model.delta import apply_delta, read_delta, save_delta
 from tiny import tiny_bloom, tiny_llama
 
 REPO = Path(__file__).resolve().parent.parent
@@ -70,9 +70,10 @@ def test_layernorm_biases_go_into_modules_peft_saves_whole_and_load_to_the_tuned
                                rtol=0, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_the_export_neither_imports_peft_nor_writes_into_a_folder_that_holds_anything(tmp_path):
     _, delta = base_and_delta(tiny_llama, tmp_path, "all")
-    code = ("import sys; from bitfit import adapter; "
+    code = ("import sys; from bitfit.export import adapter; "
             f"code = adapter.main(['--delta', {str(delta)!r}, '--out', {str(tmp_path / 'adapter')!r}]); "
             "assert 'peft' not in sys.modules, 'peft was imported'; sys.exit(code)")
     assert subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True).returncode == 0

@@ -1,9 +1,20 @@
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, BloomConfig, LlamaConfig, T5Config, T5ForConditionalGeneration
+from transformers import (
+    AutoModelForCausalLM,
+    BloomConfig,
+    LlamaConfig,
+    T5Config,
+    T5ForConditionalGeneration,
+)
 
-from bitfit.biases import add_missing_biases, count_trainable, describe, select_biases
-from bitfit.errors import BitfitError
+from bitfit.core.biases import (
+    add_missing_biases,
+    count_trainable,
+    describe,
+    select_biases,
+)
+from bitfit.core.errors import BitfitError
 from tiny import tiny_bloom, tiny_llama
 
 

@@ -7,18 +7,27 @@ import math
 import pytest
 import torch
 from safetensors import safe_open
-from transformers import AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification
+from test_train import saved
+from transformers import (
+    AutoModelForSequenceClassification,
+    BertConfig,
+    BertForSequenceClassification,
+)
 
 import train
-from bitfit import models
-from bitfit.biases import add_missing_biases, count_trainable, describe, select_biases
-from bitfit.collate import pad_labelled
-from bitfit.delta import apply_delta, read_delta, save_delta
-from bitfit.errors import BitfitError
-from bitfit.flat import FlatBiases
-from bitfit.labelled import encode_labelled
-from bitfit.loss import label_tokens, loss_sum
-from test_train import saved
+from bitfit.core.biases import (
+    add_missing_biases,
+    count_trainable,
+    describe,
+    select_biases,
+)
+from bitfit.core.errors import BitfitError
+from bitfit.core.flat import FlatBiases
+from bitfit.core.loss import label_tokens, loss_sum
+from bitfit.data.collate import pad_labelled
+from bitfit.data.labelled import encode_labelled
+from bitfit.model import pretrained
+from bitfit.model.delta import apply_delta, read_delta, save_delta
 from tiny import tiny_encoder, tiny_llama, tiny_tokenizer
 
 QUICK = ["--split", "train[:48]", "--eval-split", "heldout[:32]", "--lr", "1e-2"]
@@ -63,7 +72,7 @@ def test_bert_trains_its_biases_and_the_new_head_in_the_papers_share(size, biase
 def test_a_checkpoint_without_a_pooler_gets_one_that_trains_whole(tmp_path):
     folder = saved(lambda: tiny_encoder("bert", pooler=False), tmp_path / "bert")
     torch.manual_seed(0)
-    model, _, new = models.load_classifier(folder, ["a", "b"])
+    model, _, new = pretrained.load_classifier(folder, ["a", "b"])
     assert new == ["bert.pooler.dense.bias", "bert.pooler.dense.weight", "classifier.bias", "classifier.weight"]
     selection = select_biases(model, "all", new)
     assert set(new) <= set(selection)
@@ -72,17 +81,18 @@ def test_a_checkpoint_without_a_pooler_gets_one_that_trains_whole(tmp_path):
 
 def test_the_embedded_encoder_has_a_pooler_so_only_its_classifier_is_new():
     torch.manual_seed(0)
-    model, tokenizer, new = models.load_classifier(models.EMBEDDED_ENCODER, ["negative", "positive"])
+    model, tokenizer, new = pretrained.load_classifier(pretrained.EMBEDDED_ENCODER, ["negative", "positive"])
     assert new == ["classifier.bias", "classifier.weight"] and model.config.model_type == "bert"
     assert model.config.id2label == {0: "negative", 1: "positive"}
 
 
 # --- the loss ---------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("task", ["classify", "regress"])
 def test_eight_batches_of_one_accumulate_to_the_gradient_of_one_batch_of_eight(task, folders):
     torch.manual_seed(0)
-    model, tokenizer, new = models.load_classifier(folders["bert"], ["negative", "positive"] if task == "classify" else None)
+    model, tokenizer, new = pretrained.load_classifier(folders["bert"], ["negative", "positive"] if task == "classify" else None)
     flat = FlatBiases(model, select_biases(model, "all", new))
     rows = [{"text": f"The {word} was fine, I think {'!' * i}", "label": i % 2 if task == "classify" else i / 3}
             for i, word in enumerate("movie book phone hotel meal laptop concert game".split())]
@@ -114,6 +124,7 @@ def test_a_labelled_batch_is_padded_to_its_longest_row_with_one_label_per_row():
 
 # --- whole runs -------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", list(ENCODERS))
 def test_a_classifier_trains_end_to_end_and_reports_accuracy_f1_and_mcc(kind, folders, tmp_path, capsys):
     out = tmp_path / "run"
@@ -131,6 +142,7 @@ def test_a_classifier_trains_end_to_end_and_reports_accuracy_f1_and_mcc(kind, fo
     assert head and all(name in tensors for name in head)
 
 
+@pytest.mark.slow
 def test_a_regressor_trains_end_to_end_and_reports_pearson_and_spearman(folders, tmp_path):
     out = tmp_path / "run"
     assert train.main(["--task", "regress", "--model", folders["bert"], *QUICK, "--out-dir", str(out)]) == 0
@@ -140,6 +152,7 @@ def test_a_regressor_trains_end_to_end_and_reports_pearson_and_spearman(folders,
     assert json.loads(read_delta(str(out / "delta.safetensors"))[1]["classes"]) == []
 
 
+@pytest.mark.slow
 def test_string_classes_get_ids_in_sorted_order_saved_with_the_run_and_in_the_model(folders, tmp_path):
     data = tmp_path / "data.jsonl"
     rows = [{"sentence1": f"a {i}", "sentence2": f"b {i}", "label": ["zebra", "ant", "moth"][i % 3]} for i in range(24)]
@@ -148,11 +161,12 @@ def test_string_classes_get_ids_in_sorted_order_saved_with_the_run_and_in_the_mo
     assert train.main(["--task", "classify", "--model", folders["bert"], "--data", str(data), "--eval-data", "none",
                        "--out-dir", str(out)]) == 0
     assert json.loads((out / "results.json").read_text())["classes"] == ["ant", "moth", "zebra"]
-    model, _, _ = models.load_classifier(folders["bert"], ["ant", "moth", "zebra"])
+    model, _, _ = pretrained.load_classifier(folders["bert"], ["ant", "moth", "zebra"])
     apply_delta(model, str(out / "delta.safetensors"))
     assert model.config.id2label == {0: "ant", 1: "moth", 2: "zebra"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("rows", "message"), [
     ([{"text": "a"}], r"data.jsonl line 1: no 'label' field"),
     ([{"text": "a", "label": None}], r"data.jsonl line 1: the label is null"),
@@ -175,6 +189,7 @@ def test_a_bad_label_is_one_error_line_naming_file_and_line_and_nothing_trains(r
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("label", "message"), [("abc", "--task regress needs a number as the label"),
                                                 ("NaN", "the label is nan, not a finite number")])
 def test_a_regression_label_must_be_a_finite_number(label, message, folders, tmp_path, capsys):
@@ -186,6 +201,7 @@ def test_a_regression_label_must_be_a_finite_number(label, message, folders, tmp
     assert f"data.jsonl line 2: {message}" in last_error(capsys)
 
 
+@pytest.mark.slow
 def test_a_held_out_class_the_training_data_never_had_is_one_error_line(folders, tmp_path, capsys):
     (tmp_path / "eval.jsonl").write_text(json.dumps({"text": "x", "label": "neutral"}) + "\n")
     assert train.main(["--task", "classify", "--model", folders["bert"], "--split", "train[:16]",
@@ -194,6 +210,7 @@ def test_a_held_out_class_the_training_data_never_had_is_one_error_line(folders,
         "eval.jsonl line 1: label 'neutral' is not one of the training data's classes ['negative', 'positive']" in last
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("flags", "message"), [
     (["--template", "chat"], "--template is for --task lm"), (["--max-new-tokens", "4"], "--max-new-tokens is for --task lm"),
     (["--layout", "packed"], "--layout packed joins examples end to end"), (["--task", "tag"], "--task must be one of"),
@@ -208,7 +225,7 @@ def test_a_flag_that_means_nothing_for_a_labelled_task_is_refused(flags, message
 def tuned(folder: str, classes, seed: int = 0):
     """A classifier of `folder` whose biases and head moved, and its flat buffer."""
     torch.manual_seed(seed)
-    model, _, head = models.load_classifier(folder, classes)
+    model, _, head = pretrained.load_classifier(folder, classes)
     added = add_missing_biases(model)
     flat = FlatBiases(model, select_biases(model, "all", head))
     with torch.no_grad():
@@ -228,7 +245,7 @@ def test_a_fresh_base_plus_a_classifiers_delta_gives_the_tuned_logits(kind, clas
     with torch.no_grad():
         expected = model(input_ids=ids, attention_mask=mask).logits
     torch.manual_seed(123)  # the fresh base's head is another draw: the delta must set it, not add to it
-    fresh, _, _ = models.load_classifier(folders[kind], classes)
+    fresh, _, _ = pretrained.load_classifier(folders[kind], classes)
     apply_delta(fresh, str(path))
     with torch.no_grad():
         torch.testing.assert_close(fresh.eval()(input_ids=ids, attention_mask=mask).logits, expected, rtol=0, atol=1e-5)
@@ -242,16 +259,17 @@ def test_a_classifiers_delta_refuses_a_base_it_was_not_trained_on(folders, tmp_p
     save_delta(str(path), model, flat, base_model=folders["bert"], added=added, head=head, task="classify",
                classes=["no", "yes"])
     other = saved(lambda: tiny_encoder("bert", seed=7), tmp_path / "other")
-    fresh, _, _ = models.load_classifier(other, ["no", "yes"])
+    fresh, _, _ = pretrained.load_classifier(other, ["no", "yes"])
     with pytest.raises(BitfitError, match="this model's fingerprint is .*, but this delta was trained on"):
         apply_delta(fresh, str(path))
-    three, _, _ = models.load_classifier(folders["bert"], ["a", "b", "c"])
+    three, _, _ = pretrained.load_classifier(folders["bert"], ["a", "b", "c"])
     with pytest.raises(BitfitError, match=r"this model's head has 3 outputs and the delta's 2 \(classify: no, yes\)"):
         apply_delta(three, str(path))
 
 
 # --- the offline default ----------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_the_default_classify_run_gains_at_least_30_points_of_held_out_accuracy(tmp_path, capsys):
     out = tmp_path / "run"
     assert train.main(["--task", "classify", "--out-dir", str(out)]) == 0
@@ -264,7 +282,7 @@ def test_the_default_classify_run_gains_at_least_30_points_of_held_out_accuracy(
 
 @pytest.mark.parametrize("kind", list(ENCODERS))
 def test_a_merged_classifier_loads_with_plain_transformers_to_the_tuned_logits_and_its_classes(kind, folders, tmp_path, capsys):
-    from bitfit import merge
+    from bitfit.export import merge
 
     model, flat, added, head = tuned(folders[kind], ["no", "yes", "maybe"])
     path = tmp_path / "delta.safetensors"
@@ -283,7 +301,7 @@ def test_a_merged_classifier_loads_with_plain_transformers_to_the_tuned_logits_a
 def test_a_classifiers_peft_adapter_saves_the_head_whole_and_loads_to_the_tuned_logits(kind, folders, tmp_path):
     from peft import PeftModel
 
-    from bitfit import adapter
+    from bitfit.export import adapter
 
     model, flat, added, head = tuned(folders[kind], ["no", "yes"])
     path = tmp_path / "delta.safetensors"
@@ -301,14 +319,15 @@ def test_a_classifiers_peft_adapter_saves_the_head_whole_and_loads_to_the_tuned_
     with torch.no_grad():
         torch.testing.assert_close(peft_model(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=1e-5)
     torch.manual_seed(5)
-    again, _, _ = models.load_classifier(folders[kind], ["no", "yes"])  # the folder read back as the delta
+    again, _, _ = pretrained.load_classifier(folders[kind], ["no", "yes"])  # the folder read back as the delta
     apply_delta(again, str(tmp_path / "adapter"))
     with torch.no_grad():
         torch.testing.assert_close(again.eval()(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_inspect_draws_a_classifiers_change_by_berts_bias_types(folders, tmp_path, capsys):
-    from bitfit import inspect as inspect_delta
+    from bitfit.export import inspection as inspect_delta
 
     out = tmp_path / "run"
     assert train.main(["--task", "classify", "--model", folders["bert"], *QUICK, "--out-dir", str(out)]) == 0
@@ -328,7 +347,7 @@ def test_inspect_draws_a_classifiers_change_by_berts_bias_types(folders, tmp_pat
 
 @pytest.mark.parametrize("kind", list(ENCODERS))
 def test_many_classifier_deltas_in_one_batch_equal_each_delta_alone(kind, folders, tmp_path):
-    from bitfit.mixed import classify_many
+    from bitfit.export.mixed import classify_many
 
     tasks = {"two": ["no", "yes"], "three": ["a", "b", "c"], "number": None}
     paths = {}
@@ -339,14 +358,14 @@ def test_many_classifier_deltas_in_one_batch_equal_each_delta_alone(kind, folder
                    task="classify" if classes else "regress", classes=classes)
     texts = [("Add these two numbers.",), ("Sort these numbers from smallest to largest: 9 3 1",), ("Reverse it",)]
     requests = [(text, paths[name]) for text in texts for name in tasks]  # every row of a batch another task
-    base, tokenizer, _ = models.load_classifier(folders[kind], ["x", "y", "z", "w"])  # a head of none of theirs
+    base, tokenizer, _ = pretrained.load_classifier(folders[kind], ["x", "y", "z", "w"])  # a head of none of theirs
     probe = torch.tensor([[5, 6, 7]])
     with torch.no_grad():
         before = base.eval()(input_ids=probe).logits
     mixed = classify_many(base, tokenizer, requests)
     for (text, path), answer in zip(requests, mixed):
         name = next(n for n, p in paths.items() if p == path)
-        alone, _, _ = models.load_classifier(folders[kind], tasks[name])
+        alone, _, _ = pretrained.load_classifier(folders[kind], tasks[name])
         apply_delta(alone, path)
         with torch.no_grad():
             logits = alone.eval()(**{k: torch.tensor([v]) for k, v in tokenizer(*text).items()}).logits[0]
@@ -360,8 +379,9 @@ def test_many_classifier_deltas_in_one_batch_equal_each_delta_alone(kind, folder
         assert torch.equal(base(input_ids=probe).logits, before)
 
 
+@pytest.mark.slow
 def test_classify_prints_each_texts_label_and_probability_and_marks_labelled_rows(folders, tmp_path, capsys):
-    from bitfit import classify
+    from bitfit.export import classify
 
     out = tmp_path / "run"
     assert train.main(["--task", "classify", "--model", folders["bert"], *QUICK, "--out-dir", str(out)]) == 0
@@ -381,14 +401,14 @@ def test_classify_prints_each_texts_label_and_probability_and_marks_labelled_row
     ("classify", ["--texts-file", "EMPTY"], "--texts-file .* holds no texts"),
 ])
 def test_classify_refuses_an_lm_delta_and_no_texts_in_one_line(delta, args, message, folders, tmp_path, capsys):
-    from bitfit import classify
+    from bitfit.export import classify
 
     if delta == "lm":
         llama = saved(tiny_llama, tmp_path / "llama")
-        model, _ = models.load(llama)
+        model, _ = pretrained.load(llama)
         added, head, classes = add_missing_biases(model), [], None
     else:
-        model, _, head = models.load_classifier(folders["bert"], ["no", "yes"])
+        model, _, head = pretrained.load_classifier(folders["bert"], ["no", "yes"])
         added, classes, llama = [], ["no", "yes"], folders["bert"]
     flat = FlatBiases(model, select_biases(model, "all", head))
     with torch.no_grad():
@@ -408,10 +428,11 @@ def test_generate_refuses_a_classifiers_delta_and_says_what_uses_it(folders, tmp
     save_delta(str(tmp_path / "delta.safetensors"), model, flat, base_model=folders["bert"], added=added, head=head,
                task="classify", classes=["no", "yes"])
     assert generate.main(["--delta", str(tmp_path / "delta.safetensors"), "--prompt", "hi"]) == 2
-    assert "is a classify delta (a classifier's or regressor's): classify text with it by python -m bitfit.classify" \
+    assert "is a classify delta (a classifier's or regressor's): classify text with it by python -m bitfit.export.classify" \
         in last_error(capsys)
 
 
+@pytest.mark.slow
 def test_int_classes_are_named_by_their_values_in_the_log_the_results_and_the_delta(folders, tmp_path, capsys):
     data = tmp_path / "data.jsonl"
     data.write_text("".join(json.dumps({"text": f"row {i}", "label": [0, 2, 1][i % 3]}) + "\n" for i in range(24)))
@@ -423,6 +444,7 @@ def test_int_classes_are_named_by_their_values_in_the_log_the_results_and_the_de
     assert json.loads(read_delta(str(out / "delta.safetensors"))[1]["classes"]) == ["0", "1", "2"]
 
 
+@pytest.mark.slow
 def test_an_interrupted_and_resumed_classifier_run_ends_with_the_same_delta_head_included(folders, tmp_path, monkeypatch):
     import signal
 
@@ -439,6 +461,7 @@ def test_an_interrupted_and_resumed_classifier_run_ends_with_the_same_delta_head
     assert all(torch.equal(straight[name], resumed[name]) for name in straight)
 
 
+@pytest.mark.slow
 def test_eval_every_and_the_loss_curve_work_for_a_classifier_as_for_an_lm(folders, tmp_path):
     out = tmp_path / "run"
     assert train.main(["--task", "classify", "--model", folders["bert"], *QUICK, "--eval-every", "2",
@@ -455,7 +478,7 @@ def test_a_checkpoint_with_a_head_of_its_own_keeps_it_or_gets_a_new_one_and_its_
     BertForSequenceClassification(BertConfig(vocab_size=400, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                              intermediate_size=64, num_labels=3)).save_pretrained(tmp_path / "base")
     tiny_tokenizer().save_pretrained(tmp_path / "base")
-    model, _, head = models.load_classifier(str(tmp_path / "base"), classes)
+    model, _, head = pretrained.load_classifier(str(tmp_path / "base"), classes)
     assert head == ([] if len(classes) == 3 else ["classifier.bias", "classifier.weight"])  # 3 outputs: the checkpoint's
     flat = FlatBiases(model, select_biases(model, "all", head))
     with torch.no_grad():
@@ -466,6 +489,7 @@ def test_a_checkpoint_with_a_head_of_its_own_keeps_it_or_gets_a_new_one_and_its_
     assert metadata["format"] == "bitfit-delta/3" and json.loads(metadata["classes"]) == classes
 
 
+@pytest.mark.slow
 def test_a_csv_regression_label_is_its_cells_number(folders, tmp_path):
     rows = "".join(f"row {i},{i % 5 + 0.5}\n" for i in range(24))
     (tmp_path / "data.csv").write_text("text,label\n" + rows)
@@ -477,8 +501,9 @@ def test_a_csv_regression_label_is_its_cells_number(folders, tmp_path):
 
 # --- the second hostile round ------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_rows_longer_than_the_encoders_positions_are_cut_to_them_in_training_and_in_classify(folders, tmp_path, capsys):
-    from bitfit import classify
+    from bitfit.export import classify
 
     data = tmp_path / "long.jsonl"
     data.write_text("".join(json.dumps({"text": "word " * 2000, "label": i % 2}) + "\n" for i in range(8)))
@@ -489,6 +514,7 @@ def test_rows_longer_than_the_encoders_positions_are_cut_to_them_in_training_and
     assert classify.main(["--delta", str(out), "--text", "word " * 2000]) == 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("label", ["1e300", "1" + "0" * 400, "-2e15"])
 def test_a_regression_target_too_large_for_float32_is_refused_before_the_model_loads(label, folders, tmp_path, capsys):
     data = tmp_path / "data.jsonl"
@@ -523,7 +549,7 @@ def edited_delta(folders, tmp_path, edit) -> str:
     (lambda t, m: m.update(added_biases="[" * 100000 + "]" * 100000), "added_biases must be a JSON list"),
 ])
 def test_a_classifier_delta_whose_head_and_classes_disagree_is_one_error_line(edit, message, folders, tmp_path, capsys):
-    from bitfit import classify
+    from bitfit.export import classify
 
     path = edited_delta(folders, tmp_path, edit)
     assert classify.main(["--delta", path, "--text", "hi"]) == 2
@@ -531,7 +557,7 @@ def test_a_classifier_delta_whose_head_and_classes_disagree_is_one_error_line(ed
 
 
 def test_a_labelled_texts_file_with_a_label_the_delta_has_no_class_for_is_one_error_line(folders, tmp_path, capsys):
-    from bitfit import classify
+    from bitfit.export import classify
 
     path = edited_delta(folders, tmp_path, lambda t, m: None)
     (tmp_path / "texts.jsonl").write_text(json.dumps({"text": "a", "label": "yes"}) + "\n" + json.dumps({"text": "b", "label": "meh"}) + "\n")

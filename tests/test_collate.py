@@ -2,9 +2,9 @@ import pytest
 import torch
 from transformers import DataCollatorForSeq2Seq
 
-from bitfit.collate import pad_batch, pad_id
-from bitfit.data import encode, token_fields
-from bitfit.tasks import builtin_records
+from bitfit.data.collate import pad_batch, pad_id
+from bitfit.data.examples import encode, token_fields
+from bitfit.data.tasks import builtin_records
 from tiny import tiny_tokenizer
 
 

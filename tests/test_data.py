@@ -6,10 +6,19 @@ import datasets
 import huggingface_hub
 import pytest
 
-import bitfit.data
-from bitfit.data import (CHARS_PER_TOKEN, IGNORE_INDEX, alpaca_prompt, encode, load_examples, load_records,
-                         parse_split, questions, read_records, token_fields)
-from bitfit.errors import BitfitError
+import bitfit.data.examples
+from bitfit.core.errors import BitfitError
+from bitfit.core.loss import IGNORE_INDEX
+from bitfit.data.examples import (
+    CHARS_PER_TOKEN,
+    alpaca_prompt,
+    encode,
+    load_examples,
+    questions,
+    read_records,
+    token_fields,
+)
+from bitfit.data.sources import load_records, parse_split
 from tiny import tiny_tokenizer
 
 RECORDS = [
@@ -324,7 +333,7 @@ def test_every_row_is_checked_when_read_before_any_tokenizer_is_needed(tmp_path)
 def test_encoding_in_chunks_gives_the_examples_of_encoding_at_once(monkeypatch):
     rows = [{**RECORDS[i % 3], "output": f"{i}"} for i in range(7)]
     whole = encode(rows, tiny_tokenizer())
-    monkeypatch.setattr(bitfit.data, "ENCODE_CHUNK", 3)  # 3 chunks: 3, 3 and 1 rows, under a progress bar
+    monkeypatch.setattr(bitfit.data.examples, "ENCODE_CHUNK", 3)  # 3 chunks: 3, 3 and 1 rows, under a progress bar
     assert encode(rows, tiny_tokenizer()) == whole
 
 

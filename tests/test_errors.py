@@ -10,15 +10,15 @@ import datasets
 import pytest
 import torch
 from safetensors.torch import save_file
+from test_merge import files
+from test_train import saved
 from transformers import PreTrainedTokenizerFast
 
 import generate
 import train
-from bitfit import merge
-from bitfit.config import parser
-from bitfit.delta import read_delta
-from test_merge import files
-from test_train import saved
+from bitfit.export import merge
+from bitfit.model.delta import read_delta
+from bitfit.run.config import parser
 from tiny import _trained_bpe, tiny_bloom, tiny_llama, tiny_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
@@ -51,6 +51,7 @@ def run_on(model_dir, tmp_path, *args) -> int:
 RECORD = {"instruction": "Say hi.", "input": "", "output": "hi"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("name", "content", "message"),
     [
@@ -87,6 +88,7 @@ def test_bad_data_is_a_one_line_error_naming_the_file_or_row(name, content, mess
     fails_with(capsys, 2, message)
 
 
+@pytest.mark.slow
 def test_a_data_file_with_invalid_utf8_is_a_one_line_error_naming_its_line(model_dir, tmp_path, capsys):
     latin1 = b'{"instruction": "Say hi.", "output": "caf\xe9"}'  # "café" saved as Latin-1, not UTF-8
     (tmp_path / "data.jsonl").write_bytes(json.dumps(RECORD).encode() + b"\n" + latin1 + b"\n")
@@ -95,6 +97,7 @@ def test_a_data_file_with_invalid_utf8_is_a_one_line_error_naming_its_line(model
     fails_with(capsys, 2, f"data.jsonl line 2 is not valid UTF-8 \\(byte 0xe9 at position {position}\\); save the file as UTF-8")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
@@ -113,12 +116,14 @@ def test_a_bad_data_flag_is_a_one_line_error(flags, message, model_dir, tmp_path
     fails_with(capsys, 2, message)
 
 
+@pytest.mark.slow
 def test_an_error_in_the_evaluation_data_is_a_one_line_error_saying_so(model_dir, tmp_path, capsys):
     path = data_file(tmp_path, "eval.jsonl", json.dumps(RECORD) + "\n" + json.dumps({"instruction": "Say hi."}))
     assert run_on(model_dir, tmp_path, "--eval-data", path, "--eval-split", "train") == 2
     fails_with(capsys, 2, "^error: evaluation data: .*eval.jsonl line 2: no 'output' field")
 
 
+@pytest.mark.slow
 def test_an_evaluation_set_whose_examples_are_all_dropped_is_a_one_line_error_saying_so(model_dir, tmp_path, capsys):
     long_prompt = {"instruction": "Sort these numbers. " * 30, "input": "3 1", "output": "1 3"}
     path = data_file(tmp_path, "eval.jsonl", json.dumps(long_prompt))
@@ -126,6 +131,7 @@ def test_an_evaluation_set_whose_examples_are_all_dropped_is_a_one_line_error_sa
     fails_with(capsys, 2, "^error: evaluation data: no usable examples in .*eval.jsonl train: 1 dropped")
 
 
+@pytest.mark.slow
 def test_a_hub_that_cannot_be_reached_is_a_one_line_error(model_dir, tmp_path, capsys, hub, monkeypatch):
     hub.down()
     monkeypatch.setattr(datasets, "load_dataset", lambda name, split: (_ for _ in ()).throw(ConnectionError("offline")))
@@ -133,11 +139,13 @@ def test_a_hub_that_cannot_be_reached_is_a_one_line_error(model_dir, tmp_path, c
     fails_with(capsys, 2, "the hub \\(huggingface.co\\) cannot be reached .* pass a local file or folder instead")
 
 
+@pytest.mark.slow
 def test_max_len_too_small_for_any_prompt_is_an_error_after_counting_the_drops(model_dir, tmp_path, capsys):
     assert run_on(model_dir, tmp_path, "--split", "train[:16]", "--max-len", "8") == 2
     fails_with(capsys, 2, r"no usable examples .*16 dropped because max_len 8 cut away their whole response")
 
 
+@pytest.mark.slow
 def test_examples_cut_away_by_max_len_are_dropped_counted_and_the_run_goes_on(model_dir, tmp_path, capsys):
     long_prompt = {"instruction": "Sort these numbers. " * 30, "input": "3 1", "output": "1 3"}
     path = data_file(tmp_path, "data.jsonl", "\n".join(json.dumps(r) for r in [long_prompt] + [RECORD] * 8))
@@ -146,11 +154,13 @@ def test_examples_cut_away_by_max_len_are_dropped_counted_and_the_run_goes_on(mo
     assert json.loads((tmp_path / "run" / "results.json").read_text())["dropped"] == 1
 
 
+@pytest.mark.slow
 def test_a_model_that_does_not_exist_is_a_one_line_error(tmp_path, capsys):
     assert run_on(str(tmp_path / "no-such-model"), tmp_path) == 2
     fails_with(capsys, 2, "no such model folder: .*no-such-model")
 
 
+@pytest.mark.slow
 def test_a_hub_model_without_a_hub_is_a_one_line_error_at_once(tmp_path, capsys, hub):
     hub.down()
     assert run_on("bigscience/bloomz-1b1", tmp_path) == 2
@@ -181,12 +191,14 @@ def broken_model_folders(folder: Path) -> dict[str, tuple[Path, str]]:
     }
 
 
+@pytest.mark.slow
 def test_a_model_folder_that_cannot_load_is_a_one_line_error(tmp_path, capsys):
     for case, (folder, message) in broken_model_folders(Path(saved(tiny_bloom, tmp_path / "good"))).items():
         assert run_on(str(folder), tmp_path, "--out-dir", str(tmp_path / "runs" / case)) == 2, case
         fails_with(capsys, 2, message)
 
 
+@pytest.mark.slow
 def test_pickle_weights_are_refused_unless_trusted_by_name(tmp_path, capsys):
     folder = tmp_path / "pickled"
     model = tiny_bloom()
@@ -199,6 +211,7 @@ def test_pickle_weights_are_refused_unless_trusted_by_name(tmp_path, capsys):
     assert run_on(str(folder), tmp_path, "--trust-pickle-weights", "--max-steps", "1") == 0
 
 
+@pytest.mark.slow
 def test_a_tokenizer_without_eos_is_a_one_line_error(tmp_path, capsys):
     folder = tmp_path / "model"
     tiny_bloom().save_pretrained(folder)
@@ -207,17 +220,20 @@ def test_a_tokenizer_without_eos_is_a_one_line_error(tmp_path, capsys):
     fails_with(capsys, 2, "the tokenizer has no eos token")
 
 
+@pytest.mark.slow
 def test_an_output_directory_that_cannot_be_written_is_a_one_line_error(model_dir, tmp_path, capsys):
     (tmp_path / "a_file").write_text("")
     assert train.main(["--model", model_dir, *QUICK, "--out-dir", str(tmp_path / "a_file" / "run")]) == 2
     fails_with(capsys, 2, "cannot write .*a_file/run: Not a directory")
 
 
+@pytest.mark.slow
 def test_the_packed_layout_on_a_model_without_position_ids_is_a_one_line_error(model_dir, tmp_path, capsys):
     assert run_on(model_dir, tmp_path, "--layout", "packed") == 2  # model_dir holds a BLOOM: ALiBi, no position ids
     fails_with(capsys, 2, "--layout packed: BloomForCausalLM takes no position ids .*; use --layout padded")
 
 
+@pytest.mark.slow
 def test_a_warmup_as_long_as_the_run_is_refused_before_training(model_dir, tmp_path, capsys):
     # Its first step's lr is 0 and it never reaches --lr: a 1-step run would train nothing at all.
     assert run_on(model_dir, tmp_path, "--max-steps", "2", "--warmup-steps", "2") == 2
@@ -225,11 +241,13 @@ def test_a_warmup_as_long_as_the_run_is_refused_before_training(model_dir, tmp_p
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
+@pytest.mark.slow
 def test_a_bad_layout_is_a_one_line_error(model_dir, tmp_path, capsys):
     assert run_on(model_dir, tmp_path, "--layout", "pack") == 2
     fails_with(capsys, 2, "--layout must be one of")
 
 
+@pytest.mark.slow
 def test_an_unknown_bias_selection_is_a_one_line_error(model_dir, tmp_path, capsys):
     assert run_on(model_dir, tmp_path, "--biases", "h.(0") == 2
     fails_with(capsys, 2, "neither 'all', 'reduced' nor a valid regular expression")
@@ -249,6 +267,7 @@ def corrupt(delta: Path, how: str, tmp_path: Path) -> Path:
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["truncated", "corrupt"])
 def test_a_truncated_or_corrupt_delta_is_a_one_line_error(how, finished_run, tmp_path, capsys):
     bad = corrupt(finished_run / "delta.safetensors", how, tmp_path)
@@ -256,6 +275,7 @@ def test_a_truncated_or_corrupt_delta_is_a_one_line_error(how, finished_run, tmp
     fails_with(capsys, 2, "not a readable safetensors file, corrupt or truncated")
 
 
+@pytest.mark.slow
 def test_a_prompts_file_with_invalid_utf8_is_a_one_line_error_naming_its_line(finished_run, tmp_path, capsys):
     (tmp_path / "prompts.txt").write_bytes(b"Say hi.\nSay caf\xe9.\n")  # Latin-1, not UTF-8
     assert generate.main(["--delta", str(finished_run / "delta.safetensors"), "--prompts-file",
@@ -263,12 +283,14 @@ def test_a_prompts_file_with_invalid_utf8_is_a_one_line_error_naming_its_line(fi
     fails_with(capsys, 2, "prompts.txt line 2 is not valid UTF-8")
 
 
+@pytest.mark.slow
 def test_a_delta_of_another_model_shape_is_a_one_line_error(finished_run, tmp_path, capsys):
     llama = saved(tiny_llama, tmp_path / "llama")
     assert generate.main(["--delta", str(finished_run / "delta.safetensors"), "--model", llama, "-n", "1"]) == 2
     fails_with(capsys, 2, "this delta was trained on")
 
 
+@pytest.mark.slow
 def test_a_delta_of_another_base_fingerprint_is_a_one_line_error(finished_run, tmp_path, capsys):
     other = tmp_path / "other"
     tiny_bloom(seed=5).save_pretrained(other)
@@ -336,6 +358,7 @@ def test_a_bad_merge_argument_is_one_error_line_and_exit_code_2(args, message, c
     only_line_is_error(capsys, message)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("victim", ["the base model's folder", "the run folder", "a file", "a path inside a file"])
 def test_merge_refuses_an_out_that_is_not_a_new_or_empty_folder_and_leaves_it_byte_identical(
     victim, model_dir, finished_run, tmp_path, capsys
@@ -350,6 +373,7 @@ def test_merge_refuses_an_out_that_is_not_a_new_or_empty_folder_and_leaves_it_by
     assert [files(folder) for folder in watched] == before
 
 
+@pytest.mark.slow
 def test_a_delta_holding_a_nan_is_a_one_line_error_for_generate_and_merge(finished_run, tmp_path, capsys):
     tensors, metadata = read_delta(str(finished_run / "delta.safetensors"))
     name = next(iter(tensors))
@@ -364,6 +388,7 @@ def test_a_delta_holding_a_nan_is_a_one_line_error_for_generate_and_merge(finish
 
 # --- values that look valid but destroy or never end ------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("flags", "message"), [
     (["--lr", "0.5"], r"--lr 0.5 is above 0.1: AdamW moves every bias by up to about lr per step"),
     (["--weight-decay", "100"], r"--lr 0.005 x --weight-decay 100 = 0.5 is above 0.01: each step multiplies every bias"),
@@ -382,6 +407,7 @@ def test_the_help_gives_the_reason_of_every_bound():
     assert "at most 10,000,000 examples drawn in all" in text
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flags", [["--epochs", "1000000000000"], ["--epochs", "1000000000000", "--max-steps", "2000000"]])
 def test_a_run_of_more_examples_than_any_plan_holds_is_refused_before_the_plan_is_drawn(flags, model_dir, tmp_path, capsys):
     assert run_on(model_dir, tmp_path, "--split", "train[:16]", *flags) == 2
@@ -389,6 +415,7 @@ def test_a_run_of_more_examples_than_any_plan_holds_is_refused_before_the_plan_i
                           "set --max-steps")
 
 
+@pytest.mark.slow
 def test_the_log_says_capped_by_max_steps_only_when_the_flag_cut_the_run(model_dir, tmp_path, capsys):
     assert run_on(model_dir, tmp_path, "--split", "train[:16]", "--max-steps", "100", "--eval-data", "none") == 0
     assert "steps: 2 optimizer steps, 1 epoch(s)\n" in capsys.readouterr().out  # the data set 2 steps, not the flag
@@ -408,6 +435,7 @@ def short_context(tmp_path_factory) -> str:
     return saved(llama_of_64, tmp_path_factory.mktemp("short") / "llama")
 
 
+@pytest.mark.slow
 def test_a_max_len_past_the_models_context_is_warned(short_context, tmp_path, capsys):
     assert train.main(["--model", short_context, "--split", "train[:8]", "--eval-data", "none", "--max-len", "100",
                        "--out-dir", str(tmp_path / "run")]) == 0
@@ -415,6 +443,7 @@ def test_a_max_len_past_the_models_context_is_warned(short_context, tmp_path, ca
             "positions the model never saw; --max-len 64 keeps them within it") in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_generation_stops_at_the_models_context_whatever_max_new_tokens_asks(short_context, tmp_path, capsys):
     assert train.main(["--model", short_context, "--split", "train[:8]", "--eval-data", "none",
                        "--out-dir", str(tmp_path / "run")]) == 0
@@ -428,6 +457,7 @@ def test_generation_stops_at_the_models_context_whatever_max_new_tokens_asks(sho
 
 # --- generate's inputs ------------------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("name", "content"), [("prompts.txt", ""), ("prompts.txt", "\n  \n\n"), ("prompts.jsonl", "")])
 def test_an_empty_prompts_file_is_a_one_line_error(name, content, finished_run, tmp_path, capsys):
     (tmp_path / name).write_text(content)
@@ -444,11 +474,12 @@ def test_a_lora_adapter_given_as_a_delta_is_named_as_lora(tmp_path, capsys):
         fails_with(capsys, 2, "(is a PEFT LORA adapter|holds a LoRA adapter's weights).*load it with peft.PeftModel.from_pretrained")
 
 
+@pytest.mark.slow
 def test_bad_data_is_refused_before_the_model_loads(model_dir, tmp_path, monkeypatch, capsys):
     def load(*args, **kwargs):
         raise AssertionError("the model was loaded before the data was checked")
 
-    monkeypatch.setattr(train.models, "load", load)
+    monkeypatch.setattr(train.pretrained, "load", load)
     bad = data_file(tmp_path, "data.jsonl", json.dumps(RECORD) + "\n" + json.dumps({"instruction": "no answer"}) + "\n")
     assert run_on(model_dir, tmp_path, "--data", bad) == 2
     fails_with(capsys, 2, "^error: training data: .*data.jsonl line 2: no 'output' field")
@@ -458,7 +489,11 @@ def test_bad_data_is_refused_before_the_model_loads(model_dir, tmp_path, monkeyp
 
 
 def test_a_model_that_names_no_context_still_stops_generating_at_2048_positions():
-    from bitfit.models import NO_CONTEXT, context_length, new_tokens_within_context
+    from bitfit.model.pretrained import (
+        NO_CONTEXT,
+        context_length,
+        new_tokens_within_context,
+    )
 
     bloom = tiny_bloom()  # ALiBi: its config names no context length
     assert context_length(bloom) is None and NO_CONTEXT == 2048
@@ -467,8 +502,10 @@ def test_a_model_that_names_no_context_still_stops_generating_at_2048_positions(
     assert new_tokens_within_context(tiny_llama(), prompt_length=48, wanted=16) == 16
 
 
+@pytest.mark.slow
 def test_a_path_the_system_refuses_is_one_error_line_in_every_command(finished_run, tmp_path, capsys):
-    from bitfit import adapter, classify, inspect as inspect_delta
+    from bitfit.export import adapter, classify
+    from bitfit.export import inspection as inspect_delta
 
     too_long = str(tmp_path / ("x" * 300))
     (tmp_path / "loop").symlink_to(tmp_path / "loop")  # a link to itself
@@ -482,11 +519,12 @@ def test_a_path_the_system_refuses_is_one_error_line_in_every_command(finished_r
         fails_with(capsys, 2, "(File name too long|Symlink loop|no such|not found|cannot use)")
 
 
+@pytest.mark.slow
 def test_ctrl_c_in_a_command_is_one_line_and_exit_130(finished_run, monkeypatch, capsys):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(generate.models, "load", interrupted)
+    monkeypatch.setattr(generate.pretrained, "load", interrupted)
     assert generate.main(["--delta", str(finished_run), "--prompt", "hi"]) == 130
     err = capsys.readouterr().err
     assert "Traceback" not in err and err.strip().splitlines()[-1] == "interrupted"

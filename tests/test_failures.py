@@ -6,17 +6,20 @@ import re
 
 import pytest
 import torch
-
-import bitfit.loop
-import generate
-import train
-from bitfit import adapter, merge, models, report
-from bitfit.biases import add_missing_biases, select_biases
-from bitfit.delta import read_delta, save_delta
-from bitfit.errors import BitfitError
-from bitfit.flat import FlatBiases
 from test_reliability import interrupted_run
 from test_train import saved
+
+import bitfit.core.step
+import bitfit.run.loop
+import generate
+import train
+from bitfit.core.biases import add_missing_biases, select_biases
+from bitfit.core.errors import BitfitError
+from bitfit.core.flat import FlatBiases
+from bitfit.export import adapter, merge
+from bitfit.model import pretrained
+from bitfit.model.delta import read_delta, save_delta
+from bitfit.run import report
 from tiny import tiny_llama
 
 # 40 examples = 5 optimizer steps of 8; evaluation on 2 held-out questions
@@ -40,7 +43,7 @@ def last_error(capsys) -> str:
 def huge_biases_after_the_last_step(monkeypatch, steps: int = 5) -> None:
     """The last optimizer step leaves every bias huge but finite: the biases pass every finiteness check,
     the model's logits are NaN."""
-    real, calls = bitfit.loop.train_step, []
+    real, calls = bitfit.core.step.train_step, []
 
     def train_step(model, flat, *args, **kwargs):
         record = real(model, flat, *args, **kwargs)
@@ -50,9 +53,10 @@ def huge_biases_after_the_last_step(monkeypatch, steps: int = 5) -> None:
                 flat.values.fill_(HUGE)
         return record
 
-    monkeypatch.setattr(bitfit.loop, "train_step", train_step)
+    monkeypatch.setattr(bitfit.run.loop, "train_step", train_step)
 
 
+@pytest.mark.slow
 def test_a_run_whose_outputs_diverged_exits_3_and_leaves_no_file_named_like_a_result(model_dir, tmp_path, monkeypatch, capsys):
     huge_biases_after_the_last_step(monkeypatch)
     run = tmp_path / "runs" / "run"
@@ -64,6 +68,7 @@ def test_a_run_whose_outputs_diverged_exits_3_and_leaves_no_file_named_like_a_re
         generate.latest_delta(tmp_path / "runs")
 
 
+@pytest.mark.slow
 def test_a_non_finite_held_out_loss_after_training_deletes_the_delta_written_before_it(model_dir, tmp_path, monkeypatch, capsys):
     real, calls = train.heldout_loss, []
 
@@ -83,7 +88,7 @@ def test_a_non_finite_held_out_loss_after_training_deletes_the_delta_written_bef
 def broken_delta(model_dir, tmp_path_factory) -> str:
     """A delta of finite but huge values on `model_dir`: every check of the file passes, the tuned model's
     logits are NaN."""
-    model, _ = models.load(model_dir)
+    model, _ = pretrained.load(model_dir)
     added = add_missing_biases(model)
     flat = FlatBiases(model, select_biases(model))
     with torch.no_grad():
@@ -117,6 +122,7 @@ def test_the_best_step_is_the_untrained_base_when_no_trained_step_beats_it():
 
 # Pages left, and the write that fails here (tmpfs, 2026): the folder's marker, config.json, inputs.json,
 # eval_before.json, metrics.jsonl, checkpoints 2 and 4, the delta, loss.png; and none.
+@pytest.mark.slow
 @pytest.mark.parametrize("pages", [0, 1, 2, 3, 4, 5, 10, 13, 16, 24])
 def test_a_full_disk_at_any_write_of_a_run_is_one_error_line_and_leaves_no_half_written_file(pages, model_dir, small_disk, capsys):
     """The disk fills with `pages` 4 KiB pages left: each value makes another write of the run fail. A
@@ -146,6 +152,7 @@ def test_a_full_disk_at_any_write_of_a_run_is_one_error_line_and_leaves_no_half_
     assert not (run / "results.json").exists()  # the last thing written: no run that failed says it finished
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tool", [merge, adapter])
 def test_a_full_disk_while_merging_or_exporting_is_one_error_line_and_leaves_nothing(tool, model_dir, small_disk, tmp_path, capsys):
     run = tmp_path / "run"
@@ -159,6 +166,7 @@ def test_a_full_disk_while_merging_or_exporting_is_one_error_line_and_leaves_not
 
 # --- out of memory ----------------------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("memory", ["host", "gpu"])
 def test_running_out_of_memory_is_one_error_line_naming_the_flags_that_lower_it(memory, model_dir, tmp_path, monkeypatch, capsys):
     def allocate_too_much(model, batch):
@@ -166,7 +174,7 @@ def test_running_out_of_memory_is_one_error_line_naming_the_flags_that_lower_it(
             torch.empty(2**42, dtype=torch.uint8)  # 4 TiB: torch's CPU allocator refuses it, as it does at a real limit
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")  # what torch raises on a GPU
 
-    monkeypatch.setattr(bitfit.loop, "loss_sum", allocate_too_much)
+    monkeypatch.setattr(bitfit.core.step, "loss_sum", allocate_too_much)
     assert train.main(["--model", model_dir, *ARGS, "--out-dir", str(tmp_path / "run")]) == 2
     last = last_error(capsys)
     assert last.startswith("error: out of memory (")
@@ -176,6 +184,7 @@ def test_running_out_of_memory_is_one_error_line_naming_the_flags_that_lower_it(
 
 # --- files read back --------------------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("content", ["", "{", "[]", '{"lr": "fast"}', '{"colour": "blue"}', '{"epochs": 1.5}'])
 def test_resuming_with_a_broken_config_json_is_one_error_line(content, model_dir, tmp_path, monkeypatch, capsys):
     run = interrupted_run(model_dir, tmp_path, monkeypatch)
@@ -184,6 +193,7 @@ def test_resuming_with_a_broken_config_json_is_one_error_line(content, model_dir
     assert last_error(capsys).startswith(f"error: --resume {run}: its config.json, the config the run started with, is broken (")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("name", "content", "message"), [
     ("inputs.json", "", "inputs.json cannot be read"),
     ("inputs.json", '{"model": 3}', "inputs.json does not hold the model and training data hashes"),
@@ -205,6 +215,7 @@ def test_resuming_with_a_broken_or_missing_file_of_the_run_is_one_error_line(nam
     assert message in last_error(capsys)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", [
     lambda entry: "",
     lambda entry: "{",

@@ -1,11 +1,11 @@
 import pytest
 import torch
 
-from bitfit.biases import add_missing_biases, select_biases
-from bitfit.collate import pad_batch
-from bitfit.data import encode
-from bitfit.flat import FlatBiases
-from bitfit.tasks import builtin_records
+from bitfit.core.biases import add_missing_biases, select_biases
+from bitfit.core.flat import FlatBiases
+from bitfit.data.collate import pad_batch
+from bitfit.data.examples import encode
+from bitfit.data.tasks import builtin_records
 from tiny import tiny_bloom, tiny_llama, tiny_tokenizer
 
 

@@ -2,10 +2,10 @@ import os
 import time
 
 import pytest
+from test_train import saved
 
 import generate
 import train
-from test_train import saved
 from tiny import tiny_bloom, tiny_llama
 
 
@@ -19,6 +19,7 @@ def tiny_run(tmp_path_factory):
     return root / "run", model_dir
 
 
+@pytest.mark.slow
 def test_generate_shows_base_and_tuned_answers_side_by_side_marking_each(tiny_run, capsys):
     run_dir, _ = tiny_run
     assert generate.main(["--delta", str(run_dir / "delta.safetensors"), "-n", "3", "--max-new-tokens", "4"]) == 0
@@ -28,6 +29,7 @@ def test_generate_shows_base_and_tuned_answers_side_by_side_marking_each(tiny_ru
     assert "(expected: " in out and "correct: base " in out
 
 
+@pytest.mark.slow
 def test_base_and_tuned_answers_differ_because_the_delta_is_applied(tiny_run):
     run_dir, _ = tiny_run
     result = generate.run(generate.parse_args(["--delta", str(run_dir / "delta.safetensors"), "-n", "4",
@@ -35,6 +37,7 @@ def test_base_and_tuned_answers_differ_because_the_delta_is_applied(tiny_run):
     assert result["answers"]["BASE"] != result["answers"]["TUNED"]
 
 
+@pytest.mark.slow
 def test_a_single_prompt_is_streamed_and_not_repeated(tiny_run, capsys):
     run_dir, _ = tiny_run
     result = generate.run(generate.parse_args(["--delta", str(run_dir / "delta.safetensors"), "--prompt", "Add.",
@@ -44,6 +47,7 @@ def test_a_single_prompt_is_streamed_and_not_repeated(tiny_run, capsys):
     assert result["checkable"] == 0  # a bare prompt has no expected answer to mark
 
 
+@pytest.mark.slow
 def test_sampling_with_the_same_seed_gives_the_same_answers(tiny_run):
     run_dir, _ = tiny_run
     args = ["--delta", str(run_dir / "delta.safetensors"), "-n", "3", "--max-new-tokens", "6", "--sample",
@@ -51,6 +55,7 @@ def test_sampling_with_the_same_seed_gives_the_same_answers(tiny_run):
     assert generate.run(generate.parse_args(args))["answers"] == generate.run(generate.parse_args(args))["answers"]
 
 
+@pytest.mark.slow
 def test_prompts_come_from_a_text_file_one_per_line(tiny_run, tmp_path):
     run_dir, _ = tiny_run
     (tmp_path / "prompts.txt").write_text("Say hi.\n\nSort these numbers.\n")
@@ -59,6 +64,7 @@ def test_prompts_come_from_a_text_file_one_per_line(tiny_run, tmp_path):
     assert len(result["answers"]["BASE"]) == 2
 
 
+@pytest.mark.slow
 def test_a_delta_on_the_wrong_base_is_refused_naming_the_base_it_was_trained_on(tiny_run, tmp_path, capsys):
     run_dir, model_dir = tiny_run
     other = saved(tiny_bloom, tmp_path / "other")

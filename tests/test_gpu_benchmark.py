@@ -5,9 +5,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.slow
 def test_the_gpu_benchmark_runs_on_the_cpu_with_tiny_configs_and_both_contenders_agree_on_the_losses():
     done = subprocess.run([sys.executable, "benchmarks/gpu.py", "--tiny", "--steps", "2"], cwd=REPO,
                           capture_output=True, text=True, timeout=600)

@@ -5,15 +5,18 @@ import json
 import platform
 import struct
 import subprocess
+import sys
 from datetime import datetime
 from pathlib import Path
 
 import pytest
 import torch
 import transformers
-
-import train
 from test_train import saved
+
+import bitfit.core.step
+import bitfit.run.loop
+import train
 from tiny import tiny_llama
 
 REPO = Path(__file__).resolve().parent.parent
@@ -35,6 +38,7 @@ def png_size(path: Path) -> tuple[int, int]:
     return struct.unpack(">II", header[16:24])
 
 
+@pytest.mark.slow
 def test_eval_every_puts_the_held_out_loss_in_metrics_every_n_steps_and_results_name_the_best(model_dir, tmp_path):
     out = tmp_path / "run"
     assert train.main(["--model", model_dir, *QUICK, "--eval-every", "2", "--eval-every-exact-match",
@@ -48,6 +52,7 @@ def test_eval_every_puts_the_held_out_loss_in_metrics_every_n_steps_and_results_
     assert (results["best"]["step"], results["best"]["loss"]) == min(trained, key=lambda point: point[1])
 
 
+@pytest.mark.slow
 def test_every_metrics_line_has_its_time_and_tokens_per_second(model_dir, tmp_path):
     assert train.main(["--model", model_dir, *QUICK, "--max-steps", "3", "--out-dir", str(tmp_path / "run")]) == 0
     lines = metrics(tmp_path / "run")
@@ -56,6 +61,7 @@ def test_every_metrics_line_has_its_time_and_tokens_per_second(model_dir, tmp_pa
     assert all(line["tokens_per_s"] > 0 for line in lines)
 
 
+@pytest.mark.slow
 def test_a_second_run_on_the_same_base_and_held_out_data_reuses_the_cached_base_evaluation(model_dir, tmp_path, capsys):
     assert train.main(["--model", model_dir, *QUICK, "--max-steps", "1", "--out-dir", str(tmp_path / "first")]) == 0
     assert "; measured)" in capsys.readouterr().out
@@ -68,6 +74,7 @@ def test_a_second_run_on_the_same_base_and_held_out_data_reuses_the_cached_base_
     assert json.loads((tmp_path / "second" / "eval_before.json").read_text()) == marked
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("change", [["--eval-split", "heldout[4:8]"], ["--max-new-tokens", "3"], ["--seed", "1"]],
                          ids=["other held-out data", "other generation length", "other seed (same base)"])
 def test_the_cached_base_evaluation_is_used_exactly_when_base_data_and_settings_match(model_dir, tmp_path, capsys, change):
@@ -78,6 +85,7 @@ def test_the_cached_base_evaluation_is_used_exactly_when_base_data_and_settings_
     assert ("cached in" in capsys.readouterr().out) == same
 
 
+@pytest.mark.slow
 def test_every_run_writes_a_loss_curve_png_and_records_where_it_ran(model_dir, tmp_path):
     out = tmp_path / "run"
     assert train.main(["--model", model_dir, *QUICK, "--eval-every", "2", "--out-dir", str(out)]) == 0
@@ -93,6 +101,7 @@ def test_every_run_writes_a_loss_curve_png_and_records_where_it_ran(model_dir, t
         assert results["git_commit"].removesuffix("+dirty") == head
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("args", "message"), [
     (["--eval-every", "2", "--eval-data", "none"], "--eval-every needs evaluation data"),
     (["--eval-every-exact-match"], "--eval-every-exact-match needs --eval-every N"),
@@ -103,6 +112,7 @@ def test_eval_every_without_something_to_measure_is_a_one_line_error(model_dir, 
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_a_non_finite_held_out_loss_stops_the_run_with_exit_3_and_is_never_saved(model_dir, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(train, "heldout_loss", lambda *args, **kwargs: float("nan"))
     out = tmp_path / "run"
@@ -111,10 +121,10 @@ def test_a_non_finite_held_out_loss_stops_the_run_with_exit_3_and_is_never_saved
     assert not any("NaN" in path.read_text() for path in out.glob("*.json*"))
 
 
+@pytest.mark.slow
 def test_a_resumed_run_that_lost_its_untrained_evaluation_does_not_measure_the_trained_model_as_untrained(
         model_dir, tmp_path, monkeypatch, capsys):
-    import bitfit.loop
-    real, calls = bitfit.loop.train_step, []
+    real, calls = bitfit.core.step.train_step, []
 
     def stop_after_step_2(*args, **kwargs):
         calls.append(1)
@@ -123,7 +133,7 @@ def test_a_resumed_run_that_lost_its_untrained_evaluation_does_not_measure_the_t
         return real(*args, **kwargs)
 
     out = tmp_path / "run"
-    monkeypatch.setattr(bitfit.loop, "train_step", stop_after_step_2)
+    monkeypatch.setattr(bitfit.run.loop, "train_step", stop_after_step_2)
     assert train.main(["--model", model_dir, *QUICK, "--save-every", "2", "--out-dir", str(out)]) == 130
     monkeypatch.undo()
     (out / "eval_before.json").unlink()
@@ -136,6 +146,74 @@ def test_a_resumed_run_that_lost_its_untrained_evaluation_does_not_measure_the_t
     assert not list((tmp_path / "base-evals").iterdir())  # nothing measured on trained biases entered the cache
 
 
+@pytest.mark.slow
 def test_a_hub_dataset_as_eval_data_needs_an_eval_split(model_dir, tmp_path, capsys):
     assert train.main(["--model", model_dir, "--eval-data", "someone/some-dataset", "--out-dir", str(tmp_path / "r")]) == 2
     assert "give --eval-split for a hub dataset" in capsys.readouterr().err
+
+
+def tensorboard_scalars(run_dir: Path, tag: str) -> tuple[list[int], list[float]]:
+    """(steps, values) of one scalar, as TensorBoard itself reads the run's event files."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    scalars = events.Scalars(tag)
+    return [s.step for s in scalars], [s.value for s in scalars]
+
+
+@pytest.mark.slow
+def test_report_to_tensorboard_logs_each_step_as_metrics_jsonl_holds_it(model_dir, tmp_path):
+    out = tmp_path / "run"
+    assert train.main(["--model", model_dir, *QUICK, "--eval-every", "2", "--report-to", "tensorboard",
+                       "--out-dir", str(out)]) == 0
+    lines = metrics(out)
+    for tag, key in [("train/loss", "loss"), ("train/lr", "lr"), ("train/grad_norm", "grad_norm"), ("eval/loss", "eval_loss")]:
+        steps, values = tensorboard_scalars(out, tag)
+        assert steps == [line["step"] for line in lines if key in line]
+        assert values == pytest.approx([line[key] for line in lines if key in line], rel=1e-6)  # stored as float32
+
+
+@pytest.mark.slow
+def test_report_to_tensorboard_without_tensorboard_is_one_error_line_before_anything_loads(
+        model_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if it were not installed
+    assert train.main(["--model", model_dir, *QUICK, "--report-to", "tensorboard", "--out-dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --report-to tensorboard needs TensorBoard") and "pip install tensorboard" in err
+    assert len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_a_resumed_run_logs_each_step_to_tensorboard_once_with_the_values_it_kept(model_dir, tmp_path, monkeypatch):
+    real, calls = bitfit.core.step.train_step, []
+
+    def crash_in_step_4(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt  # after step 3 was logged; the checkpoint is step 2's
+        return real(*args, **kwargs)
+
+    out = tmp_path / "run"
+    monkeypatch.setattr(bitfit.run.loop, "train_step", crash_in_step_4)
+    assert train.main(["--model", model_dir, *QUICK, "--report-to", "tensorboard", "--save-every", "2",
+                       "--out-dir", str(out)]) == 130
+    monkeypatch.undo()
+    assert train.main(["--resume", str(out)]) == 0
+    lines = metrics(out)
+    steps, values = tensorboard_scalars(out, "train/loss")
+    assert steps == [line["step"] for line in lines] == list(range(1, 7))
+    assert values == pytest.approx([line["loss"] for line in lines], rel=1e-6)
+
+
+@pytest.mark.slow
+def test_overwrite_replaces_the_earlier_runs_tensorboard_events_with_the_new_ones(model_dir, tmp_path):
+    out = tmp_path / "run"
+    assert train.main(["--model", model_dir, *QUICK, "--report-to", "tensorboard", "--max-steps", "2",
+                       "--out-dir", str(out)]) == 0
+    assert train.main(["--model", model_dir, *QUICK, "--report-to", "tensorboard", "--max-steps", "3", "--lr", "2e-2",
+                       "--overwrite", "--out-dir", str(out)]) == 0
+    steps, values = tensorboard_scalars(out, "train/loss")
+    assert steps == [1, 2, 3] and values == pytest.approx([line["loss"] for line in metrics(out)], rel=1e-6)
+    assert len(list((out / "tensorboard").iterdir())) == 1

@@ -8,15 +8,15 @@ from functools import partial
 import pytest
 import torch
 
-from bitfit import layout
-from bitfit.biases import add_missing_biases, select_biases
-from bitfit.collate import idle_pass, pad_batch
-from bitfit.data import encode
-from bitfit.flat import FlatBiases
-from bitfit.loop import train_step
-from bitfit.loss import label_tokens, loss_sum
-from bitfit.packing import pack_batch
-from bitfit.tasks import builtin_records
+from bitfit.core.biases import add_missing_biases, select_biases
+from bitfit.core.flat import FlatBiases
+from bitfit.core.loss import label_tokens, loss_sum
+from bitfit.core.step import train_step
+from bitfit.data import layout
+from bitfit.data.collate import idle_pass, pad_batch
+from bitfit.data.examples import encode
+from bitfit.data.packing import pack_batch
+from bitfit.data.tasks import builtin_records
 from tiny import tiny_bloom, tiny_llama, tiny_tokenizer
 
 LENGTHS = [random.Random(n).randint(5, 120) for n in range(64)]  # 64 examples of 5 to 120 tokens
@@ -29,7 +29,7 @@ def plans(kind: str, budget: int, world: int, batch_size: int = 1) -> list[list[
     return [layout.plan(STEPS, LENGTHS, kind, budget, batch_size, world, rank) for rank in range(world)]
 
 
-@pytest.mark.parametrize(("world", "kind", "budget"), CASES + [(w, "seeds", 0) for w in (1, 2, 3, 4)])
+@pytest.mark.parametrize(("world", "kind", "budget"), CASES + [(w, "trainer", 0) for w in (1, 2, 3, 4)])
 def test_every_example_of_a_step_is_in_exactly_one_pass_of_exactly_one_process(world, kind, budget):
     by_rank = plans(kind, budget, world, batch_size=2)
     for number, step in enumerate(STEPS):
@@ -37,7 +37,7 @@ def test_every_example_of_a_step_is_in_exactly_one_pass_of_exactly_one_process(w
         assert sorted(placed) == sorted(step)
 
 
-@pytest.mark.parametrize(("world", "kind", "budget"), CASES + [(w, "seeds", 0) for w in (1, 2, 3, 4)])
+@pytest.mark.parametrize(("world", "kind", "budget"), CASES + [(w, "trainer", 0) for w in (1, 2, 3, 4)])
 def test_no_process_is_empty_while_another_has_two_or_more_examples(world, kind, budget):
     by_rank = plans(kind, budget, world, batch_size=2)
     for number in range(len(STEPS)):
@@ -60,7 +60,7 @@ def test_long_and_short_examples_are_dealt_so_that_processes_carry_similar_token
     # average 4-14% more tokens than the mean here; dealt round-robin it would carry 12-34% more.
     slowest = []
     for step in STEPS:
-        tokens = [sum(LENGTHS[i] for i in layout.share(step, LENGTHS, world, rank)) for rank in range(world)]
+        tokens = [sum(LENGTHS[i] for i in layout.deal(step, LENGTHS, world, rank)) for rank in range(world)]
         slowest.append(max(tokens) / statistics.mean(tokens))
     assert statistics.mean(slowest) < 1.15
 
@@ -72,8 +72,8 @@ def test_padded_passes_count_their_padding_and_group_similar_lengths():
     assert layout.cut([0, 1, 2, 3], [100, 10, 90, 12], "packed", max_tokens=200, batch_size=1) == [[0, 2, 1], [3]]
 
 
-def test_the_seeds_layout_is_micro_batches_of_batch_size_in_the_drawn_order():
-    [steps] = plans("seeds", 0, world=1, batch_size=2)
+def test_the_trainer_layout_is_micro_batches_of_batch_size_in_the_drawn_order():
+    [steps] = plans("trainer", 0, world=1, batch_size=2)
     assert [[i for micro in passes for i in micro] for passes in steps] == STEPS
     assert all(len(micro) == 2 for passes in steps for micro in passes)
 
@@ -93,7 +93,7 @@ def test_the_log_line_says_what_the_layout_really_is():
     assert line == ("layout: packed | a step = 8 examples, ~240 tokens, passes of <= 128 tokens, 1 per process "
                     "| 2 processes, 4 examples each")
     assert "3 idle: raise --grad-accum to at least 4" in layout.describe([[0]], [5], "padded", 64, 1, world=4)
-    assert "micro-batches of 1, 8 per step" in layout.describe([list(range(8))], lengths, "seeds", 128, 1, world=1)
+    assert "micro-batches of 1, 8 per step" in layout.describe([list(range(8))], lengths, "trainer", 128, 1, world=1)
 
 
 class KeepGradient:
@@ -127,16 +127,16 @@ def step_gradient(make_model, examples, kind: str, budget: int, world: int) -> t
 
 
 @pytest.mark.parametrize("make_model", [tiny_llama, tiny_bloom])
-def test_every_layout_gives_the_gradient_of_the_seeds_layout(make_model):
+def test_every_layout_gives_the_gradient_of_the_trainer_layout(make_model):
     tokenizer = tiny_tokenizer(padding_side="left" if make_model is tiny_bloom else "right")
     examples, _ = encode(builtin_records("train")[:8], tokenizer)
-    seeds = step_gradient(make_model, examples, "seeds", 0, world=1)
+    trainer = step_gradient(make_model, examples, "trainer", 0, world=1)
     kinds = ["padded"] + (["packed"] if make_model is tiny_llama else [])  # BLOOM takes no position ids
     for kind in kinds:
         for budget in (30, 100, 1000):
             for world in (1, 2, 3, 4):
                 gradient = step_gradient(make_model, examples, kind, budget, world)
-                torch.testing.assert_close(gradient, seeds, rtol=0, atol=1e-6, msg=f"{kind} {budget} {world}")
+                torch.testing.assert_close(gradient, trainer, rtol=0, atol=1e-6, msg=f"{kind} {budget} {world}")
 
 
 def test_max_steps_draws_only_the_steps_it_needs_even_with_ten_million_epochs():

@@ -8,11 +8,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, MistralConfig, MistralForCausalLM
 
-from bitfit.biases import add_missing_biases, select_biases
-from bitfit.delta import apply_delta, save_delta
-from bitfit.errors import BitfitError
-from bitfit.flat import FlatBiases
-from bitfit.merge import main, merge
+from bitfit.core.biases import add_missing_biases, select_biases
+from bitfit.core.errors import BitfitError
+from bitfit.core.flat import FlatBiases
+from bitfit.export.merge import main, merge
+from bitfit.model.delta import apply_delta, save_delta
 from tiny import tiny_bloom, tiny_llama, tiny_tokenizer
 
 INPUT_IDS = torch.randint(0, 400, (2, 10), generator=torch.Generator().manual_seed(0))

@@ -6,7 +6,7 @@ import pytest
 from scipy import stats
 from sklearn import metrics as sk
 
-from bitfit import metrics
+from bitfit.run import metrics
 
 
 @pytest.mark.parametrize("seed", range(5))

@@ -1,17 +1,17 @@
-"""Many deltas, one batch (bitfit.mixed): each row of one forward pass adds its own delta."""
+"""Many deltas, one batch (bitfit.export.mixed): each row of one forward pass adds its own delta."""
 
 import pytest
 import torch
+from test_adapter import base_and_delta
+from test_train import saved
 from transformers import AutoModelForCausalLM
 
 import generate
-from bitfit.collate import pad_batch
-from bitfit.delta import apply_delta
-from bitfit.errors import BitfitError
-from bitfit.evaluate import answers
-from bitfit.mixed import DeltaTable, generate_many
-from test_adapter import base_and_delta
-from test_train import saved
+from bitfit.core.errors import BitfitError
+from bitfit.data.collate import pad_batch
+from bitfit.export.mixed import DeltaTable, generate_many
+from bitfit.model.delta import apply_delta
+from bitfit.run.evaluate import answers
 from tiny import tiny_bloom, tiny_llama, tiny_tokenizer
 
 PROMPTS = [[5, 6, 7, 8, 9], [10, 11, 12], [13, 14, 15, 16], [17, 18, 19, 20, 21, 22]]
@@ -85,9 +85,9 @@ def test_generate_py_compares_the_base_and_several_runs_in_one_batch(tmp_path, c
 def test_a_gpt2_delta_on_conv1d_layers_mixes_per_row_too(tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from bitfit.biases import select_biases
-    from bitfit.delta import save_delta
-    from bitfit.flat import FlatBiases
+    from bitfit.core.biases import select_biases
+    from bitfit.core.flat import FlatBiases
+    from bitfit.model.delta import save_delta
 
     GPT2LMHeadModel(GPT2Config(vocab_size=400, n_embd=32, n_layer=2, n_head=4, n_positions=64)).save_pretrained(tmp_path / "gpt2")
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "gpt2")

@@ -9,7 +9,9 @@ import sys
 import venv
 from pathlib import Path
 
-from bitfit.delta import read_delta
+import pytest
+
+from bitfit.model.delta import read_delta
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -22,6 +24,7 @@ def readme_loop() -> str:
     return found[1]
 
 
+@pytest.mark.slow
 def test_the_readme_custom_loop_runs_as_written_and_saves_a_delta_that_moved(tmp_path, monkeypatch, capsys):
     code = readme_loop()
     assert len(code.strip().splitlines()) <= 20
@@ -34,6 +37,7 @@ def test_the_readme_custom_loop_runs_as_written_and_saves_a_delta_that_moved(tmp
     assert any(bool(tensor.abs().max() > 0) for tensor in tensors.values())
 
 
+@pytest.mark.slow
 def test_pip_install_in_a_fresh_venv_gives_console_commands_that_train_both_embedded_defaults(tmp_path):
     # A copy of what the package is made of, so the build writes nothing into the repository.
     source = tmp_path / "source"

@@ -4,13 +4,18 @@ from functools import partial
 
 import torch
 
-from bitfit import packing
-from bitfit.collate import pad_batch
-from bitfit.data import encode
-from bitfit.loss import input_tokens, label_tokens
-from bitfit.packing import NAME, pack_batch, segment_lengths, use_per_example_attention
-from bitfit.tasks import builtin_records
-from tiny import tiny_bloom, tiny_llama, tiny_tokenizer, step_loss_and_gradient
+from bitfit.core.loss import input_tokens, label_tokens
+from bitfit.data import packing
+from bitfit.data.collate import pad_batch
+from bitfit.data.examples import encode
+from bitfit.data.packing import (
+    NAME,
+    pack_batch,
+    segment_lengths,
+    use_per_example_attention,
+)
+from bitfit.data.tasks import builtin_records
+from tiny import step_loss_and_gradient, tiny_bloom, tiny_llama, tiny_tokenizer
 
 
 def test_pack_batch_lays_examples_end_to_end_with_positions_restarting_and_no_first_labels():

@@ -10,15 +10,16 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-
-import bitfit.checkpoint
-import bitfit.config
-import bitfit.files
-import bitfit.loop
-import train
-from bitfit.checkpoint import latest_checkpoint
-from bitfit.delta import read_delta
 from test_train import saved
+
+import bitfit.core.step
+import bitfit.files
+import bitfit.run.checkpoint
+import bitfit.run.config
+import bitfit.run.loop
+import train
+from bitfit.model.delta import read_delta
+from bitfit.run.checkpoint import latest_checkpoint
 from tiny import tiny_llama
 
 # 40 examples = 5 optimizer steps of 8; evaluation on 2 held-out questions
@@ -32,7 +33,7 @@ def model_dir(tmp_path_factory) -> str:
 
 def signal_in_step(monkeypatch, step: int, signals: list[int]) -> None:
     """Send `signals` to this process as optimizer step `step` begins: a real Ctrl-C / SIGTERM mid-step."""
-    real, calls = bitfit.loop.train_step, []
+    real, calls = bitfit.core.step.train_step, []
 
     def train_step(*args, **kwargs):
         calls.append(1)
@@ -41,7 +42,7 @@ def signal_in_step(monkeypatch, step: int, signals: list[int]) -> None:
                 os.kill(os.getpid(), signum)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(bitfit.loop, "train_step", train_step)
+    monkeypatch.setattr(bitfit.run.loop, "train_step", train_step)
 
 
 def outcome(run_dir: Path) -> tuple[dict, list[dict]]:
@@ -51,6 +52,7 @@ def outcome(run_dir: Path) -> tuple[dict, list[dict]]:
         {k: v for k, v in line.items() if k not in ("time", "tokens_per_s")} for line in lines]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_an_interrupted_and_resumed_run_ends_bitwise_identical_to_an_uninterrupted_one(signum, model_dir, tmp_path, monkeypatch, capsys):
     assert train.main(["--model", model_dir, *ARGS, "--out-dir", str(tmp_path / "straight")]) == 0
@@ -72,6 +74,7 @@ def test_an_interrupted_and_resumed_run_ends_bitwise_identical_to_an_uninterrupt
     assert all(torch.equal(straight[name], resumed[name]) for name in straight)
 
 
+@pytest.mark.slow
 def test_a_second_ctrl_c_exits_at_once_without_a_checkpoint(model_dir, tmp_path, monkeypatch, capsys):
     signal_in_step(monkeypatch, 3, [signal.SIGINT, signal.SIGINT])
     assert train.main(["--model", model_dir, *ARGS, "--out-dir", str(tmp_path / "run")]) == 130
@@ -79,12 +82,14 @@ def test_a_second_ctrl_c_exits_at_once_without_a_checkpoint(model_dir, tmp_path,
     assert latest_checkpoint(tmp_path / "run") is None
 
 
+@pytest.mark.slow
 def test_the_old_signal_handlers_are_back_after_a_run(model_dir, tmp_path):
     before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     assert train.main(["--model", model_dir, *ARGS, "--out-dir", str(tmp_path / "run")]) == 0
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
 
 
+@pytest.mark.slow
 def test_save_every_keeps_the_newest_k_checkpoints_with_fp32_optimizer_state(model_dir, tmp_path):
     run_dir = tmp_path / "run"
     assert train.main(["--model", model_dir, *ARGS, "--save-every", "1", "--keep-checkpoints", "2",
@@ -96,6 +101,7 @@ def test_save_every_keeps_the_newest_k_checkpoints_with_fp32_optimizer_state(mod
     assert torch.isfinite(state["values"]).all()
 
 
+@pytest.mark.slow
 def test_a_crash_while_writing_a_checkpoint_leaves_no_checkpoint_that_looks_whole(model_dir, tmp_path, monkeypatch):
     real = bitfit.files.fsync
 
@@ -113,8 +119,9 @@ def test_a_crash_while_writing_a_checkpoint_leaves_no_checkpoint_that_looks_whol
     assert left.name.startswith(".step-000002.writing-")  # hidden: never read as a checkpoint
 
 
+@pytest.mark.slow
 def test_a_full_disk_while_writing_a_checkpoint_is_one_error_line_and_keeps_the_previous_checkpoint(model_dir, small_disk, monkeypatch, capsys):
-    real, calls = bitfit.checkpoint.write_folder, []
+    real, calls = bitfit.run.checkpoint.write_folder, []
 
     def disk_full_at_the_second(out, fill):
         calls.append(out)
@@ -122,7 +129,7 @@ def test_a_full_disk_while_writing_a_checkpoint_is_one_error_line_and_keeps_the_
             small_disk.fill()
         real(out, fill)
 
-    monkeypatch.setattr(bitfit.checkpoint, "write_folder", disk_full_at_the_second)
+    monkeypatch.setattr(bitfit.run.checkpoint, "write_folder", disk_full_at_the_second)
     run = small_disk.path / "run"
     assert train.main(["--model", model_dir, *ARGS, "--save-every", "2", "--out-dir", str(run)]) == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
@@ -130,17 +137,18 @@ def test_a_full_disk_while_writing_a_checkpoint_is_one_error_line_and_keeps_the_
     assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-000002"]  # no half file beside it
 
 
+@pytest.mark.slow
 def test_a_nan_loss_stops_the_run_naming_the_step_where_its_examples_are_and_the_last_good_checkpoint(model_dir, tmp_path, monkeypatch, capsys):
-    real, calls = bitfit.loop.loss_sum, []
+    real, calls = bitfit.core.step.loss_sum, []
 
     def nan_in_step_3(model, batch):
         calls.append(1)
         loss = real(model, batch)
         return loss * float("nan") if len(calls) == 2 * 8 + 1 else loss
 
-    monkeypatch.setattr(bitfit.loop, "loss_sum", nan_in_step_3)
-    run_dir = tmp_path / "run"  # the seeds' layout: one pass per example, 8 per step
-    assert train.main(["--model", model_dir, *ARGS, "--layout", "seeds", "--save-every", "2", "--out-dir", str(run_dir)]) == 3
+    monkeypatch.setattr(bitfit.core.step, "loss_sum", nan_in_step_3)
+    run_dir = tmp_path / "run"  # the HF Trainer recipe's layout: one pass per example, 8 per step
+    assert train.main(["--model", model_dir, *ARGS, "--layout", "trainer", "--save-every", "2", "--out-dir", str(run_dir)]) == 3
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error: non-finite values, run stopped: step 3: loss nan")
     held = err.split("the step held the training examples of ")[1].split(";")[0].split(", ")
@@ -151,6 +159,7 @@ def test_a_nan_loss_stops_the_run_naming_the_step_where_its_examples_are_and_the
     assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["step-000002"]
 
 
+@pytest.mark.slow
 def test_resume_needs_a_checkpoint_and_a_fresh_run_will_not_reuse_an_interrupted_folder(model_dir, tmp_path, monkeypatch, capsys):
     assert train.main(["--resume", str(tmp_path / "nothing")]) == 2
     assert "not a bitfit run folder" in capsys.readouterr().err
@@ -162,6 +171,7 @@ def test_resume_needs_a_checkpoint_and_a_fresh_run_will_not_reuse_an_interrupted
     assert f"continue it with: python train.py --resume {tmp_path / 'run'}" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_a_resumed_run_keeps_its_config_and_reports_the_evaluation_of_the_untrained_model(model_dir, tmp_path, monkeypatch, capsys):
     signal_in_step(monkeypatch, 3, [signal.SIGINT])
     assert train.main(["--model", model_dir, *ARGS, "--out-dir", str(tmp_path / "run")]) == 130
@@ -177,7 +187,7 @@ def test_the_newest_checkpoint_is_found_by_step_number_not_by_name(tmp_path):
     for name in ("step-999999", "step-1000000", ".step-1000001.writing-x", "step-000005-03", "step-1000002"):
         (tmp_path / "checkpoints" / name).mkdir(parents=True)
         if name != "step-1000002":  # a folder of that name, without a checkpoint's files
-            for file in bitfit.checkpoint.FILES:
+            for file in bitfit.run.checkpoint.FILES:
                 (tmp_path / "checkpoints" / name / file).touch()
     assert latest_checkpoint(tmp_path).name == "step-1000000"  # unfinished, empty and foreign folders are not checkpoints
 
@@ -190,6 +200,7 @@ def interrupted_run(model_dir, tmp_path, monkeypatch, *extra) -> Path:
     return tmp_path / "run"
 
 
+@pytest.mark.slow
 def test_resuming_after_the_training_data_changed_is_refused(model_dir, tmp_path, monkeypatch, capsys):
     data = tmp_path / "data.jsonl"
     rows = [{"instruction": f"Say {i}.", "output": str(i)} for i in range(40)]
@@ -200,6 +211,7 @@ def test_resuming_after_the_training_data_changed_is_refused(model_dir, tmp_path
     assert "the training data changed since the run started" in capsys.readouterr().err.strip().splitlines()[-1]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage, message", [
     (lambda ckpt: (ckpt / "state.safetensors").write_bytes((ckpt / "state.safetensors").read_bytes()[:100]), "cannot be read"),
     (lambda ckpt: (ckpt / "state.safetensors").write_bytes(os.urandom(4096)), "cannot be read"),
@@ -229,26 +241,28 @@ def test_a_damaged_checkpoint_is_one_error_line_and_nothing_is_resumed(model_dir
     assert last.startswith(f"error: checkpoint {latest_checkpoint(run)}") and message in last
 
 
+@pytest.mark.slow
 def test_biases_driven_to_inf_by_a_huge_lr_stop_the_run_and_nothing_non_finite_is_saved(model_dir, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(bitfit.config, "MAX_LR", math.inf)  # the bound on --lr lifted, as a fork might
+    monkeypatch.setattr(bitfit.run.config, "MAX_LR", math.inf)  # the bound on --lr lifted, as a fork might
     run = tmp_path / "run"
     assert train.main(["--model", model_dir, *ARGS[:-2], "--lr", "1e308", "--save-every", "1", "--out-dir", str(run)]) == 3
     assert "the AdamW step left NaN or inf in the biases" in capsys.readouterr().err
     assert not (run / "delta.safetensors").exists()
-    for checkpoint in bitfit.checkpoint.checkpoints(run):
+    for checkpoint in bitfit.run.checkpoint.checkpoints(run):
         assert torch.isfinite(load_file(checkpoint / "state.safetensors")["values"]).all()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_a_stop_while_the_model_loads_ends_at_once_saying_nothing_was_lost(model_dir, tmp_path, monkeypatch, capsys, signum):
-    real = train.models.load
+    real = train.pretrained.load
 
     def load_then_signal(*args, **kwargs):
         loaded = real(*args, **kwargs)
         os.kill(os.getpid(), signum)
         return loaded
 
-    monkeypatch.setattr(train.models, "load", load_then_signal)
+    monkeypatch.setattr(train.pretrained, "load", load_then_signal)
     assert train.main(["--model", model_dir, *ARGS, "--out-dir", str(tmp_path / "run")]) == 130
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last == (f"interrupted: {signal.Signals(signum).name} before any step ran; nothing was lost (a resumed run's "
@@ -257,6 +271,7 @@ def test_a_stop_while_the_model_loads_ends_at_once_saying_nothing_was_lost(model
     assert train.main(["--model", model_dir, *ARGS, "--out-dir", str(tmp_path / "run")]) == 0  # the folder takes the rerun
 
 
+@pytest.mark.slow
 def test_a_stop_while_the_delta_is_written_lets_it_finish_then_skips_the_evaluation(model_dir, tmp_path, monkeypatch, capsys):
     real = train.save_delta
 

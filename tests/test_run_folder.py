@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_train import saved
 
 import train
-from bitfit import run_folder
-from bitfit.delta import read_delta
-from bitfit.errors import BitfitError
-from test_train import saved
+from bitfit.core.errors import BitfitError
+from bitfit.model.delta import read_delta
+from bitfit.run import run_folder
 from tiny import tiny_llama
 
 QUICK = ["--split", "train[:8]", "--eval-data", "none", "--max-steps", "1"]
@@ -29,6 +29,7 @@ def model_dir(tmp_path_factory) -> str:
     return saved(tiny_llama, tmp_path_factory.mktemp("model") / "llama")
 
 
+@pytest.mark.slow
 def test_an_out_dir_holding_a_model_is_refused_and_the_model_folder_stays_byte_identical(model_dir, capsys):
     before = snapshot(Path(model_dir))
     for extra in ([], ["--overwrite"]):
@@ -37,6 +38,7 @@ def test_an_out_dir_holding_a_model_is_refused_and_the_model_folder_stays_byte_i
     assert snapshot(Path(model_dir)) == before
 
 
+@pytest.mark.slow
 def test_an_empty_folder_or_a_new_path_is_accepted_and_marked_as_a_bitfit_run(model_dir, tmp_path):
     (tmp_path / "empty").mkdir()
     for out in (tmp_path / "empty", tmp_path / "new" / "deeper"):
@@ -44,6 +46,7 @@ def test_an_empty_folder_or_a_new_path_is_accepted_and_marked_as_a_bitfit_run(mo
         assert run_folder.is_run_folder(out) and (out / "delta.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_overwrite_deletes_only_what_a_run_wrote(model_dir, tmp_path):
     out = tmp_path / "run"
     assert train.main(["--model", model_dir, *QUICK, "--out-dir", str(out)]) == 0
@@ -58,6 +61,7 @@ def finished(model_dir: str, out: Path) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_overwrite_replaces_the_runs_own_files_keeps_a_users_and_names_them(model_dir, tmp_path, capsys):
     out = finished(model_dir, tmp_path / "run")
     mine = [out / "checkpoints" / "notes.txt", out / "checkpoints" / "best" / "state.json", out / "my_notes.txt",
@@ -79,6 +83,7 @@ def test_overwrite_replaces_the_runs_own_files_keeps_a_users_and_names_them(mode
     assert "--overwrite: the earlier run's files are set aside" in said and "kept 4 that bitfit did not write: " in said
 
 
+@pytest.mark.slow
 def test_overwrite_that_fails_before_its_first_step_puts_the_earlier_run_back_as_it_was(model_dir, tmp_path):
     out = finished(model_dir, tmp_path / "run")
     before = snapshot(out)
@@ -88,6 +93,7 @@ def test_overwrite_that_fails_before_its_first_step_puts_the_earlier_run_back_as
         assert snapshot(out) == before and not (out / run_folder.REPLACED).exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("what", ["a user's file inside", "a link", "a folder named like a run file"])
 def test_a_name_bitfit_writes_holding_what_bitfit_did_not_write_is_refused_and_nothing_moves(what, model_dir, tmp_path, capsys):
     out = finished(model_dir, tmp_path / "run")
@@ -113,6 +119,7 @@ def test_a_name_bitfit_writes_holding_what_bitfit_did_not_write_is_refused_and_n
         assert snapshot(out) == before and snapshot(tmp_path / "elsewhere") == elsewhere
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("where", ["new", "empty", "default"])
 def test_a_run_that_fails_before_its_first_step_gives_its_folder_back_as_it_found_it(where, model_dir, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -133,9 +140,10 @@ def test_runs_started_in_the_same_second_get_folders_of_their_own(tmp_path, monk
     assert [f.name for f in folders] == ["20261123-120000", "20261123-120000-2", "20261123-120000-3"]
 
 
+@pytest.mark.slow
 def test_a_folder_in_use_by_another_run_is_refused_while_that_run_holds_it(tmp_path):
     out = tmp_path / "run"
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from bitfit import run_folder; "
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from bitfit.run import run_folder; "
                                f"run_folder.claim({str(out)!r}); print('held', flush=True); time.sleep(60)"],
                               stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parent.parent)
     try:
@@ -149,6 +157,7 @@ def test_a_folder_in_use_by_another_run_is_refused_while_that_run_holds_it(tmp_p
     run_folder.release()
 
 
+@pytest.mark.slow
 def test_an_out_dir_that_is_a_file_is_refused_untouched(model_dir, tmp_path, capsys):
     (tmp_path / "a_file").write_text("precious")
     assert train.main(["--model", model_dir, *QUICK, "--out-dir", str(tmp_path / "a_file")]) == 2
@@ -156,6 +165,7 @@ def test_an_out_dir_that_is_a_file_is_refused_untouched(model_dir, tmp_path, cap
     assert (tmp_path / "a_file").read_text() == "precious"
 
 
+@pytest.mark.slow
 def test_resuming_a_finished_run_says_there_is_nothing_to_resume(model_dir, tmp_path, capsys):
     out = tmp_path / "run"
     assert train.main(["--model", model_dir, *QUICK, "--out-dir", str(out)]) == 0
@@ -164,6 +174,7 @@ def test_resuming_a_finished_run_says_there_is_nothing_to_resume(model_dir, tmp_
     assert "is a finished run, nothing to resume" in err and "--overwrite" not in err
 
 
+@pytest.mark.slow
 def test_an_overwrite_killed_before_its_first_step_costs_the_earlier_run_nothing(model_dir, tmp_path, capsys):
     out = finished(model_dir, tmp_path / "run")
     before = snapshot(out)

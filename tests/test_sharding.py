@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from test_distributed import losses, torchrun
+from test_train import saved
 from transformers import BloomConfig, BloomForCausalLM
 
 import train
-from bitfit.biases import fused_qkv_parts
-from bitfit.delta import read_delta
-from test_distributed import losses, torchrun
-from test_train import saved
+from bitfit.core.biases import fused_qkv_parts
+from bitfit.model.delta import read_delta
 from tiny import tiny_bloom, tiny_llama
 
 ARGS = ["--split", "train[:44]", "--eval-split", "heldout[:2]", "--max-new-tokens", "2", "--lr", "1e-2"]
@@ -42,6 +42,7 @@ def learned(delta: dict[str, torch.Tensor], model) -> torch.Tensor:
     return torch.cat(parts)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("make_model", "padding_side"), [(tiny_llama, "right"), (tiny_bloom, "left")])
 def test_two_processes_with_sharded_weights_give_the_delta_and_loss_log_of_one_whole_model(make_model, padding_side, tmp_path):
     model_dir = saved(make_model, tmp_path / "model", padding_side)
@@ -73,6 +74,7 @@ def odd_bloom() -> BloomForCausalLM:
     return BloomForCausalLM(BloomConfig(vocab_size=401, hidden_size=32, n_layer=2, n_head=4, initializer_range=0.2)).eval()
 
 
+@pytest.mark.slow
 def test_each_process_holds_half_the_frozen_weight_bytes_and_the_whole_bias_buffer(tmp_path):
     model_dir = saved(odd_bloom, tmp_path / "model", "left")
     args = ["--model", model_dir, *ARGS, "--max-steps", "1", "--eval-data", "none"]
@@ -95,6 +97,7 @@ def test_each_process_holds_half_the_frozen_weight_bytes_and_the_whole_bias_buff
     assert results["bias_buffer_bytes_per_process"] == [4 * sum(p.numel() for p in biases)] * 2
 
 
+@pytest.mark.slow
 def test_resuming_a_sharded_run_is_bitwise_equal_to_an_uninterrupted_one(tmp_path):
     model_dir = saved(tiny_llama, tmp_path / "model")
     args = ["--model", model_dir, "--split", "train[:44]", "--eval-data", "none", "--lr", "1e-2", "--save-every", "2",
@@ -113,6 +116,7 @@ def test_resuming_a_sharded_run_is_bitwise_equal_to_an_uninterrupted_one(tmp_pat
     assert delta.keys() == straight.keys() and all(torch.equal(delta[name], straight[name]) for name in delta)
 
 
+@pytest.mark.slow
 def test_sharded_bf16_weights_train_and_evaluate_every_n_steps(tmp_path):
     model_dir = saved(tiny_llama, tmp_path / "model")
     launched = torchrun("--model", model_dir, *ARGS, "--max-steps", "4", "--eval-every", "2", "--bf16", "--bf16-weights",
@@ -123,12 +127,14 @@ def test_sharded_bf16_weights_train_and_evaluate_every_n_steps(tmp_path):
     assert json.loads((tmp_path / "run" / "results.json").read_text())["after"]["loss"] > 0
 
 
+@pytest.mark.slow
 def test_sharding_the_weights_of_a_run_with_one_process_is_refused(tmp_path, capsys):
     model_dir = saved(tiny_llama, tmp_path / "model")
     assert train.main(["--model", model_dir, "--shard-weights", "--out-dir", str(tmp_path / "run")]) == 2
     assert "error: --shard-weights splits the frozen weights between torchrun's processes" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("change", ["removed", "reshaped"])
 def test_a_checkpoint_without_a_parameter_of_the_model_in_its_shape_is_refused_naming_it(change, tmp_path):
     model_dir = Path(saved(tiny_llama, tmp_path / "model"))

@@ -1,4 +1,4 @@
-from bitfit.tasks import SPLIT_SIZES, TASKS, builtin_records, is_correct
+from bitfit.data.tasks import SPLIT_SIZES, TASKS, builtin_records, is_correct
 
 
 def test_the_builtin_task_is_the_same_on_every_call():

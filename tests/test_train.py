@@ -6,16 +6,16 @@ import torch
 from transformers import get_scheduler
 
 import train
-from bitfit.biases import add_missing_biases, select_biases
-from bitfit.collate import pad_batch
-from bitfit.config import TrainConfig, parser
-from bitfit.data import encode
-from bitfit.delta import apply_delta, read_delta
-from bitfit.errors import BitfitError
-from bitfit.flat import FlatBiases
-from bitfit.loop import lr_factor
-from bitfit.loss import label_tokens, loss_sum
-from bitfit.tasks import builtin_records
+from bitfit.core.biases import add_missing_biases, select_biases
+from bitfit.core.errors import BitfitError
+from bitfit.core.flat import FlatBiases
+from bitfit.core.loss import label_tokens, loss_sum
+from bitfit.core.step import lr_factor
+from bitfit.data.collate import pad_batch
+from bitfit.data.examples import encode
+from bitfit.data.tasks import builtin_records
+from bitfit.model.delta import apply_delta, read_delta
+from bitfit.run.config import TrainConfig, parser
 from tiny import tiny_bloom, tiny_llama, tiny_tokenizer
 
 
@@ -26,6 +26,7 @@ def saved(make_model, folder, padding_side="right"):
     return str(folder)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("make_model", "padding_side"), [(tiny_bloom, "left"), (tiny_llama, "right")])
 def test_train_py_runs_end_to_end_and_writes_a_loadable_delta(make_model, padding_side, tmp_path):
     model_dir = saved(make_model, tmp_path / "model", padding_side)
@@ -46,6 +47,7 @@ def test_train_py_runs_end_to_end_and_writes_a_loadable_delta(make_model, paddin
     assert read_delta(str(out / "delta.safetensors"))[1]["base_model"] == model_dir
 
 
+@pytest.mark.slow
 def test_a_finished_run_is_not_overwritten_without_overwrite(tmp_path):
     model_dir = saved(tiny_bloom, tmp_path / "model")
     args = ["--model", model_dir, "--split", "train[:8]", "--eval-split", "heldout[:2]", "--max-new-tokens", "2",
@@ -92,6 +94,7 @@ def test_logits_at_label_positions_only_give_the_full_logits_loss(make_model):
         torch.testing.assert_close(loss_sum(model, batch), full, rtol=1e-6, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_the_loss_goes_down_on_a_tiny_model(tmp_path):
     model_dir = saved(tiny_bloom, tmp_path / "model")
     assert train.main(["--model", model_dir, "--split", "train[:160]", "--eval-split", "heldout[:2]",
@@ -100,6 +103,7 @@ def test_the_loss_goes_down_on_a_tiny_model(tmp_path):
     assert sum(losses[-5:]) / 5 < 0.9 * sum(losses[:5]) / 5
 
 
+@pytest.mark.slow
 def test_a_bf16_autocast_run_stays_finite(tmp_path):
     model_dir = saved(tiny_llama, tmp_path / "model")
     out = tmp_path / "run"
@@ -133,16 +137,21 @@ def test_config_rejects_unknown_keys_and_bad_values():
         TrainConfig(layout="pack")
 
 
-def test_a_pass_holds_at_most_what_one_micro_batch_of_the_seeds_recipe_can_hold_unless_told_otherwise():
+def test_a_pass_holds_at_most_what_one_micro_batch_of_the_hf_trainer_recipe_can_hold_unless_told_otherwise():
     assert TrainConfig().max_pass_tokens == 256  # --batch-size 1 x --max-len 256
     assert TrainConfig(batch_size=2, max_len=512).max_pass_tokens == 1024
     assert TrainConfig(max_pass_tokens=100).max_pass_tokens == 100
 
 
-def test_a_token_budget_with_the_seeds_layout_is_refused_as_meaningless():
-    with pytest.raises(BitfitError, match="--max-pass-tokens has no effect with --layout seeds"):
-        TrainConfig(layout="seeds", max_pass_tokens=1024)
-    assert TrainConfig(layout="seeds").layout == "seeds"
+def test_a_saved_config_of_the_layout_once_called_seeds_resumes_as_the_trainer_layout():
+    saved = json.loads(TrainConfig(layout="trainer").to_json()) | {"layout": "seeds"}  # as such a run saved it
+    assert TrainConfig.from_dict(saved).layout == "trainer"
+
+
+def test_a_token_budget_with_the_trainer_layout_is_refused_as_meaningless():
+    with pytest.raises(BitfitError, match="--max-pass-tokens has no effect with --layout trainer"):
+        TrainConfig(layout="trainer", max_pass_tokens=1024)
+    assert TrainConfig(layout="trainer").layout == "trainer"
 
 
 def test_every_flag_has_help_and_shows_its_default():
@@ -159,19 +168,21 @@ def test_the_default_lr_is_one_value_whatever_the_data():
     assert TrainConfig(lr=2e-4).lr == 2e-4
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", ["packed", "padded"])
 def test_a_run_trains_alike_in_every_layout(layout, tmp_path, capsys):
     model_dir = saved(tiny_llama, tmp_path / "model")
     args = ["--model", model_dir, "--split", "train[:24]", "--eval-data", "none", "--lr", "1e-2"]
-    assert train.main([*args, "--layout", "seeds", "--out-dir", str(tmp_path / "seeds")]) == 0
+    assert train.main([*args, "--layout", "trainer", "--out-dir", str(tmp_path / "trainer")]) == 0
     assert train.main([*args, "--layout", layout, "--max-pass-tokens", "128", "--out-dir", str(tmp_path / layout)]) == 0
     assert f"layout: {layout} | a step = 8 examples" in capsys.readouterr().out
-    seeds, other = (read_delta(str(tmp_path / name / "delta.safetensors"))[0] for name in ("seeds", layout))
+    trainer, other = (read_delta(str(tmp_path / name / "delta.safetensors"))[0] for name in ("trainer", layout))
     # Key biases left out: their exact gradient is zero, so their steps are rounding noise (see test_distributed).
-    flat_seeds, flat_other = (torch.cat([d[k].reshape(-1) for k in sorted(d) if "k_proj" not in k]) for d in (seeds, other))
-    assert torch.linalg.vector_norm(flat_seeds - flat_other) / torch.linalg.vector_norm(flat_seeds) < 1e-5
+    flat_trainer, flat_other = (torch.cat([d[k].reshape(-1) for k in sorted(d) if "k_proj" not in k]) for d in (trainer, other))
+    assert torch.linalg.vector_norm(flat_trainer - flat_other) / torch.linalg.vector_norm(flat_trainer) < 1e-5
 
 
+@pytest.mark.slow
 def test_auto_packs_a_model_with_position_ids_and_pads_one_without(tmp_path, capsys):
     for make_model, expected in ((tiny_llama, "layout: packed"), (tiny_bloom, "layout: padded")):
         model_dir = saved(make_model, tmp_path / make_model.__name__)

@@ -5,12 +5,18 @@ import functools
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import BloomConfig, BloomForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import (
+    BloomConfig,
+    BloomForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+)
 
-from bitfit.biases import add_missing_biases, select_biases
-from bitfit.flat import FlatBiases
-from bitfit.loss import label_tokens, loss_sum
-from bitfit.tasks import builtin_records
+from bitfit.core.biases import add_missing_biases, select_biases
+from bitfit.core.flat import FlatBiases
+from bitfit.core.loss import label_tokens, loss_sum
+from bitfit.data.tasks import builtin_records
 
 # A chat template of the usual shape: role markers, each turn closed by the eos token.
 CHAT_TEMPLATE = (

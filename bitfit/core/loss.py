@@ -1,0 +1,84 @@
+"""The loss: the sum of next-token cross-entropies over the label tokens, and how many there are.
+For classification and regression (one label per row), the sum of the rows' losses and the rows.
+
+Training divides a step's summed loss by the step's label tokens (all its passes, all processes), so
+each label token weighs the same whatever batch it came in. Averaging each micro-batch's mean instead
+(what the HF Trainer did until late 2024) over-weights the tokens of short examples; with this
+normalization, 8 micro-batches of 1 give the same gradient as one batch of the same 8 examples.
+Evaluation uses the same two functions, so a held-out loss is comparable with a training loss.
+"""
+
+import functools
+import inspect
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+IGNORE_INDEX = -100  # the label cross-entropy skips: prompt positions and padding
+Batch = dict[str, torch.Tensor]  # input_ids, labels, and attention_mask (padded) or position_ids (packed)
+
+
+def label_tokens(batch: Batch) -> int:
+    """What the loss counts: labels other than -100, after the one-position shift; the rows of a batch
+    with one label per row (classification, regression), so a step's loss is the mean over its examples."""
+    if batch["labels"].dim() == 1:
+        return batch["labels"].numel()
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+def input_tokens(batch: Batch) -> int:
+    """Real (not padding) tokens of a padded or packed batch."""
+    return int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
+
+
+@functools.cache
+def forward_accepts(model_class: type) -> frozenset[str]:
+    """The keyword arguments a model class's forward takes (looked up once per class, not per pass)."""
+    return frozenset(inspect.signature(model_class.forward).parameters)
+
+
+def loss_sum(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """Sum of the next-token cross-entropies (fp32) at the labelled positions of a padded batch or packed row.
+
+    Logits are computed only at positions followed by a label: the LM head's matmul and the
+    (tokens x vocab) logits tensor, often the largest activation, shrink to the response tokens.
+    Positions count from each sequence's first real token, so a left-padded sequence sees the same
+    positions as an unpadded one (BLOOM's ALiBi does this by itself and takes no position_ids). A
+    packed row brings its own position ids, which also keep its sequences apart.
+
+    A batch with one label per row goes to row_loss_sum.
+    """
+    if batch["labels"].dim() == 1:
+        return row_loss_sum(model, batch)
+    targets = batch["labels"][:, 1:]
+    keep = (targets != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)
+    accepts = forward_accepts(type(model))
+    inputs = {"input_ids": batch["input_ids"], "use_cache": False}
+    if "position_ids" in batch:  # a packed row (packing.pack_batch): no padding, so no attention mask
+        inputs["position_ids"] = batch["position_ids"]
+    else:
+        inputs["attention_mask"] = batch["attention_mask"]
+        if "position_ids" in accepts:
+            inputs["position_ids"] = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+    if "logits_to_keep" in accepts:
+        logits = model(**inputs, logits_to_keep=keep).logits
+    else:
+        logits = model(**inputs).logits[:, keep]
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets[:, keep].flatten(),
+                           ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def row_loss_sum(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """Sum over the rows of a classification (cross-entropy, long labels) or regression (squared error,
+    float labels) batch, in fp32: the model's head gives one logit vector per row."""
+    inputs = {key: batch[key] for key in ("input_ids", "attention_mask", "token_type_ids") if key in batch}
+    return rows_loss(model(**inputs).logits, batch["labels"])
+
+
+def rows_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The summed loss of rows with one label each, in fp32: squared error where the labels are numbers
+    (regress), cross-entropy where they are class ids (classify). The one place that tells the two apart."""
+    if labels.is_floating_point():
+        return F.mse_loss(logits.float().squeeze(-1), labels, reduction="sum")
+    return F.cross_entropy(logits.float(), labels, reduction="sum")

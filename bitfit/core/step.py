@@ -1,0 +1,82 @@
+"""THE BITFIT STEP: `train_step` is one optimizer step; `lr_factor` is the schedule of its learning rate.
+
+Read `train_step` first: forward each pass, backward into the flat gradient, sum over processes,
+normalize by the step's label tokens, clip, AdamW, zero. Everything around a step (logging, metrics,
+checkpoints, stopping) lives in bitfit/run/loop.py, between steps, never inside one.
+"""
+
+import math
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from bitfit.core.errors import NonFiniteError
+from bitfit.core.flat import FlatBiases
+from bitfit.core.loss import Batch, input_tokens, label_tokens, loss_sum
+
+
+# ----------------------------------------------------------------------------------------------------
+# THE BITFIT STEP BEGIN
+# ----------------------------------------------------------------------------------------------------
+
+def train_step(model: nn.Module, flat: FlatBiases, optimizer: torch.optim.Optimizer, passes: list[Batch],
+               grad_clip: float, bf16: bool) -> dict:
+    """One optimizer step over this process's passes of the step's examples. Returns the whole step's
+    (every process's) mean loss per label token, gradient norm, label tokens and input tokens.
+
+    Why token-weighted: the step's loss is its summed token losses over its label tokens, so each token
+    weighs the same whatever pass or process it landed in, and every layout gives the same gradient.
+    (A classifier's "label tokens" are its rows, one label each: the step's loss is the mean over them.)
+    Each pass backpropagates its plain sum; the step's token count, known once every pass on every
+    process is done, then divides the summed gradient.
+    """
+    device = flat.grads.device
+    summed = torch.zeros((), dtype=torch.float64, device=device)
+    for batch in passes:
+        batch = {key: tensor.to(device, non_blocking=True) for key, tensor in batch.items()}
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = loss_sum(model, batch)
+        loss.backward()  # autograd adds each bias's gradient in place into its view of flat.grads
+        summed += loss.detach()
+    n_labels, n_tokens = sum(label_tokens(b) for b in passes), sum(input_tokens(b) for b in passes)  # on the host
+    totals = torch.stack([summed, summed.new_tensor(n_labels), summed.new_tensor(n_tokens)])
+    # Sum every process's share: ONE all-reduce of the whole flat gradient (4 bytes per bias, whatever
+    # the model's size), one of three numbers. Both are no-ops in a single process.
+    summed_over_processes(flat.grads)
+    loss_total, n_labels, n_tokens = summed_over_processes(totals).tolist()
+    flat.grads.div_(n_labels)
+    # The norm, the clip and AdamW each see ONE tensor: the flat buffers, not hundreds of small biases.
+    grad_norm = torch.nn.utils.clip_grad_norm_([flat.param], grad_clip if grad_clip > 0 else math.inf).item()
+    record = {"loss": loss_total / n_labels, "grad_norm": grad_norm, "label_tokens": int(n_labels), "tokens": int(n_tokens)}
+    if not (math.isfinite(record["loss"]) and math.isfinite(grad_norm)):
+        raise NonFiniteError(f"loss {record['loss']}, gradient norm {grad_norm}")  # raised before the biases move
+    optimizer.step()
+    flat.zero_grad()  # in place: the bias gradients stay views of the buffer (never optimizer.zero_grad())
+    return record
+
+
+# THE BITFIT STEP END ---------------------------------------------------------------------------------
+
+
+def summed_over_processes(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` summed over every process of a torchrun launch, in place; itself in one process."""
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
+    """Multiplier of the peak lr at optimizer step `step` (0-based): linear warmup, then the decay.
+
+    The same formulas as transformers' get_{linear,cosine,constant}_schedule_with_warmup, so runs
+    compare step for step with the HF Trainer recipe.
+    """
+    if step < warmup:
+        return step / max(1, warmup)
+    progress = (step - warmup) / max(1, total - warmup)
+    if schedule == "linear":
+        return max(0.0, 1.0 - progress)
+    if schedule == "cosine":
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+    return 1.0

@@ -1,0 +1,124 @@
+"""Packing: a pass's examples end to end in ONE row, and everything that keeps them apart.
+
+A packed row has no padding, so no compute goes to it. Three things make it exact:
+    pack_batch            position ids restart at 0 for each example; each example's first label -100
+    per_example_attention the row is split where the positions restart, and each example runs causal
+                          SDPA on its own: the same numbers as transformers' block-diagonal mask, without
+                          scoring the row's whole square and throwing 7/8 of it away
+    enable                before training, the loss of a pass's worth of examples packed and padded must agree to
+                          PACKING_TOLERANCE: a model that let packed examples see each other would
+                          otherwise train on a different problem, silently
+Anything the split does not cover (a padded batch, generation with a KV cache, a sliding window) goes
+to transformers' own SDPA unchanged, so a switched model computes what it computed before.
+"""
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from bitfit.core.loss import IGNORE_INDEX, Batch, forward_accepts, loss_sum
+from bitfit.data.examples import Example
+
+NAME = "bitfit_per_example"  # the attention implementation's name in transformers' interface
+
+# Packed and padded losses differ by float rounding: 1e-7 (fp32, SmolLM2 and a tiny Llama), 2e-5 (a tiny
+# Llama in bf16). Examples that see each other differ by far more: 0.3 on SmolLM2 with one unbroken position run.
+PACKING_TOLERANCE = 1e-3
+
+
+def pack_batch(examples: list[Example]) -> Batch:
+    """Lay the examples end to end in one row, with position ids restarting at 0 for each example.
+
+    Given position ids and no attention mask, transformers reads each restart as a new sequence, so an
+    example sees exactly what it sees alone. Each example's first label becomes -100: alone, its first
+    token is never a target (nothing precedes it); packed, it would be predicted from the previous
+    example's last token.
+    """
+    row: dict[str, list[int]] = {"input_ids": [], "labels": [], "position_ids": []}
+    for example in examples:
+        row["input_ids"] += example["input_ids"]
+        row["labels"] += [IGNORE_INDEX] + example["labels"][1:]
+        row["position_ids"] += range(len(example["input_ids"]))
+    return {key: torch.tensor([values], dtype=torch.long) for key, values in row.items()}
+
+
+def segment_lengths(position_ids: torch.Tensor) -> list[int]:
+    """Lengths of the sequences in one row of position ids: a new one starts wherever a position does
+    not continue the previous one by +1 (the rule transformers' mask builder uses for packed rows).
+    [0, 1, 2, 0, 1, 0] -> [3, 2, 1]. Reading the lengths is a host sync, once per layer.
+    """
+    breaks = (position_ids[1:] - position_ids[:-1] != 1).nonzero().squeeze(1) + 1
+    bounds = [0, *breaks.tolist(), position_ids.numel()]
+    return [end - start for start, end in zip(bounds, bounds[1:])]
+
+
+def per_example_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                          attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None = None,
+                          **kwargs) -> tuple[torch.Tensor, None]:
+    """transformers' attention-function signature: query/key/value (batch, heads, tokens, head_dim) in,
+    (batch, tokens, heads, head_dim) out. A single row without a KV cache in a causal layer with no
+    sliding window is split into its sequences; anything else is plain SDPA with the given mask."""
+    one_row_no_cache = query.shape[0] == 1 and key.shape[2] == query.shape[2]
+    plain_causal = getattr(module, "is_causal", True) and getattr(module, "sliding_window", None) is None
+    if position_ids is None or not (one_row_no_cache and plain_causal):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, position_ids=position_ids, **kwargs)
+    lengths = segment_lengths(position_ids[0])
+    outputs = [sdpa_attention_forward(module, q, k, v, None, is_causal=True, **kwargs)[0]
+               for q, k, v in zip(query.split(lengths, 2), key.split(lengths, 2), value.split(lengths, 2))]
+    return torch.cat(outputs, dim=1), None
+
+
+def use_per_example_attention(model: nn.Module) -> bool:
+    """Switch a model that runs transformers' SDPA attention to `per_example_attention`; True if it did.
+
+    Models on another implementation (eager for softcapping, flash-attention, a model that does not
+    route attention through transformers' interface) are left as they are: still correct, as the
+    block-diagonal mask keeps packed examples apart, only slower.
+    """
+    if getattr(model.config, "_attn_implementation", None) != "sdpa":
+        return False
+    AttentionInterface.register(NAME, per_example_attention)
+    AttentionMaskInterface.register(NAME, sdpa_mask)  # the fallback path gets the mask SDPA would get
+    model.set_attn_implementation(NAME)
+    return model.config._attn_implementation == NAME
+
+
+@torch.no_grad()
+def packing_gap(model: nn.Module, examples: list[Example], pad: Callable[[list[Example]], Batch], bf16: bool = False) -> float:
+    """Relative difference between the loss of `examples` packed in one row and padded in rows (in the
+    training's precision): float rounding when the model keeps packed sequences apart, far more when
+    one example sees another."""
+    was_training = model.training
+    model.eval()  # no dropout: both layouts must see the same function
+    device = next(model.parameters()).device
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        padded, packed = (loss_sum(model, {key: tensor.to(device) for key, tensor in collate(examples).items()})
+                          for collate in (pad, pack_batch))
+    model.train(was_training)
+    return float((packed - padded).abs() / padded.abs().clamp(min=1e-12))
+
+
+def enable(model: nn.Module, examples: list[Example], pad: Callable[[list[Example]], Batch], max_tokens: int,
+           bf16: bool = False) -> str | None:
+    """Make `model` ready for packed rows and check it on the first examples that fit in one pass of
+    `max_tokens` (at least two: packing is about keeping examples apart), so the check costs no more
+    memory than training; None if packing is exact for this model, else why not (and the model is
+    left as it was)."""
+    if "position_ids" not in forward_accepts(type(model)):
+        return f"{type(model).__name__} takes no position ids (BLOOM's ALiBi attention, for one), so packed examples cannot be kept apart"
+    attention = model.config._attn_implementation
+    switched = use_per_example_attention(model)
+    n = 2
+    while n < len(examples) and sum(len(e["input_ids"]) for e in examples[: n + 1]) <= max_tokens:
+        n += 1
+    gap = packing_gap(model, examples[:n], pad, bf16)
+    if gap > PACKING_TOLERANCE:
+        if switched:
+            model.set_attn_implementation(attention)
+        return (f"this model's attention does not keep packed examples apart (their loss differs from the "
+                f"padded one by {gap:.1e}, relative)")
+    return None

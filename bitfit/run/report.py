@@ -1,0 +1,223 @@
+"""What a run reports: each step's record, sent to every sink; beside the delta, where it ran, its best
+step and its loss curve as a picture.
+
+Every step's record goes through ONE function (`sinks` gives it): to the console, to metrics.jsonl and to
+the sinks --report-to names. A sink is one function of the record; a new one is a function here and a
+name in SINKS.
+"""
+
+import contextlib
+import io
+import json
+import os
+import platform
+import resource
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+import transformers
+from tqdm import tqdm
+
+from bitfit import __version__
+from bitfit.core.errors import BitfitError
+from bitfit.files import append, write_atomically
+from bitfit.run import ranks
+from bitfit.run.run_folder import TENSORBOARD
+
+Sink = Callable[[dict], None]
+SINKS = ("tensorboard",)  # what --report-to may name, beside the console and metrics.jsonl of every run
+
+
+@contextlib.contextmanager
+def sinks(run_dir: Path, steps: int, first_step: int, log_every: int, report_to: str,
+          device: torch.device) -> Iterator[Sink]:
+    """The function that sends a step's record to every sink, open while the steps run: metrics.jsonl,
+    the console (a progress bar; a line every `log_every` steps and at each held-out measure), and
+    TensorBoard if `report_to` names it. Under torchrun rank 0 alone reports: the others send nowhere."""
+    if not ranks.is_main():
+        yield lambda record: None
+        return
+    with contextlib.ExitStack() as stack:
+        chosen = [metrics_file(run_dir / "metrics.jsonl", stack), console(steps, first_step, log_every, device, stack)]
+        if report_to == "tensorboard":
+            chosen.append(tensorboard(run_dir / TENSORBOARD, first_step, stack))
+
+        def send(record: dict) -> None:
+            for sink in chosen:
+                sink(record)
+
+        yield send
+
+
+def metrics_file(path: Path, stack: contextlib.ExitStack) -> Sink:
+    """metrics.jsonl: one strict-JSON line per step (no NaN), appended whole. Unbuffered, so each line
+    reaches the file whole or not at all (files.append), and closing it has nothing left to write: a full
+    disk is one error, said once."""
+    file = stack.enter_context(open(path, "ab", buffering=0))
+    return lambda record: append(file, path, (json.dumps(record, allow_nan=False) + "\n").encode())
+
+
+def console(steps: int, first_step: int, log_every: int, device: torch.device, stack: contextlib.ExitStack) -> Sink:
+    """A progress bar over the steps, and a line every `log_every` steps (and at the last) with the loss,
+    lr, gradient norm, tokens/s since the last line and the peak memory; a line at each held-out measure."""
+    bar = stack.enter_context(tqdm(total=steps, initial=first_step, desc="training", unit="step", dynamic_ncols=True))
+    since, tokens = time.perf_counter(), 0
+
+    def show(record: dict) -> None:
+        nonlocal since, tokens
+        step = record["step"]
+        if "eval_loss" in record:
+            bar.write(f"step {step:>5}/{steps} | held-out loss {record['eval_loss']:.4f}" + (
+                f" | exact match {100 * record['eval_exact_match']:.1f}%" if "eval_exact_match" in record else ""))
+        bar.update()
+        bar.set_postfix(loss=f"{record['loss']:.4f}")
+        tokens += record["tokens"]
+        if step % log_every == 0 or step == steps:
+            elapsed, since = time.perf_counter() - since, time.perf_counter()
+            bar.write(f"step {step:>5}/{steps} | loss {record['loss']:.4f} | lr {record['lr']:.2e} | "
+                      f"grad norm {record['grad_norm']:.3f} | {tokens / elapsed:,.0f} tok/s | "
+                      f"peak mem {peak_memory_gb(device):.2f} GB")
+            tokens = 0
+
+    return show
+
+
+def tensorboard_writer() -> type:
+    """TensorBoard's SummaryWriter, or one error line saying how to install it (an optional dependency)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as error:
+        raise BitfitError(f"--report-to tensorboard needs TensorBoard, which cannot be imported ({error}): "
+                          "pip install tensorboard") from None
+    return SummaryWriter
+
+
+def tensorboard(folder: Path, first_step: int, stack: contextlib.ExitStack) -> Sink:
+    """TensorBoard event files in the run's tensorboard/ folder (`tensorboard --logdir runs`): each number
+    of a record as a scalar at its step, named as the HF Trainer names them (train/loss, eval/loss...).
+    The writer opens at the first record, so a run that fails before its first step leaves no folder; a
+    resumed run purges what the interrupted one logged after its checkpoint."""
+    writer = None
+
+    def write(record: dict) -> None:
+        nonlocal writer
+        if writer is None:
+            writer = tensorboard_writer()(str(folder), purge_step=first_step + 1 if first_step else None)
+            stack.callback(writer.close)
+        for key, value in record.items():
+            if key != "step" and isinstance(value, (int, float)):
+                tag = f"eval/{key.removeprefix('eval_')}" if key.startswith("eval_") else f"train/{key}"
+                writer.add_scalar(tag, value, record["step"])
+        writer.flush()  # each step on disk as it is made: a killed run keeps what it logged
+
+    return write
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """Peak memory so far: allocated by torch on CUDA, the process's resident set (RSS) on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    try:  # VmHWM: this process's own peak. ru_maxrss is not: on Linux it carries over from the process
+        # that started this one (a parent that peaked at 1.7 GB makes every child "peak" at 1.7 GB).
+        line = next(line for line in open("/proc/self/status") if line.startswith("VmHWM"))
+        return int(line.split()[1]) / 2**20  # KiB
+    except (OSError, StopIteration):  # not Linux
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+# ----------------------------------------------------------------------------------------------------
+# Beside the delta: where the run ran, its best step, its loss curve
+# ----------------------------------------------------------------------------------------------------
+
+
+def environment(device: torch.device) -> dict:
+    """The software and machine a run's numbers came from, and bitfit's git commit when it is a checkout."""
+    return {
+        "software": {"python": platform.python_version(), "torch": torch.__version__,
+                     "transformers": transformers.__version__, "bitfit": __version__},
+        "machine": {"cpu": cpu_name(), "cpu_cores": _cores(),
+                    "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None},
+        "git_commit": git_commit(Path(__file__).resolve().parents[2]),  # the checkout around bitfit/run/
+    }
+
+
+def cpu_name() -> str:
+    try:
+        return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):  # not Linux
+        return platform.processor() or platform.machine()
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))  # the cores this process may use, not the machine's
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 0
+
+
+def git_commit(folder: Path) -> str | None:
+    """HEAD of the git checkout bitfit runs from ('+dirty' when it has uncommitted changes), or None."""
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", *args], cwd=folder, capture_output=True, text=True, timeout=10)
+
+    if not (folder / ".git").exists():  # an installed copy: a repository around it would not be bitfit's
+        return None
+    try:
+        head = run("rev-parse", "HEAD")
+        if head.returncode != 0:
+            return None
+        dirty = run("status", "--porcelain", "--untracked-files=no").stdout.strip()
+        return head.stdout.strip() + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):  # no git installed
+        return None
+
+
+def held_out_points(records: list[dict], before: dict | None, after: dict | None, steps: int) -> list[dict]:
+    """The held-out measures by step: the untrained model at step 0, every --eval-every, the trained at the end."""
+    points = [{"step": 0, "loss": before["loss"], "exact_match": before.get("exact_match")}] if before else []
+    points += [{"step": r["step"], "loss": r["eval_loss"], "exact_match": r.get("eval_exact_match")}
+               for r in records if "eval_loss" in r]
+    if after:
+        points.append({"step": steps, "loss": after["loss"], "exact_match": after.get("exact_match")})
+    return points
+
+
+def best_step(points: list[dict]) -> dict | None:
+    """The point with the lowest held-out loss, the untrained base (step 0) included: when no trained step
+    beats it, the best is the base, and saying a trained step was best would be false. None without a
+    trained point (there is nothing to choose between)."""
+    if not any(point["step"] > 0 for point in points):
+        return None
+    return min(points, key=lambda point: (point["loss"], point["step"] == 0))  # a tie goes to the first trained step
+
+
+def save_loss_curve(records: list[dict], points: list[dict], path: Path) -> None:
+    """One figure: the training loss per step and the held-out loss where it was measured.
+
+    A log scale when the losses span more than a factor of 10 (they usually fall that far on a task a
+    model learns), so the late steps are not a flat line at the bottom."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(6.4, 3.6))
+    axes.plot([r["step"] for r in records], [r["loss"] for r in records], lw=1.2, label="training (per step)")
+    if points:  # joined by lines only where they sample a curve: two points joined would draw a straight decline
+        style = "o-" if len(points) > 2 else "o"
+        axes.plot([p["step"] for p in points], [p["loss"] for p in points], style, ms=5, lw=1.2, label="held-out")
+    losses = [r["loss"] for r in records] + [p["loss"] for p in points]
+    if losses and min(losses) > 0 and max(losses) / min(losses) > 10:
+        axes.set_yscale("log")
+    axes.set(xlabel="optimizer step", ylabel="loss per label token (a classifier's: per example)")
+    axes.grid(alpha=0.3, which="both")
+    axes.legend()
+    figure.tight_layout()
+    png = io.BytesIO()
+    figure.savefig(png, format="png", dpi=100)
+    plt.close(figure)
+    write_atomically(path, png.getvalue())
+
