@@ -8,7 +8,7 @@
 
 The base is the model the deltas name (or --model); each tuned model is that base plus its delta. All
 see the prompt template the (first) run trained with (its config.json), so the comparison is fair.
-The base and every delta answer in one batch: each row adds its own delta (bitfit.export.mixed).
+The base and every delta answer in one batch: each row adds its own delta (bitfit.infer.mixed).
 """
 
 import argparse
@@ -25,8 +25,8 @@ from bitfit.data.collate import pad_batch, pad_id
 from bitfit.data.examples import TEMPLATES, questions
 from bitfit.data.sources import load_records, read_lines
 from bitfit.data.tasks import is_correct
-from bitfit.export.mixed import DeltaTable, generate_many
 from bitfit.files import parse_json
+from bitfit.infer.mixed import DeltaTable, generate_many
 from bitfit.model import pretrained
 from bitfit.model.delta import apply_delta, read_delta, task_of
 from bitfit.run.evaluate import answers
@@ -116,7 +116,7 @@ def run(args: argparse.Namespace) -> dict:
     for delta, meta in zip(deltas, metadata):
         if task_of(meta)[0] != "lm":
             raise BitfitError(f"{delta} is a {task_of(meta)[0]} delta (a classifier's or regressor's): classify text "
-                              f"with it by python -m bitfit.export.classify --delta {delta} --text ...")
+                              f"with it by python -m bitfit.infer.classify --delta {delta} --text ...")
     bases = sorted({args.model or m["base_model"] for m in metadata})
     if len(bases) > 1:
         raise BitfitError(f"the deltas were trained on different bases ({', '.join(map(repr, bases))}): compare deltas "

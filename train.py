@@ -34,7 +34,7 @@ from bitfit.core.biases import (
 )
 from bitfit.core.errors import BitfitError, Interrupted, NonFiniteError
 from bitfit.core.flat import FlatBiases
-from bitfit.core.step import lr_factor
+from bitfit.core.step import adamw, lr_schedule
 from bitfit.data import layout, packing
 from bitfit.data.collate import pad_batch, pad_id, pad_labelled
 from bitfit.data.examples import examples_of, read_records
@@ -80,7 +80,7 @@ def run(cfg: TrainConfig) -> dict:
         base = check_inputs(cfg, model, flat, added, head, examples, out_dir)  # the base's fingerprint
         # Rank 0 evaluates, the others wait; with sharded weights each forward needs them all, so all do.
         held_out = setup_evaluation(cfg, rows, model, tokenizer) if ranks.is_main() or cfg.shard_weights else None
-        optimizer, scheduler, first_step = setup_optimizer(cfg, flat, out_dir, len(plan), device, log)
+        optimizer, scheduler, first_step = setup_optimizer(cfg, flat, out_dir, len(plan), log)
         results = {"task": cfg.task, **({"classes": names} if names else {}),
                    "trainable": flat.num_trainable, "total": sum(p.numel() for p in model.parameters()),
                    **data_facts, **memory, "device": str(device), **report.environment(device)}
@@ -385,11 +385,10 @@ def check_inputs(cfg: TrainConfig, model, flat: FlatBiases, added: list[str], he
 
 # --- optimizer and resume ---------------------------------------------------------------------------
 
-def setup_optimizer(cfg: TrainConfig, flat: FlatBiases, out_dir: Path, n_steps: int, device, log) -> tuple:
+def setup_optimizer(cfg: TrainConfig, flat: FlatBiases, out_dir: Path, n_steps: int, log) -> tuple:
     """(AdamW over the ONE flat bias tensor, its lr schedule, the step to start after): 0 for a new run,
     the checkpoint's step for a resumed one, whose metrics.jsonl is cut back to the steps it holds."""
-    optimizer = torch.optim.AdamW([flat.param], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
-                                  weight_decay=cfg.weight_decay, fused=device.type in ("cuda", "cpu"))
+    optimizer = adamw(flat, cfg.lr, (cfg.beta1, cfg.beta2), cfg.eps, cfg.weight_decay)
     first_step = 0
     if cfg.resume:
         checkpoint = latest_checkpoint(out_dir)
@@ -404,12 +403,7 @@ def setup_optimizer(cfg: TrainConfig, flat: FlatBiases, out_dir: Path, n_steps: 
     done = on_main(lambda: recorded_steps(metrics, first_step) if first_step else [])
     if ranks.is_main():
         write_atomically(metrics, "".join(line + "\n" for line in done).encode())
-    for group in optimizer.param_groups:
-        group["initial_lr"] = cfg.lr
-    # The schedule is a pure function of the step: a resumed run starts it at its checkpoint's step.
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, partial(lr_factor, total=n_steps, warmup=cfg.warmup_steps, schedule=cfg.schedule),
-        last_epoch=first_step - 1)
+    scheduler = lr_schedule(optimizer, cfg.lr, n_steps, cfg.warmup_steps, cfg.schedule, first_step)
     return optimizer, scheduler, first_step
 
 
@@ -442,7 +436,7 @@ def recorded_steps(path: Path, steps: int) -> list[str]:
 # --- evaluate and save ------------------------------------------------------------------------------
 
 def evaluate(model, tokenizer, held_out: dict, cfg: TrainConfig, device) -> dict:
-    """Held-out loss and exact match (a classifier's or regressor's measures: bitfit.run.metrics), timed."""
+    """Held-out loss and exact match (a classifier's or regressor's measures: bitfit.run.measures), timed."""
     start = time.perf_counter()
     if cfg.task != "lm":
         result = labelled_measures(model, held_out["examples"], collator(cfg, tokenizer), device, cfg.bf16,

@@ -1,10 +1,10 @@
-"""Several fine-tunes in one batch (bitfit.export.mixed) against serving them one after another.
+"""Several fine-tunes in one batch (bitfit.infer.mixed) against serving them one after another.
 
     python benchmarks/mixed_batch.py          # the embedded SmolLM2-135M, 4 deltas, 8 rows: ~2 min on 2 CPU cores
 
 Four deltas on the embedded model (random biases of the size training gives them: speed does not depend
 on their values), eight requests, two per delta, each generating --new-tokens tokens greedily:
-    mixed       ONE batch of 8 rows, each row adding its own delta (bitfit.export.mixed.generate_many)
+    mixed       ONE batch of 8 rows, each row adding its own delta (bitfit.infer.mixed.generate_many)
     one by one  for each delta: apply it, a batch of its 2 rows, take it off (what serving one
                 fine-tune at a time costs; applying and removing a delta takes microseconds)
 Reported: new tokens per second of each, best of --repeats, and that both give the same answers.
@@ -24,7 +24,7 @@ from bitfit.core.biases import add_missing_biases, select_biases  # noqa: E402
 from bitfit.core.flat import FlatBiases  # noqa: E402
 from bitfit.data.examples import questions
 from bitfit.data.sources import load_records  # noqa: E402
-from bitfit.export.mixed import generate_many  # noqa: E402
+from bitfit.infer.mixed import generate_many  # noqa: E402
 from bitfit.model import pretrained  # noqa: E402
 from bitfit.model.delta import apply_delta, read_delta, save_delta  # noqa: E402
 from bitfit.run.evaluate import answers  # noqa: E402

@@ -6,7 +6,8 @@ The folders draw the architecture (each has its own map in its __init__.py):
     model/      the base model, and the delta file of its tuned biases
     run/        a training run around the step: config, the loop, checkpoints, reports, evaluation
     parallel/   torchrun and FSDP2 sharding, loaded only when used
-    export/     after training: merge, PEFT adapter, inspection, many deltas in one batch
+    export/     after training, what a delta becomes: a merged model, a PEFT adapter, a map of what moved
+    infer/      using deltas: many in one batch, each row its own; the classify command
     cli, files, hub    the conventions every command shares: one-line errors, safe writes, hub access
 train.py and generate.py, at the top of the repository, are the two commands.
 """

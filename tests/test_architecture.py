@@ -17,7 +17,7 @@ from tiny import tiny_llama
 REPO = Path(__file__).resolve().parent.parent
 PACKAGE = REPO / "bitfit"
 ENTRY_POINTS = ["train", "generate", "bitfit.export.merge", "bitfit.export.adapter", "bitfit.export.inspection",
-                "bitfit.export.classify"]
+                "bitfit.infer.classify"]
 
 
 def module_name(path: Path) -> str:

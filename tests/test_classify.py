@@ -347,7 +347,7 @@ def test_inspect_draws_a_classifiers_change_by_berts_bias_types(folders, tmp_pat
 
 @pytest.mark.parametrize("kind", list(ENCODERS))
 def test_many_classifier_deltas_in_one_batch_equal_each_delta_alone(kind, folders, tmp_path):
-    from bitfit.export.mixed import classify_many
+    from bitfit.infer.mixed import classify_many
 
     tasks = {"two": ["no", "yes"], "three": ["a", "b", "c"], "number": None}
     paths = {}
@@ -381,7 +381,7 @@ def test_many_classifier_deltas_in_one_batch_equal_each_delta_alone(kind, folder
 
 @pytest.mark.slow
 def test_classify_prints_each_texts_label_and_probability_and_marks_labelled_rows(folders, tmp_path, capsys):
-    from bitfit.export import classify
+    from bitfit.infer import classify
 
     out = tmp_path / "run"
     assert train.main(["--task", "classify", "--model", folders["bert"], *QUICK, "--out-dir", str(out)]) == 0
@@ -401,7 +401,7 @@ def test_classify_prints_each_texts_label_and_probability_and_marks_labelled_row
     ("classify", ["--texts-file", "EMPTY"], "--texts-file .* holds no texts"),
 ])
 def test_classify_refuses_an_lm_delta_and_no_texts_in_one_line(delta, args, message, folders, tmp_path, capsys):
-    from bitfit.export import classify
+    from bitfit.infer import classify
 
     if delta == "lm":
         llama = saved(tiny_llama, tmp_path / "llama")
@@ -428,7 +428,7 @@ def test_generate_refuses_a_classifiers_delta_and_says_what_uses_it(folders, tmp
     save_delta(str(tmp_path / "delta.safetensors"), model, flat, base_model=folders["bert"], added=added, head=head,
                task="classify", classes=["no", "yes"])
     assert generate.main(["--delta", str(tmp_path / "delta.safetensors"), "--prompt", "hi"]) == 2
-    assert "is a classify delta (a classifier's or regressor's): classify text with it by python -m bitfit.export.classify" \
+    assert "is a classify delta (a classifier's or regressor's): classify text with it by python -m bitfit.infer.classify" \
         in last_error(capsys)
 
 
@@ -503,7 +503,7 @@ def test_a_csv_regression_label_is_its_cells_number(folders, tmp_path):
 
 @pytest.mark.slow
 def test_rows_longer_than_the_encoders_positions_are_cut_to_them_in_training_and_in_classify(folders, tmp_path, capsys):
-    from bitfit.export import classify
+    from bitfit.infer import classify
 
     data = tmp_path / "long.jsonl"
     data.write_text("".join(json.dumps({"text": "word " * 2000, "label": i % 2}) + "\n" for i in range(8)))
@@ -549,7 +549,7 @@ def edited_delta(folders, tmp_path, edit) -> str:
     (lambda t, m: m.update(added_biases="[" * 100000 + "]" * 100000), "added_biases must be a JSON list"),
 ])
 def test_a_classifier_delta_whose_head_and_classes_disagree_is_one_error_line(edit, message, folders, tmp_path, capsys):
-    from bitfit.export import classify
+    from bitfit.infer import classify
 
     path = edited_delta(folders, tmp_path, edit)
     assert classify.main(["--delta", path, "--text", "hi"]) == 2
@@ -557,7 +557,7 @@ def test_a_classifier_delta_whose_head_and_classes_disagree_is_one_error_line(ed
 
 
 def test_a_labelled_texts_file_with_a_label_the_delta_has_no_class_for_is_one_error_line(folders, tmp_path, capsys):
-    from bitfit.export import classify
+    from bitfit.infer import classify
 
     path = edited_delta(folders, tmp_path, lambda t, m: None)
     (tmp_path / "texts.jsonl").write_text(json.dumps({"text": "a", "label": "yes"}) + "\n" + json.dumps({"text": "b", "label": "meh"}) + "\n")

@@ -168,7 +168,7 @@ def test_report_to_tensorboard_logs_each_step_as_metrics_jsonl_holds_it(model_di
     assert train.main(["--model", model_dir, *QUICK, "--eval-every", "2", "--report-to", "tensorboard",
                        "--out-dir", str(out)]) == 0
     lines = metrics(out)
-    for tag, key in [("train/loss", "loss"), ("train/lr", "lr"), ("train/grad_norm", "grad_norm"), ("eval/loss", "eval_loss")]:
+    for tag, key in [("train/loss", "loss"), ("train/learning_rate", "lr"), ("train/grad_norm", "grad_norm"), ("eval/loss", "eval_loss")]:
         steps, values = tensorboard_scalars(out, tag)
         assert steps == [line["step"] for line in lines if key in line]
         assert values == pytest.approx([line[key] for line in lines if key in line], rel=1e-6)  # stored as float32

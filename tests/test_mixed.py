@@ -1,4 +1,4 @@
-"""Many deltas, one batch (bitfit.export.mixed): each row of one forward pass adds its own delta."""
+"""Many deltas, one batch (bitfit.infer.mixed): each row of one forward pass adds its own delta."""
 
 import pytest
 import torch
@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 import generate
 from bitfit.core.errors import BitfitError
 from bitfit.data.collate import pad_batch
-from bitfit.export.mixed import DeltaTable, generate_many
+from bitfit.infer.mixed import DeltaTable, generate_many
 from bitfit.model.delta import apply_delta
 from bitfit.run.evaluate import answers
 from tiny import tiny_bloom, tiny_llama, tiny_tokenizer

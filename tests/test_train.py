@@ -115,6 +115,11 @@ def test_a_bf16_autocast_run_stays_finite(tmp_path):
     assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in delta.values())
 
 
+def test_an_unknown_schedule_is_refused_not_taken_as_constant():
+    with pytest.raises(ValueError, match="unknown schedule 'cosine-with-restarts'"):
+        lr_factor(5, 10, 0, "cosine-with-restarts")
+
+
 @pytest.mark.parametrize("schedule", ["linear", "cosine", "constant"])
 def test_the_lr_schedule_is_transformers_schedule_step_for_step(schedule):
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)

@@ -1,10 +1,12 @@
-"""THE BITFIT STEP: `train_step` is one optimizer step; `lr_factor` is the schedule of its learning rate.
+"""THE BITFIT STEP: `train_step` is one optimizer step; `adamw` is the optimizer it steps, and
+`lr_schedule` (`lr_factor`) the learning rate of each step.
 
 Read `train_step` first: forward each pass, backward into the flat gradient, sum over processes,
 normalize by the step's label tokens, clip, AdamW, zero. Everything around a step (logging, metrics,
 checkpoints, stopping) lives in bitfit/run/loop.py, between steps, never inside one.
 """
 
+import functools
 import math
 
 import torch
@@ -14,7 +16,6 @@ from torch import nn
 from bitfit.core.errors import NonFiniteError
 from bitfit.core.flat import FlatBiases
 from bitfit.core.loss import Batch, input_tokens, label_tokens, loss_sum
-
 
 # ----------------------------------------------------------------------------------------------------
 # THE BITFIT STEP BEGIN
@@ -66,6 +67,23 @@ def summed_over_processes(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def adamw(flat: FlatBiases, lr: float, betas: tuple[float, float], eps: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW over the ONE flat fp32 tensor of every trainable bias: fused (one kernel for the whole
+    update) on CUDA and the CPU. Its state is two more tensors of the buffer's size."""
+    return torch.optim.AdamW([flat.param], lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                             fused=flat.param.device.type in ("cuda", "cpu"))
+
+
+def lr_schedule(optimizer: torch.optim.Optimizer, peak_lr: float, total: int, warmup: int, schedule: str,
+                first_step: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
+    """The lr of every step, `peak_lr` x lr_factor: a pure function of the step, so a run resumed after
+    `first_step` steps goes on exactly where the interrupted one was."""
+    for group in optimizer.param_groups:
+        group["initial_lr"] = peak_lr  # what LambdaLR scales; a resumed optimizer's own lr is the last step's
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, functools.partial(lr_factor, total=total, warmup=warmup, schedule=schedule), last_epoch=first_step - 1)
+
+
 def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
     """Multiplier of the peak lr at optimizer step `step` (0-based): linear warmup, then the decay.
 
@@ -79,4 +97,6 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
         return max(0.0, 1.0 - progress)
     if schedule == "cosine":
         return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
-    return 1.0
+    if schedule == "constant":
+        return 1.0
+    raise ValueError(f"unknown schedule {schedule!r}: linear, cosine or constant")

@@ -15,7 +15,7 @@ still read and applied.
 parameters the base checkpoint does not hold (the head), stored whole (their values, not a change: a
 fresh base draws them at random), and three more keys:
     task              "classify" or "regress"
-    classes           JSON list of the class names, class i first but i (empty for regress)
+    classes           JSON list of the class names, class i at index i (empty for regress)
     head              JSON list of the parameters stored whole
 The base is fingerprinted without them, and a base is given them (copied, not added) when applied.
 """
@@ -253,7 +253,7 @@ def check_delta(model: nn.Module, path: str, with_head: bool = True) -> tuple[di
     has it in another shape, already holds an added bias, or has another fingerprint. The returned
     metadata's added_biases are the biases the model must be given (for a PEFT adapter: found here).
     `with_head=False`: a classifier's head is left out of the checks and of the tensors returned (many
-    classifiers of one base share a model whose own head is none of theirs: bitfit.export.mixed).
+    classifiers of one base share a model whose own head is none of theirs: bitfit.infer.mixed).
     """
     tensors, metadata = read_delta(path)
     params = dict(model.named_parameters())

@@ -81,7 +81,7 @@ def checkpoint_files(folder: Path) -> dict[str, Path]:
 def model_folder(source: str) -> Path:
     """The local folder of a model's safetensors files: `source` itself, or the hub's download of them
     (the files its index names, or model.safetensors: not a repository's other copies of the weights)."""
-    if folder := local_folder(source):  # models.load's rule for what is a folder and what a hub name
+    if folder := local_folder(source):  # pretrained.load's rule for what is a folder and what a hub name
         return folder
     from huggingface_hub import (  # transformers' own dependency
         hf_hub_download,

@@ -16,7 +16,7 @@ from bitfit.data.layout import KINDS
 from bitfit.data.sources import is_builtin, is_hub_name
 from bitfit.files import finite_number
 from bitfit.model.pretrained import EMBEDDED_ENCODER
-from bitfit.run.report import SINKS, tensorboard_writer
+from bitfit.run.report import OPTIONAL_SINKS, tensorboard_writer
 
 # Bounds on values that look valid but destroy the biases; each one's reason is in its flag's --help.
 MAX_LR = 0.1
@@ -44,8 +44,8 @@ class TrainConfig:
     trust_pickle_weights: bool = _option(False, "load weights stored as pickle (.bin/.pt), which can run any code they "
                                                 "contain; by default only safetensors are read")
     # --- data ---
-    data: str = _option("builtin", "'builtin' (the built-in checkable task), a .json/.jsonl file of Alpaca records, "
-                                   "a save_to_disk folder, or a hub dataset name")
+    data: str = _option("builtin", "'builtin' (the built-in checkable task), a .json/.jsonl/.csv/.parquet file of "
+                                   "Alpaca, chat or prompt/completion rows, a save_to_disk folder, or a hub dataset name")
     split: str = _option("train", "split of --data, with an optional slice: train, train[:1000], train[10%%:]")
     eval_data: str = _option("", "data for held-out loss and exact match before and after training; "
                                  "'' means the built-in held-out split when --data is builtin, else none; 'none': no evaluation")
@@ -119,7 +119,7 @@ class TrainConfig:
             raise BitfitError("--max-pass-tokens has no effect with --layout trainer, whose passes are micro-batches of "
                               "--batch-size; drop one of the two")
         choices = {"template": TEMPLATES if self.task == "lm" else ("",), "schedule": ("linear", "cosine", "constant"),
-                   "layout": ("auto", *KINDS), "report_to": ("", *SINKS)}
+                   "layout": ("auto", *KINDS), "report_to": ("", *OPTIONAL_SINKS)}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise BitfitError(f"--{name.replace('_', '-')} must be one of {allowed}, not {getattr(self, name)!r}")

@@ -15,7 +15,7 @@ from bitfit.data.examples import Example, questions
 from bitfit.data.tasks import is_correct
 from bitfit.files import digest, finite_number
 from bitfit.model.pretrained import cache_dir, is_sharded, new_tokens_within_context
-from bitfit.run import metrics
+from bitfit.run import measures
 
 
 @torch.no_grad()
@@ -55,7 +55,7 @@ def answers(
 
     Greedy unless `generation` says otherwise (do_sample, temperature, top_p, a streamer...: passed
     to `model.generate`). At most as many new tokens as the model's context leaves after the prompts
-    (models.new_tokens_within_context)."""
+    (bitfit.model.pretrained.new_tokens_within_context)."""
     was_training = model.training
     model.eval()
     pad = pad_id(tokenizer)
@@ -94,7 +94,7 @@ def exact_match(model: nn.Module, tokenizer, records: list[dict], template: str,
 @torch.no_grad()
 def labelled_measures(model: nn.Module, examples: list[Example], collate: Callable[[list[Example]], dict[str, torch.Tensor]],
                       device: torch.device, bf16: bool, n_classes: int, batch_size: int = 64) -> dict:
-    """Held-out loss (mean per example, as in training) and the measures of bitfit.run.metrics: accuracy, MCC
+    """Held-out loss (mean per example, as in training) and the measures of bitfit.run.measures: accuracy, MCC
     and F1 (two classes) of the argmax class; Pearson and Spearman of a regressor's number (n_classes 0)."""
     was_training = model.training
     model.eval()
@@ -107,8 +107,8 @@ def labelled_measures(model: nn.Module, examples: list[Example], collate: Callab
         predicted += (logits.squeeze(-1) if not n_classes else logits.argmax(-1)).tolist()
     model.train(was_training)
     expected = [example["label"] for example in examples]
-    measures = metrics.regression(predicted, expected) if not n_classes else metrics.classification(predicted, expected, n_classes)
-    return {"loss": total.item() / len(examples), **measures}
+    scores = measures.regression(predicted, expected) if not n_classes else measures.classification(predicted, expected, n_classes)
+    return {"loss": total.item() / len(examples), **scores}
 
 
 def base_eval_cache(depends_on: dict) -> Path:

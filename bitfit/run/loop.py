@@ -27,22 +27,25 @@ from bitfit.run.interrupt import StopRequest
 def fit(model: nn.Module, flat: FlatBiases, optimizer: torch.optim.Optimizer,
         scheduler: torch.optim.lr_scheduler.LRScheduler, plan: list[Passes], examples: list[Example],
         collate, cfg: TrainConfig, run_dir: Path, stop: StopRequest, first_step: int = 0,
-        held_out: Callable[[], dict] | None = None) -> list[dict]:
+        measure_held_out: Callable[[], dict] | None = None) -> list[dict]:
     """Train the steps of `plan` (this process's passes of every step) after `first_step`; return one
-    record per step, also appended to run_dir/metrics.jsonl as it is made, with its time and tokens/s.
+    record per step (its loss, lr, gradient norm, tokens, time and tokens/s), each sent to the console,
+    metrics.jsonl and --report-to as it is made (bitfit.run.report).
 
-    Between steps: the held-out measures of `held_out()` every --eval-every steps (rank 0, every
-    process under sharded weights; the last
-    step's are the evaluation after training), a log line every --log-every steps, a checkpoint every
-    --save-every steps, and on a Ctrl-C/SIGTERM a checkpoint and Interrupted (all processes agree
-    first). A NaN or inf (in the loss or gradient, caught before AdamW steps; or in the biases after it)
-    raises NonFiniteError naming the step and its training examples: nothing of that step is saved.
+    Between steps, never inside one:
+    - every --eval-every steps but the last (train.py evaluates after training), the held-out measures
+      of `measure_held_out()`: on rank 0, or on every process under sharded weights (a collective);
+    - a checkpoint every --save-every steps;
+    - on a Ctrl-C or SIGTERM (`stop`), a checkpoint and Interrupted, once every process agrees.
+    A NaN or inf (in the loss or gradient, caught before AdamW steps; or in the biases after it) raises
+    NonFiniteError naming the step and its training examples: nothing of that step is saved.
     """
     model.train()
     device = flat.values.device
     records = []
     with report.sinks(run_dir, len(plan), first_step, cfg.log_every, cfg.report_to, device) as send:
         for step in range(first_step + 1, len(plan) + 1):
+            # What a Ctrl-C now says it waits for (bitfit.run.interrupt): this step, then a checkpoint.
             stop.at_once, stop.finishing = None, f"step {step}, then writing a checkpoint"
             passes = [collate([examples[i] for i in indices]) if indices else idle_pass() for indices in plan[step - 1]]
             lr = optimizer.param_groups[0]["lr"]
@@ -62,8 +65,8 @@ def fit(model: nn.Module, flat: FlatBiases, optimizer: torch.optim.Optimizer,
             scheduler.step()
             record["tokens_per_s"] = record["tokens"] / (time.perf_counter() - started)
             record["time"] = datetime.now().astimezone().isoformat(timespec="milliseconds")
-            if held_out and cfg.eval_every and step % cfg.eval_every == 0 and step < len(plan):
-                record.update(held_out())  # rank 0; every process under sharded weights, where it is a collective
+            if measure_held_out and cfg.eval_every and step % cfg.eval_every == 0 and step < len(plan):
+                record.update(measure_held_out())  # rank 0; every process under sharded weights, where it is a collective
             records.append(record)
             send(record)  # to the console, metrics.jsonl and --report-to (bitfit.run.report)
 

@@ -2,8 +2,8 @@
 step and its loss curve as a picture.
 
 Every step's record goes through ONE function (`sinks` gives it): to the console, to metrics.jsonl and to
-the sinks --report-to names. A sink is one function of the record; a new one is a function here and a
-name in SINKS.
+the sink --report-to names. A sink is a function of the record, made by a function here; a new one is
+that function and its name in OPTIONAL_SINKS.
 """
 
 import contextlib
@@ -13,6 +13,7 @@ import os
 import platform
 import resource
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -28,7 +29,6 @@ from bitfit.run import ranks
 from bitfit.run.run_folder import TENSORBOARD
 
 Sink = Callable[[dict], None]
-SINKS = ("tensorboard",)  # what --report-to may name, beside the console and metrics.jsonl of every run
 
 
 @contextlib.contextmanager
@@ -36,14 +36,14 @@ def sinks(run_dir: Path, steps: int, first_step: int, log_every: int, report_to:
           device: torch.device) -> Iterator[Sink]:
     """The function that sends a step's record to every sink, open while the steps run: metrics.jsonl,
     the console (a progress bar; a line every `log_every` steps and at each held-out measure), and
-    TensorBoard if `report_to` names it. Under torchrun rank 0 alone reports: the others send nowhere."""
+    the optional sink `report_to` names (TensorBoard). Under torchrun rank 0 alone reports: the others send nowhere."""
     if not ranks.is_main():
         yield lambda record: None
         return
     with contextlib.ExitStack() as stack:
         chosen = [metrics_file(run_dir / "metrics.jsonl", stack), console(steps, first_step, log_every, device, stack)]
-        if report_to == "tensorboard":
-            chosen.append(tensorboard(run_dir / TENSORBOARD, first_step, stack))
+        if report_to:
+            chosen.append(OPTIONAL_SINKS[report_to](run_dir, first_step, stack))
 
         def send(record: dict) -> None:
             for sink in chosen:
@@ -62,7 +62,9 @@ def metrics_file(path: Path, stack: contextlib.ExitStack) -> Sink:
 
 def console(steps: int, first_step: int, log_every: int, device: torch.device, stack: contextlib.ExitStack) -> Sink:
     """A progress bar over the steps, and a line every `log_every` steps (and at the last) with the loss,
-    lr, gradient norm, tokens/s since the last line and the peak memory; a line at each held-out measure."""
+    lr, gradient norm, tokens/s and the peak memory; a line at each held-out measure. Its tokens/s is the
+    wall clock's since the last line, held-out measures and checkpoints included; a record's own
+    `tokens_per_s` is its step's alone."""
     bar = stack.enter_context(tqdm(total=steps, initial=first_step, desc="training", unit="step", dynamic_ncols=True))
     since, tokens = time.perf_counter(), 0
 
@@ -95,7 +97,7 @@ def tensorboard_writer() -> type:
     return SummaryWriter
 
 
-def tensorboard(folder: Path, first_step: int, stack: contextlib.ExitStack) -> Sink:
+def tensorboard(run_dir: Path, first_step: int, stack: contextlib.ExitStack) -> Sink:
     """TensorBoard event files in the run's tensorboard/ folder (`tensorboard --logdir runs`): each number
     of a record as a scalar at its step, named as the HF Trainer names them (train/loss, eval/loss...).
     The writer opens at the first record, so a run that fails before its first step leaves no folder; a
@@ -105,15 +107,20 @@ def tensorboard(folder: Path, first_step: int, stack: contextlib.ExitStack) -> S
     def write(record: dict) -> None:
         nonlocal writer
         if writer is None:
-            writer = tensorboard_writer()(str(folder), purge_step=first_step + 1 if first_step else None)
+            writer = tensorboard_writer()(str(run_dir / TENSORBOARD), purge_step=first_step + 1 if first_step else None)
             stack.callback(writer.close)
         for key, value in record.items():
             if key != "step" and isinstance(value, (int, float)):
+                key = HF_NAMES.get(key, key)
                 tag = f"eval/{key.removeprefix('eval_')}" if key.startswith("eval_") else f"train/{key}"
                 writer.add_scalar(tag, value, record["step"])
         writer.flush()  # each step on disk as it is made: a killed run keeps what it logged
 
     return write
+
+
+HF_NAMES = {"lr": "learning_rate"}  # a record's names that the HF Trainer's TensorBoard logs call otherwise
+OPTIONAL_SINKS = {"tensorboard": tensorboard}  # what --report-to may name
 
 
 def peak_memory_gb(device: torch.device) -> float:
@@ -125,7 +132,7 @@ def peak_memory_gb(device: torch.device) -> float:
         line = next(line for line in open("/proc/self/status") if line.startswith("VmHWM"))
         return int(line.split()[1]) / 2**20  # KiB
     except (OSError, StopIteration):  # not Linux
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**30 if sys.platform == "darwin" else 2**20)  # bytes there
 
 
 # ----------------------------------------------------------------------------------------------------

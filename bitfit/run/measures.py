@@ -3,7 +3,7 @@
     classify   accuracy; F1 of class 1 when there are two classes; Matthews correlation (MCC, CoLA's measure)
     regress    Pearson and Spearman correlation (STS-B's)
 
-Each equals scikit-learn's or SciPy's on the same inputs (tests/test_metrics.py checks them). A measure
+Each equals scikit-learn's or SciPy's on the same inputs (tests/test_measures.py checks them). A measure
 that is undefined (a correlation of a constant, F1 with no positive prediction or label) is 0.0, as
 scikit-learn's zero_division default gives, never NaN: a result file holds finite numbers only.
 """

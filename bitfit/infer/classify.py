@@ -1,8 +1,8 @@
 """Classify new text with one or more classifier deltas: each text's label and probability (a regressor's
-number), every delta's in ONE batched pass of the shared encoder (bitfit.export.mixed.classify_many).
+number), every delta's in ONE batched pass of the shared encoder (bitfit.infer.mixed.classify_many).
 
-    python -m bitfit.export.classify --delta runs/<run> --text "I loved this movie." --text "It was dreadful."
-    python -m bitfit.export.classify --delta runs/<a> --delta runs/<b> --texts-file reviews.jsonl
+    python -m bitfit.infer.classify --delta runs/<run> --text "I loved this movie." --text "It was dreadful."
+    python -m bitfit.infer.classify --delta runs/<a> --delta runs/<b> --texts-file reviews.jsonl
 
 A texts file is one text per line (UTF-8), or labelled rows (.json/.jsonl/.csv/.parquet, any shape
 train.py --task classify reads: a text or a pair); rows that carry a label get each delta's answer marked
@@ -19,7 +19,7 @@ from bitfit.cli import ArgumentParser, check_device, entry_point
 from bitfit.core.errors import BitfitError
 from bitfit.data.labelled import check_label, texts_of
 from bitfit.data.sources import load_records, read_lines
-from bitfit.export.mixed import classify_many
+from bitfit.infer.mixed import classify_many
 from bitfit.model import pretrained
 from bitfit.model.delta import read_delta, task_of
 from bitfit.run.run_folder import delta_of

@@ -6,7 +6,7 @@ import pytest
 from scipy import stats
 from sklearn import metrics as sk
 
-from bitfit.run import metrics
+from bitfit.run import measures
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -15,7 +15,7 @@ def test_accuracy_f1_and_mcc_equal_scikit_learns_on_random_predictions(seed, n_c
     rng = random.Random(seed)
     expected = [rng.randrange(n_classes) for _ in range(60)]
     predicted = [e if rng.random() < 0.6 else rng.randrange(n_classes) for e in expected]
-    measured = metrics.classification(predicted, expected, n_classes)
+    measured = measures.classification(predicted, expected, n_classes)
     assert measured["accuracy"] == pytest.approx(sk.accuracy_score(expected, predicted))
     assert measured["mcc"] == pytest.approx(sk.matthews_corrcoef(expected, predicted))
     if n_classes == 2:
@@ -29,11 +29,11 @@ def test_pearson_and_spearman_equal_scipys_on_random_values_with_ties(seed):
     rng = random.Random(seed)
     expected = [float(rng.randint(1, 5)) for _ in range(50)]  # ties, as STS-B's scores have
     predicted = [e + rng.gauss(0, 1.5) for e in expected]
-    measured = metrics.regression(predicted, expected)
+    measured = measures.regression(predicted, expected)
     assert measured["pearson"] == pytest.approx(stats.pearsonr(predicted, expected)[0])
     assert measured["spearman"] == pytest.approx(stats.spearmanr(predicted, expected)[0])
 
 
 def test_an_undefined_measure_is_zero_not_nan():
-    assert metrics.classification([0, 0, 0], [1, 1, 0], 2) == {"accuracy": pytest.approx(1 / 3), "mcc": 0.0, "f1": 0.0}
-    assert metrics.regression([1.0, 1.0, 1.0], [1.0, 2.0, 3.0]) == {"pearson": 0.0, "spearman": 0.0}
+    assert measures.classification([0, 0, 0], [1, 1, 0], 2) == {"accuracy": pytest.approx(1 / 3), "mcc": 0.0, "f1": 0.0}
+    assert measures.regression([1.0, 1.0, 1.0], [1.0, 2.0, 3.0]) == {"pearson": 0.0, "spearman": 0.0}
