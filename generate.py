@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from transformers import TextStreamer
 
-from bitfit.cli import ArgumentParser, check_device, entry_point
+from bitfit.cli import ArgumentParser, add_trust_flags, check_device, entry_point
 from bitfit.core.errors import BitfitError
 from bitfit.data.collate import pad_batch, pad_id
 from bitfit.data.examples import TEMPLATES, questions
@@ -81,9 +81,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     cli.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling threshold (with --sample)")
     cli.add_argument("--seed", type=int, default=0, help="seed for sampling: the same seed gives the same answers")
     cli.add_argument("--device", default="auto", help="'auto' (CUDA if available), 'cpu', 'cuda' or 'cuda:N'")
-    cli.add_argument("--trust-remote-code", action="store_true", help="let transformers run code shipped with the model")
-    cli.add_argument("--trust-pickle-weights", action="store_true",
-                     help="load weights stored as pickle (.bin/.pt), which can run any code they contain")
+    add_trust_flags(cli)
     return check_args(cli.parse_args(argv))
 
 

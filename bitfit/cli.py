@@ -29,6 +29,14 @@ class ArgumentParser(argparse.ArgumentParser):
         raise BitfitError(f"{message} (see --help)")
 
 
+def add_trust_flags(cli: argparse.ArgumentParser) -> None:
+    """--trust-remote-code and --trust-pickle-weights, as every command that loads a model takes them
+    (train.py's come from its config, with the same meaning)."""
+    cli.add_argument("--trust-remote-code", action="store_true", help="let transformers run code shipped with the model")
+    cli.add_argument("--trust-pickle-weights", action="store_true",
+                     help="load weights stored as pickle (.bin/.pt), which can run any code they contain")
+
+
 def check_device(name: str) -> str:
     """`name` if it is 'auto', 'cpu', 'cuda' or 'cuda:N' for a GPU this machine has; else a BitfitError.
 

@@ -505,8 +505,8 @@ def test_a_model_that_names_no_context_still_stops_generating_at_2048_positions(
 @pytest.mark.slow
 def test_a_path_the_system_refuses_is_one_error_line_in_every_command(finished_run, tmp_path, capsys):
     from bitfit.export import adapter
-    from bitfit.infer import classify
     from bitfit.export import inspection as inspect_delta
+    from bitfit.infer import classify
 
     too_long = str(tmp_path / ("x" * 300))
     (tmp_path / "loop").symlink_to(tmp_path / "loop")  # a link to itself

@@ -32,7 +32,7 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from bitfit.cli import ArgumentParser, entry_point
+from bitfit.cli import ArgumentParser, add_trust_flags, entry_point
 from bitfit.core.errors import BitfitError
 from bitfit.files import check_new_folder, write_folder
 from bitfit.model import pretrained
@@ -116,9 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     cli.add_argument("--delta", required=True, help="a delta.safetensors written by train.py")
     cli.add_argument("--out", required=True, help="a new (or empty) folder for the PEFT adapter")
     cli.add_argument("--model", default="", help="the base model; '' means the one the delta names")
-    cli.add_argument("--trust-remote-code", action="store_true", help="let transformers run code shipped with the model")
-    cli.add_argument("--trust-pickle-weights", action="store_true",
-                     help="load weights stored as pickle (.bin/.pt), which can run any code they contain")
+    add_trust_flags(cli)
     args = cli.parse_args(argv)
     check_new_folder(args.out, "--out")  # before the model is loaded: a refusal should not take a minute
     out = export(args.delta, args.out, args.model, args.trust_remote_code, args.trust_pickle_weights)

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from bitfit.cli import ArgumentParser, entry_point
+from bitfit.cli import ArgumentParser, add_trust_flags, entry_point
 from bitfit.core.biases import FUSED_QKV_MODULES, fused_qkv_parts
 from bitfit.core.errors import BitfitError
 from bitfit.files import write_atomically
@@ -220,9 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     cli.add_argument("--model", default="", help="the base model; '' means the one the delta names")
     cli.add_argument("--png", default="", help=f"where to write the heatmap; '' means {HEATMAP} in the run folder "
                                                "(a delta outside a run folder gets none unless given)")
-    cli.add_argument("--trust-remote-code", action="store_true", help="let transformers run code shipped with the model")
-    cli.add_argument("--trust-pickle-weights", action="store_true",
-                     help="load weights stored as pickle (.bin/.pt), which can run any code they contain")
+    add_trust_flags(cli)
     args = cli.parse_args(argv)
     if len(args.runs) > 2:
         raise BitfitError(f"give one run to inspect or two to compare, not {len(args.runs)}")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from bitfit.cli import ArgumentParser, check_device, entry_point
+from bitfit.cli import ArgumentParser, add_trust_flags, check_device, entry_point
 from bitfit.core.errors import BitfitError
 from bitfit.data.labelled import check_label, texts_of
 from bitfit.data.sources import load_records, read_lines
@@ -52,9 +52,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     cli.add_argument("--model", default="", help="the base encoder; '' means the one the deltas were trained on")
     cli.add_argument("--max-len", type=int, default=512, help="texts are cut to this many tokens")
     cli.add_argument("--device", default="auto", help="'auto' (CUDA if available), 'cpu', 'cuda' or 'cuda:N'")
-    cli.add_argument("--trust-remote-code", action="store_true", help="let transformers run code shipped with the model")
-    cli.add_argument("--trust-pickle-weights", action="store_true",
-                     help="load weights stored as pickle (.bin/.pt), which can run any code they contain")
+    add_trust_flags(cli)
     args = cli.parse_args(argv)
     if bool(args.text) == bool(args.texts_file):
         raise BitfitError("give texts to classify: --text (repeatable) or --texts-file, one of the two")
