@@ -48,20 +48,20 @@ def tiny_tokenizer(padding_side: str = "right", pad: bool = True, chat: bool = F
     )
 
 
-def tiny_bloom(seed: int = 0) -> BloomForCausalLM:
+def tiny_bloom(seed: int = 0, blocks: int = 2) -> BloomForCausalLM:
     """BLOOM shape with native biases everywhere: 2 blocks, hidden 32, 4 heads.
 
     Weights drawn 10x wider than the config default, so the outputs are peaked as a trained model's
     are, and a few bias-only steps visibly lower the loss."""
     torch.manual_seed(seed)
-    config = BloomConfig(vocab_size=400, hidden_size=32, n_layer=2, n_head=4, initializer_range=0.2)
+    config = BloomConfig(vocab_size=400, hidden_size=32, n_layer=blocks, n_head=4, initializer_range=0.2)
     return BloomForCausalLM(config).eval()
 
 
-def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
+def tiny_llama(seed: int = 0, blocks: int = 2) -> LlamaForCausalLM:
     """Llama shape, bias-free like SmolLM2: 2 blocks, hidden 32, 4 heads (2 kv heads), tied embeddings."""
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=400, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    config = LlamaConfig(vocab_size=400, hidden_size=32, intermediate_size=64, num_hidden_layers=blocks,
                          num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
                          initializer_range=0.2)
     return LlamaForCausalLM(config).eval()

@@ -17,11 +17,15 @@ from torch import nn
 
 IGNORE_INDEX = -100  # the label cross-entropy skips: prompt positions and padding
 Batch = dict[str, torch.Tensor]  # input_ids, labels, and attention_mask (padded) or position_ids (packed)
+# What `counted` adds for the host: a step leaves these where they are (on the CPU) and moves the rest.
+HOST_KEYS = frozenset({"n_label_tokens", "n_tokens", "segment_lengths"})
 
 
 def label_tokens(batch: Batch) -> int:
     """What the loss counts: labels other than -100, after the one-position shift; the rows of a batch
     with one label per row (classification, regression), so a step's loss is the mean over its examples."""
+    if "n_label_tokens" in batch:
+        return int(batch["n_label_tokens"])
     if batch["labels"].dim() == 1:
         return batch["labels"].numel()
     return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
@@ -29,7 +33,36 @@ def label_tokens(batch: Batch) -> int:
 
 def input_tokens(batch: Batch) -> int:
     """Real (not padding) tokens of a padded or packed batch."""
+    if "n_tokens" in batch:
+        return int(batch["n_tokens"])
     return int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
+
+
+def label_positions(labels: torch.Tensor) -> torch.Tensor:
+    """The positions whose logits the loss needs: those followed by a label in some row."""
+    return (labels[:, 1:] != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)
+
+
+def segment_lengths(position_ids: torch.Tensor) -> list[int]:
+    """Lengths of the sequences in one row of position ids: a new one starts wherever a position does
+    not continue the previous one by +1 (the rule transformers' mask builder uses for packed rows).
+    [0, 1, 2, 0, 1, 0] -> [3, 2, 1]."""
+    breaks = (position_ids[1:] - position_ids[:-1] != 1).nonzero().squeeze(1) + 1
+    bounds = [0, *breaks.tolist(), position_ids.numel()]
+    return [end - start for start, end in zip(bounds, bounds[1:])]
+
+
+def counted(batch: Batch) -> Batch:
+    """The batch, as a collator made it on the CPU, with what a step needs to know about it counted here,
+    on the host: its label tokens and tokens, a packed row's sequence lengths (HOST_KEYS, which stay on
+    the host), and the positions whose logits the loss needs (which go to the device with the batch).
+    Found on the device, each would make the host wait for the GPU, once a pass or once a layer."""
+    facts = {"n_label_tokens": torch.tensor(label_tokens(batch)), "n_tokens": torch.tensor(input_tokens(batch))}
+    if batch["labels"].dim() == 2:
+        facts["label_positions"] = label_positions(batch["labels"])
+    if "position_ids" in batch:
+        facts["segment_lengths"] = torch.tensor(segment_lengths(batch["position_ids"][0]))
+    return {**batch, **facts}
 
 
 @functools.cache
@@ -52,11 +85,13 @@ def loss_sum(model: nn.Module, batch: Batch) -> torch.Tensor:
     if batch["labels"].dim() == 1:
         return row_loss_sum(model, batch)
     targets = batch["labels"][:, 1:]
-    keep = (targets != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)
+    keep = batch["label_positions"] if "label_positions" in batch else label_positions(batch["labels"])
     accepts = forward_accepts(type(model))
     inputs = {"input_ids": batch["input_ids"], "use_cache": False}
     if "position_ids" in batch:  # a packed row (packing.pack_batch): no padding, so no attention mask
         inputs["position_ids"] = batch["position_ids"]
+        if "segment_lengths" in batch and "kwargs" in accepts:  # on to the attention (packing.per_example_attention)
+            inputs["segment_lengths"] = batch["segment_lengths"].tolist()
     else:
         inputs["attention_mask"] = batch["attention_mask"]
         if "position_ids" in accepts:

@@ -15,7 +15,7 @@ from torch import nn
 
 from bitfit.core.errors import NonFiniteError
 from bitfit.core.flat import FlatBiases
-from bitfit.core.loss import Batch, input_tokens, label_tokens, loss_sum
+from bitfit.core.loss import HOST_KEYS, Batch, input_tokens, label_tokens, loss_sum
 
 # ----------------------------------------------------------------------------------------------------
 # THE BITFIT STEP BEGIN
@@ -23,19 +23,24 @@ from bitfit.core.loss import Batch, input_tokens, label_tokens, loss_sum
 
 def train_step(model: nn.Module, flat: FlatBiases, optimizer: torch.optim.Optimizer, passes: list[Batch],
                grad_clip: float, bf16: bool) -> dict:
-    """One optimizer step over this process's passes of the step's examples. Returns the whole step's
-    (every process's) mean loss per label token, gradient norm, label tokens and input tokens.
+    """One optimizer step over this process's passes of the step's examples (each counted on the host:
+    core.loss.counted). Returns the whole step's (every process's) mean loss per label token, gradient
+    norm, label tokens and input tokens.
 
     Why token-weighted: the step's loss is its summed token losses over its label tokens, so each token
     weighs the same whatever pass or process it landed in, and every layout gives the same gradient.
     (A classifier's "label tokens" are its rows, one label each: the step's loss is the mean over them.)
     Each pass backpropagates its plain sum; the step's token count, known once every pass on every
     process is done, then divides the summed gradient.
+
+    Why one read: the host learns what the step did once, at its end (loss, counts, norm, whether it was
+    finite), so on a GPU it never waits for the device in between: a NaN or inf loss or gradient makes
+    the fused AdamW skip the update on the device itself (`found_inf`), and the error is raised after.
     """
     device = flat.grads.device
     summed = torch.zeros((), dtype=torch.float64, device=device)
     for batch in passes:
-        batch = {key: tensor.to(device, non_blocking=True) for key, tensor in batch.items()}
+        batch = {key: value if key in HOST_KEYS else value.to(device, non_blocking=True) for key, value in batch.items()}
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             loss = loss_sum(model, batch)
         loss.backward()  # autograd adds each bias's gradient in place into its view of flat.grads
@@ -45,17 +50,23 @@ def train_step(model: nn.Module, flat: FlatBiases, optimizer: torch.optim.Optimi
     # Sum every process's share: ONE all-reduce of the whole flat gradient (4 bytes per bias, whatever
     # the model's size), one of three numbers. Both are no-ops in a single process.
     summed_over_processes(flat.grads)
-    loss_total, n_labels, n_tokens = summed_over_processes(totals).tolist()
-    flat.grads.div_(n_labels)
+    summed_over_processes(totals)
+    flat.grads.div_(totals[1])
     # The norm, the clip and AdamW each see ONE tensor: the flat buffers, not hundreds of small biases.
-    grad_norm = torch.nn.utils.clip_grad_norm_([flat.param], grad_clip if grad_clip > 0 else math.inf).item()
-    record = {"loss": loss_total / n_labels, "grad_norm": grad_norm, "label_tokens": int(n_labels), "tokens": int(n_tokens)}
-    if not (math.isfinite(record["loss"]) and math.isfinite(grad_norm)):
-        raise NonFiniteError(f"loss {record['loss']}, gradient norm {grad_norm}")  # raised before the biases move
+    norm = torch.nn.utils.clip_grad_norm_([flat.param], grad_clip if grad_clip > 0 else math.inf)
+    broken = (~torch.isfinite(totals[0]) | ~torch.isfinite(norm)).float()
+    optimizer.found_inf = broken  # the fused AdamW leaves biases and state as they are where this is 1
     optimizer.step()
     flat.zero_grad()  # in place: the bias gradients stay views of the buffer (never optimizer.zero_grad())
+    finite_after = torch.isfinite(flat.values).all()
+    loss_total, n_labels, n_tokens, grad_norm, skipped, finite = torch.stack(  # THE one read of the step
+        [*totals, norm.double(), broken.double(), finite_after.double()]).tolist()
+    record = {"loss": loss_total / n_labels, "grad_norm": grad_norm, "label_tokens": int(n_labels), "tokens": int(n_tokens)}
+    if skipped:
+        raise NonFiniteError(f"loss {record['loss']}, gradient norm {grad_norm}")  # AdamW skipped it: nothing moved
+    if not finite:  # a finite gradient with a huge lr can still overflow
+        raise NonFiniteError("the AdamW step left NaN or inf in the biases (is --lr or --weight-decay too large?)")
     return record
-
 
 # THE BITFIT STEP END ---------------------------------------------------------------------------------
 
@@ -69,7 +80,8 @@ def summed_over_processes(tensor: torch.Tensor) -> torch.Tensor:
 
 def adamw(flat: FlatBiases, lr: float, betas: tuple[float, float], eps: float, weight_decay: float) -> torch.optim.AdamW:
     """AdamW over the ONE flat fp32 tensor of every trainable bias: fused (one kernel for the whole
-    update) on CUDA and the CPU. Its state is two more tensors of the buffer's size."""
+    update) on CUDA and the CPU, which is also what lets train_step skip a non-finite step on the device.
+    Its state is two more tensors of the buffer's size."""
     return torch.optim.AdamW([flat.param], lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                              fused=flat.param.device.type in ("cuda", "cpu"))
 

@@ -20,7 +20,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from bitfit.core.loss import IGNORE_INDEX, Batch, forward_accepts, loss_sum
+from bitfit.core.loss import IGNORE_INDEX, Batch, forward_accepts, loss_sum, segment_lengths
 from bitfit.data.examples import Example
 
 NAME = "bitfit_per_example"  # the attention implementation's name in transformers' interface
@@ -46,27 +46,18 @@ def pack_batch(examples: list[Example]) -> Batch:
     return {key: torch.tensor([values], dtype=torch.long) for key, values in row.items()}
 
 
-def segment_lengths(position_ids: torch.Tensor) -> list[int]:
-    """Lengths of the sequences in one row of position ids: a new one starts wherever a position does
-    not continue the previous one by +1 (the rule transformers' mask builder uses for packed rows).
-    [0, 1, 2, 0, 1, 0] -> [3, 2, 1]. Reading the lengths is a host sync, once per layer.
-    """
-    breaks = (position_ids[1:] - position_ids[:-1] != 1).nonzero().squeeze(1) + 1
-    bounds = [0, *breaks.tolist(), position_ids.numel()]
-    return [end - start for start, end in zip(bounds, bounds[1:])]
-
-
 def per_example_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                           attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None = None,
                           **kwargs) -> tuple[torch.Tensor, None]:
     """transformers' attention-function signature: query/key/value (batch, heads, tokens, head_dim) in,
     (batch, tokens, heads, head_dim) out. A single row without a KV cache in a causal layer with no
     sliding window is split into its sequences; anything else is plain SDPA with the given mask."""
+    lengths = kwargs.pop("segment_lengths", None)  # counted on the host (core.loss.counted): no wait for the device
     one_row_no_cache = query.shape[0] == 1 and key.shape[2] == query.shape[2]
     plain_causal = getattr(module, "is_causal", True) and getattr(module, "sliding_window", None) is None
     if position_ids is None or not (one_row_no_cache and plain_causal):
         return sdpa_attention_forward(module, query, key, value, attention_mask, position_ids=position_ids, **kwargs)
-    lengths = segment_lengths(position_ids[0])
+    lengths = lengths or segment_lengths(position_ids[0])  # read from the device: a wait, once a layer
     outputs = [sdpa_attention_forward(module, q, k, v, None, is_causal=True, **kwargs)[0]
                for q, k, v in zip(query.split(lengths, 2), key.split(lengths, 2), value.split(lengths, 2))]
     return torch.cat(outputs, dim=1), None

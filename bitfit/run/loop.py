@@ -14,6 +14,7 @@ from torch import nn
 
 from bitfit.core.errors import Interrupted, NonFiniteError
 from bitfit.core.flat import FlatBiases
+from bitfit.core.loss import counted
 from bitfit.core.step import train_step
 from bitfit.data.collate import idle_pass
 from bitfit.data.examples import Example
@@ -47,14 +48,12 @@ def fit(model: nn.Module, flat: FlatBiases, optimizer: torch.optim.Optimizer,
         for step in range(first_step + 1, len(plan) + 1):
             # What a Ctrl-C now says it waits for (bitfit.run.interrupt): this step, then a checkpoint.
             stop.at_once, stop.finishing = None, f"step {step}, then writing a checkpoint"
-            passes = [collate([examples[i] for i in indices]) if indices else idle_pass() for indices in plan[step - 1]]
+            passes = [counted(collate([examples[i] for i in indices]) if indices else idle_pass()) for indices in plan[step - 1]]
             lr = optimizer.param_groups[0]["lr"]
             started = time.perf_counter()
             try:
                 record = {"step": step, "lr": lr, **train_step(model, flat, optimizer, passes, cfg.grad_clip, cfg.bf16)}
                 flat.check()  # every bias still a view of what AdamW stepped (else training silently stops)
-                if not bool(torch.isfinite(flat.values).all()):  # a finite gradient with a huge lr can still overflow
-                    raise NonFiniteError("the AdamW step left NaN or inf in the biases (is --lr or --weight-decay too large?)")
             except NonFiniteError as error:
                 held = sorted((examples[i]["row"], examples[i]["place"]) for indices in plan[step - 1] for i in indices)
                 whose = "this process's share of the step" if ranks.active() else "the step"
