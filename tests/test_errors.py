@@ -228,9 +228,10 @@ def test_an_output_directory_that_cannot_be_written_is_a_one_line_error(model_di
 
 
 @pytest.mark.slow
-def test_the_packed_layout_on_a_model_without_position_ids_is_a_one_line_error(model_dir, tmp_path, capsys):
-    assert run_on(model_dir, tmp_path, "--layout", "packed") == 2  # model_dir holds a BLOOM: ALiBi, no position ids
-    fails_with(capsys, 2, "--layout packed: BloomForCausalLM takes no position ids .*; use --layout padded")
+def test_the_packed_layout_on_a_model_that_cannot_pack_is_a_one_line_error(model_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(train.packing, "use_packed_alibi", lambda model: False)  # a BLOOM without ALiBi: no positions
+    assert run_on(model_dir, tmp_path, "--layout", "packed") == 2
+    fails_with(capsys, 2, "--layout packed: BloomForCausalLM takes no position ids and has no ALiBi.*; use --layout padded")
 
 
 @pytest.mark.slow

@@ -4,6 +4,7 @@ from functools import partial
 
 import torch
 
+import bitfit.core.loss
 from bitfit.core.loss import input_tokens, label_tokens
 from bitfit.data import packing
 from bitfit.data.collate import pad_batch
@@ -61,11 +62,35 @@ def test_the_packing_check_passes_a_model_that_keeps_examples_apart_and_catches_
     assert model.config._attn_implementation == "sdpa"  # refused: the model is left as it was
 
 
-def test_a_model_without_position_ids_cannot_be_packed():
+def test_an_alibi_model_packed_gives_the_loss_and_gradient_of_its_padded_batch():
+    tokenizer = tiny_tokenizer(padding_side="left")  # BLOOM's side
+    examples, _ = encode(builtin_records("train")[:8], tokenizer)
+    padded = pad_batch(examples, pad_token_id=tokenizer.pad_token_id, padding_side="left")
+    model = tiny_bloom()
+    assert packing.use_packed_alibi(model)
+    padded_loss, padded_gradient = step_loss_and_gradient(model, padded)
+    packed_loss, packed_gradient = step_loss_and_gradient(model, pack_batch(examples))
+    torch.testing.assert_close(packed_loss, padded_loss, rtol=1e-6, atol=0)
+    torch.testing.assert_close(packed_gradient, padded_gradient, rtol=0, atol=1e-6)
+
+
+def test_an_alibi_model_passes_the_packing_check_and_one_whose_sequences_would_meet_does_not(monkeypatch):
     tokenizer = tiny_tokenizer(padding_side="left")
     examples, _ = encode(builtin_records("train")[:8], tokenizer)
     pad = partial(pad_batch, pad_token_id=tokenizer.pad_token_id, padding_side="left")
-    assert "BloomForCausalLM takes no position ids" in packing.enable(tiny_bloom(), examples, pad, max_tokens=256)
+    assert packing.enable(tiny_bloom(), examples, pad, max_tokens=256) is None
+    whole_row = lambda position_ids, dtype: torch.zeros(1, 1, position_ids.shape[1], position_ids.shape[1], dtype=dtype)
+    monkeypatch.setattr(bitfit.core.loss, "block_causal_mask", whole_row)  # every token sees the whole row
+    assert "does not keep packed examples apart" in packing.enable(tiny_bloom(), examples, pad, max_tokens=256)
+
+
+def test_a_model_without_position_ids_or_alibi_cannot_be_packed():
+    tokenizer = tiny_tokenizer(padding_side="left")
+    examples, _ = encode(builtin_records("train")[:8], tokenizer)
+    pad = partial(pad_batch, pad_token_id=tokenizer.pad_token_id, padding_side="left")
+    model = tiny_bloom()
+    model.base_model.build_alibi_tensor = None  # as a model that neither takes positions nor builds ALiBi
+    assert "BloomForCausalLM takes no position ids and has no ALiBi" in packing.enable(model, examples, pad, max_tokens=256)
 
 
 def loss_and_gradient(batch, per_example: bool):

@@ -24,7 +24,7 @@ from bitfit.core.loss import counted
 from bitfit.core.step import adamw, train_step
 from bitfit.data.collate import pad_batch, pad_id
 from bitfit.data.examples import encode
-from bitfit.data.packing import pack_batch, use_per_example_attention
+from bitfit.data.packing import pack_batch, use_packed_alibi, use_per_example_attention
 from tiny import tiny_bloom, tiny_llama, tiny_tokenizer
 
 WAITS = {"aten.nonzero.default", "aten._local_scalar_dense.default", "aten.is_nonzero.default", "aten.equal.default"}
@@ -74,7 +74,7 @@ def reads_in_one_step(make_model, layout: str, blocks: int = 2) -> tuple[int, in
     """(device reads in the second step, passes): the first step also makes AdamW's state."""
     model, flat, optimizer, examples, pad = setup(make_model, blocks)
     if layout == "packed":
-        assert use_per_example_attention(model)
+        assert use_per_example_attention(model) if make_model is tiny_llama else use_packed_alibi(model)
         passes = [counted(pack_batch(examples[i : i + 4])) for i in (0, 4)]
     else:
         passes = [counted(pad_batch(examples[i : i + 4], pad)) for i in (0, 4)]
@@ -86,13 +86,13 @@ def reads_in_one_step(make_model, layout: str, blocks: int = 2) -> tuple[int, in
 
 
 @pytest.mark.parametrize(("make_model", "layout", "mask_reads"), [
-    (tiny_llama, "packed", 1), (tiny_llama, "padded", 2), (tiny_bloom, "padded", 0)])
+    (tiny_llama, "packed", 1), (tiny_llama, "padded", 2), (tiny_bloom, "packed", 0), (tiny_bloom, "padded", 0)])
 def test_a_step_reads_from_the_device_once_plus_where_transformers_builds_a_mask(make_model, layout, mask_reads):
     reads, passes = reads_in_one_step(make_model, layout)
     assert 1 <= reads <= 1 + mask_reads * passes
 
 
-@pytest.mark.parametrize(("make_model", "layout"), [(tiny_llama, "packed"), (tiny_bloom, "padded")])
+@pytest.mark.parametrize(("make_model", "layout"), [(tiny_llama, "packed"), (tiny_bloom, "packed"), (tiny_bloom, "padded")])
 def test_a_deeper_model_makes_a_step_read_no_more_often(make_model, layout):
     assert reads_in_one_step(make_model, layout, blocks=4) == reads_in_one_step(make_model, layout, blocks=2)
 

@@ -188,14 +188,17 @@ def test_a_run_trains_alike_in_every_layout(layout, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_auto_packs_a_model_with_position_ids_and_pads_one_without(tmp_path, capsys):
-    for make_model, expected in ((tiny_llama, "layout: packed"), (tiny_bloom, "layout: padded")):
+def test_auto_packs_a_model_with_position_ids_or_alibi_and_pads_one_with_neither(tmp_path, capsys, monkeypatch):
+    for make_model in (tiny_llama, tiny_bloom):
         model_dir = saved(make_model, tmp_path / make_model.__name__)
         assert train.main(["--model", model_dir, "--split", "train[:8]", "--eval-data", "none",
                            "--out-dir", str(tmp_path / f"run-{make_model.__name__}")]) == 0
-        out = capsys.readouterr().out
-        assert expected in out
-    assert "not packed: BloomForCausalLM takes no position ids" in out
+        assert "layout: packed" in capsys.readouterr().out
+    monkeypatch.setattr(train.packing, "use_packed_alibi", lambda model: False)  # neither positions nor ALiBi
+    assert train.main(["--model", model_dir, "--split", "train[:8]", "--eval-data", "none",
+                       "--out-dir", str(tmp_path / "run-neither")]) == 0
+    out = capsys.readouterr().out
+    assert "layout: padded" in out and "not packed: BloomForCausalLM takes no position ids and has no ALiBi" in out
 
 
 @pytest.mark.parametrize("flag, value, message", [

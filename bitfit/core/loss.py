@@ -52,6 +52,17 @@ def segment_lengths(position_ids: torch.Tensor) -> list[int]:
     return [end - start for start, end in zip(bounds, bounds[1:])]
 
 
+def block_causal_mask(position_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The additive (1, 1, T, T) attention mask of a packed row: each token sees the tokens of its own
+    sequence up to itself (0), nothing else (the dtype's minimum). A sequence starts where the positions
+    restart at 0. For a model that takes no position ids: ALiBi's biases depend only on how far apart
+    two tokens are, so this mask alone makes a packed row compute what each sequence alone computes
+    (once bitfit.data.packing.use_packed_alibi builds those biases from it)."""
+    sequence = (position_ids[0] == 0).cumsum(-1)
+    allowed = (sequence[:, None] == sequence[None, :]).tril()
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)[None, None]
+
+
 def counted(batch: Batch) -> Batch:
     """The batch, as a collator made it on the CPU, with what a step needs to know about it counted here,
     on the host: its label tokens and tokens, a packed row's sequence lengths (HOST_KEYS, which stay on
@@ -88,10 +99,12 @@ def loss_sum(model: nn.Module, batch: Batch) -> torch.Tensor:
     keep = batch["label_positions"] if "label_positions" in batch else label_positions(batch["labels"])
     accepts = forward_accepts(type(model))
     inputs = {"input_ids": batch["input_ids"], "use_cache": False}
-    if "position_ids" in batch:  # a packed row (packing.pack_batch): no padding, so no attention mask
+    if "position_ids" in batch and "position_ids" in accepts:  # a packed row (packing.pack_batch): no padding
         inputs["position_ids"] = batch["position_ids"]
         if "segment_lengths" in batch and "kwargs" in accepts:  # on to the attention (packing.per_example_attention)
             inputs["segment_lengths"] = batch["segment_lengths"].tolist()
+    elif "position_ids" in batch:  # a packed row for ALiBi (BLOOM): its sequences kept apart by the mask alone
+        inputs["attention_mask"] = block_causal_mask(batch["position_ids"], model.dtype)
     else:
         inputs["attention_mask"] = batch["attention_mask"]
         if "position_ids" in accepts:

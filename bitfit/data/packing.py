@@ -5,6 +5,9 @@ A packed row has no padding, so no compute goes to it. Three things make it exac
     per_example_attention the row is split where the positions restart, and each example runs causal
                           SDPA on its own: the same numbers as transformers' block-diagonal mask, without
                           scoring the row's whole square and throwing 7/8 of it away
+    use_packed_alibi      a model that takes no position ids but uses ALiBi (BLOOM): a per-sequence
+                          causal mask (core.loss.block_causal_mask), and ALiBi biases built from each
+                          token's position within its own sequence
     enable                before training, the loss of a pass's worth of examples packed and padded must agree to
                           PACKING_TOLERANCE: a model that let packed examples see each other would
                           otherwise train on a different problem, silently
@@ -78,6 +81,29 @@ def use_per_example_attention(model: nn.Module) -> bool:
     return model.config._attn_implementation == NAME
 
 
+def use_packed_alibi(model: nn.Module) -> bool:
+    """Let an ALiBi model (BLOOM) take a packed row: True if it is one. Its attention is then masked
+    per sequence (core.loss.block_causal_mask), and its ALiBi biases are built from each token's position
+    within its own sequence, read from that mask: what transformers builds from a padded batch's 2-D mask,
+    where a sequence's positions also start at 0. A 2-D mask (padding, generation) is built as before."""
+    base = model.base_model
+    build = getattr(base, "build_alibi_tensor", None)
+    if build is None:
+        return False
+    build = getattr(build, "padded", build)  # switched once already: keep the original
+
+    def alibi(attention_mask: torch.Tensor, num_heads: int, dtype: torch.dtype) -> torch.Tensor:
+        if attention_mask.dim() == 2:
+            return build(attention_mask, num_heads, dtype)
+        slopes = build(attention_mask.new_ones(1, 2), num_heads, torch.float32)[:, 0, 1]  # each head's slope x 1
+        positions = (attention_mask[0, 0] == 0).sum(-1) - 1  # a token sees its sequence up to itself
+        return (slopes[:, None, None] * positions[None, None, :]).to(dtype)
+
+    alibi.padded = build
+    base.build_alibi_tensor = alibi
+    return True
+
+
 @torch.no_grad()
 def packing_gap(model: nn.Module, examples: list[Example], pad: Callable[[list[Example]], Batch], bf16: bool = False) -> float:
     """Relative difference between the loss of `examples` packed in one row and padded in rows (in the
@@ -99,10 +125,10 @@ def enable(model: nn.Module, examples: list[Example], pad: Callable[[list[Exampl
     `max_tokens` (at least two: packing is about keeping examples apart), so the check costs no more
     memory than training; None if packing is exact for this model, else why not (and the model is
     left as it was)."""
-    if "position_ids" not in forward_accepts(type(model)):
-        return f"{type(model).__name__} takes no position ids (BLOOM's ALiBi attention, for one), so packed examples cannot be kept apart"
+    if "position_ids" not in forward_accepts(type(model)) and not use_packed_alibi(model):
+        return f"{type(model).__name__} takes no position ids and has no ALiBi, so packed examples cannot be kept apart"
     attention = model.config._attn_implementation
-    switched = use_per_example_attention(model)
+    switched = "position_ids" in forward_accepts(type(model)) and use_per_example_attention(model)
     n = 2
     while n < len(examples) and sum(len(e["input_ids"]) for e in examples[: n + 1]) <= max_tokens:
         n += 1
