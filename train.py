@@ -215,6 +215,8 @@ def setup_model(cfg: TrainConfig, classes: list[str] | None, device: torch.devic
                                                         cfg.trust_pickle_weights)
         log(f"task: {cfg.task}, " + (f"{len(classes)} classes: {', '.join(classes)}" if classes else "one number per row")
             + f"; the checkpoint lacks {', '.join(head) or 'nothing'}" + (": new, trained whole" if head else ""))
+    if cfg.bf16_weights:
+        pretrained.norms_in_fp32(model)  # beside their fp32 biases (on the CPU, layer_norm needs one dtype)
     added = add_missing_biases(model) if cfg.add_biases else []
     if added:
         log(f"added {len(added)} zero biases to bias-free linear layers inside the blocks")

@@ -117,8 +117,9 @@ def test_resuming_a_sharded_run_is_bitwise_equal_to_an_uninterrupted_one(tmp_pat
 
 
 @pytest.mark.slow
-def test_sharded_bf16_weights_train_and_evaluate_every_n_steps(tmp_path):
-    model_dir = saved(tiny_llama, tmp_path / "model")
+@pytest.mark.parametrize("make_model", [tiny_llama, tiny_bloom])  # BLOOM: LayerNorms with biases
+def test_sharded_bf16_weights_train_and_evaluate_every_n_steps(tmp_path, make_model):
+    model_dir = saved(make_model, tmp_path / "model")
     launched = torchrun("--model", model_dir, *ARGS, "--max-steps", "4", "--eval-every", "2", "--bf16", "--bf16-weights",
                         "--shard-weights", "--out-dir", str(tmp_path / "run"))
     assert launched.returncode == 0, launched.stderr[-3000:]

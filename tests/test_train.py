@@ -14,6 +14,7 @@ from bitfit.core.step import lr_factor
 from bitfit.data.collate import pad_batch
 from bitfit.data.examples import encode
 from bitfit.data.tasks import builtin_records
+from bitfit.model import pretrained
 from bitfit.model.delta import apply_delta, read_delta
 from bitfit.run.config import TrainConfig, parser
 from tiny import tiny_bloom, tiny_llama, tiny_tokenizer
@@ -104,8 +105,9 @@ def test_the_loss_goes_down_on_a_tiny_model(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_bf16_autocast_run_stays_finite(tmp_path):
-    model_dir = saved(tiny_llama, tmp_path / "model")
+@pytest.mark.parametrize("make_model", [tiny_llama, tiny_bloom])  # BLOOM: LayerNorms with biases, on the CPU too
+def test_a_bf16_autocast_run_with_bf16_weights_stays_finite(tmp_path, make_model):
+    model_dir = saved(make_model, tmp_path / "model")
     out = tmp_path / "run"
     assert train.main(["--model", model_dir, "--split", "train[:16]", "--eval-split", "heldout[:2]",
                        "--max-new-tokens", "2", "--bf16", "--bf16-weights", "--out-dir", str(out)]) == 0
@@ -113,6 +115,14 @@ def test_a_bf16_autocast_run_stays_finite(tmp_path):
     assert all(math.isfinite(loss) for loss in losses)
     delta, _ = read_delta(str(out / "delta.safetensors"))
     assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in delta.values())
+
+
+def test_bf16_weights_keep_a_layernorms_weight_in_fp32_beside_its_bias_and_the_matrices_in_bf16():
+    model = tiny_bloom().to(torch.bfloat16)
+    pretrained.norms_in_fp32(model)
+    params = dict(model.named_parameters())
+    assert params["transformer.h.0.input_layernorm.weight"].dtype == torch.float32
+    assert params["transformer.h.0.self_attention.query_key_value.weight"].dtype == torch.bfloat16
 
 
 def test_an_unknown_schedule_is_refused_not_taken_as_constant():

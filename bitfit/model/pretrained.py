@@ -283,6 +283,16 @@ def _cannot_load(name: str, error: Exception, offline: str) -> BitfitError:
     return BitfitError(f"could not load model {name!r}: {type(error).__name__}: {first_line}{hint}")
 
 
+def norms_in_fp32(model: nn.Module) -> None:
+    """Keep the weight of every normalization with a bias (LayerNorm) in fp32 in a model stored in bf16:
+    its bias trains in the fp32 flat buffer, layer_norm takes one dtype for the two, and the CPU's
+    autocast casts neither (CUDA's runs layer_norm in fp32 anyway). They are a few KB."""
+    for module in model.modules():
+        weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
+        if isinstance(weight, nn.Parameter) and weight.dim() == 1 and isinstance(bias, nn.Parameter):
+            weight.data = weight.data.float()
+
+
 def is_sharded(model: nn.Module) -> bool:
     """Sharded by bitfit.parallel.sharding (FSDP2): then every forward needs every process."""
     return any(hasattr(param, "full_tensor") for param in model.parameters())
