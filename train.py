@@ -190,8 +190,11 @@ def setup_device(cfg: TrainConfig, local_rank: int, log) -> torch.device:
     if cfg.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it for determinism
         torch.use_deterministic_algorithms(True)
+    tf32 = device.type == "cuda" and not cfg.bf16  # fp32 matmuls on the tensor cores (bf16 ones already are)
+    if tf32:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     log(f"device: {device} | frozen weights {'bfloat16' if cfg.bf16_weights else 'float32'} | biases and optimizer "
-        f"state float32 | bf16 autocast {'on' if cfg.bf16 else 'off'}")
+        f"state float32 | bf16 autocast {'on' if cfg.bf16 else 'off'}" + (" | fp32 matmuls in TF32" if tf32 else ""))
     return device
 
 

@@ -166,3 +166,34 @@ def test_a_single_padded_row_keeps_its_padding_out_of_the_real_tokens_attention(
         torch.testing.assert_close(loss_split, loss_sdpa, rtol=1e-6, atol=0)
         torch.testing.assert_close(grad_split, grad_sdpa, rtol=0, atol=1e-6)
     assert len(splits) == 4 and all(len(lengths) > 1 for lengths in splits)  # 2 sides x 2 layers, pads split off
+
+
+def test_the_one_varlen_call_gives_the_loss_and_gradient_of_the_padded_batch(monkeypatch):
+    """The CUDA path's plumbing (layouts, sequence bounds, grouped kv heads, scale) checked on the CPU, with
+    a reference of torch's varlen_attn (flash attention, CUDA only) made of one causal SDPA per sequence."""
+    def reference_varlen_attn(q, k, v, bounds_q, bounds_k, max_q, max_k, *, scale=None, window_size=(-1, -1),
+                              enable_gqa=False):
+        assert window_size == (-1, 0) and torch.equal(bounds_q, bounds_k) and bounds_q.dtype == torch.int32
+        assert max_q == max(bounds_q.diff().tolist())
+        outputs = [torch.nn.functional.scaled_dot_product_attention(
+            *(x[start:end].transpose(0, 1) for x in (q, k, v)), is_causal=True, scale=scale, enable_gqa=enable_gqa)
+            for start, end in zip(bounds_q[:-1].tolist(), bounds_q[1:].tolist())]
+        return torch.cat([output.transpose(0, 1) for output in outputs])
+
+    import torch.nn.attention.varlen
+
+    monkeypatch.setattr(torch.nn.attention.varlen, "varlen_attn", reference_varlen_attn)
+    calls = []
+    monkeypatch.setattr(packing, "takes_varlen", lambda query, kwargs: calls.append(1) or True)
+    tokenizer = tiny_tokenizer()
+    examples, _ = encode(builtin_records("train")[:8], tokenizer)
+    padded_loss, padded_gradient = loss_and_gradient(pad_batch(examples, pad_token_id=tokenizer.pad_token_id), False)
+    packed_loss, packed_gradient = loss_and_gradient(pack_batch(examples), True)
+    assert calls  # the varlen path ran
+    torch.testing.assert_close(packed_loss, padded_loss, rtol=1e-6, atol=0)
+    torch.testing.assert_close(packed_gradient, padded_gradient, rtol=0, atol=1e-6)
+
+
+def test_only_cuda_in_bf16_or_fp16_takes_the_varlen_call():
+    assert not packing.takes_varlen(torch.zeros(1, 2, 3, 4), {})
+    assert not packing.takes_varlen(torch.zeros(1, 2, 3, 4, dtype=torch.bfloat16), {})  # the CPU: no flash attention

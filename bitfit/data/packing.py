@@ -15,6 +15,7 @@ Anything the split does not cover (a padded batch, generation with a KV cache, a
 to transformers' own SDPA unchanged, so a switched model computes what it computed before.
 """
 
+import itertools
 from collections.abc import Callable
 
 import torch
@@ -61,9 +62,33 @@ def per_example_attention(module: nn.Module, query: torch.Tensor, key: torch.Ten
     if position_ids is None or not (one_row_no_cache and plain_causal):
         return sdpa_attention_forward(module, query, key, value, attention_mask, position_ids=position_ids, **kwargs)
     lengths = lengths or segment_lengths(position_ids[0])  # read from the device: a wait, once a layer
+    if takes_varlen(query, kwargs):
+        return one_varlen_call(module, query, key, value, lengths, kwargs.get("scaling")), None
     outputs = [sdpa_attention_forward(module, q, k, v, None, is_causal=True, **kwargs)[0]
                for q, k, v in zip(query.split(lengths, 2), key.split(lengths, 2), value.split(lengths, 2))]
     return torch.cat(outputs, dim=1), None
+
+
+def takes_varlen(query: torch.Tensor, kwargs: dict) -> bool:
+    """Whether the row's sequences go through ONE variable-length flash-attention call: on CUDA, in bf16 or
+    fp16 (flash attention's dtypes), without attention dropout or an extra bias. Elsewhere (the CPU, fp32),
+    one SDPA call per sequence."""
+    return (query.is_cuda and query.dtype in (torch.bfloat16, torch.float16) and not kwargs.get("dropout")
+            and kwargs.get("position_bias") is None and kwargs.get("softcap") is None)
+
+
+def one_varlen_call(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                    lengths: list[int], scaling: float | None) -> torch.Tensor:
+    """Causal attention of every sequence of one packed row in one kernel (torch's varlen_attn): query,
+    key, value (1, heads, tokens, head_dim) in, (1, tokens, heads, head_dim) out. The sequence bounds come
+    from the host's lengths (a copy to the device, never a wait)."""
+    from torch.nn.attention.varlen import varlen_attn  # CUDA only: imported where it runs
+
+    bounds = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32).to(query.device, non_blocking=True)
+    q, k, v = (tensor[0].transpose(0, 1) for tensor in (query, key, value))  # (tokens, heads, head_dim)
+    out = varlen_attn(q, k, v, bounds, bounds, max(lengths), max(lengths), scale=scaling, window_size=(-1, 0),
+                      enable_gqa=k.shape[1] != q.shape[1])
+    return out[None]
 
 
 def use_per_example_attention(model: nn.Module) -> bool:
