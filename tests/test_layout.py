@@ -167,3 +167,9 @@ def test_an_idle_pass_adds_nothing_to_the_loss_the_label_tokens_or_the_gradient(
     loss.backward()
     assert loss.item() == 0 and not flat.grads.any()
     assert ran_backward  # the first block's backward ran: under sharded weights it gathers, as the others' do
+
+
+@pytest.mark.parametrize(("gpu_memory", "tokens"), [(None, 256), (24e9, 1024), (40e9, 2048), (80e9, 4096),
+                                                     (141 * 2**30, 8192), (1e12, 8192), (1e9, 256)])
+def test_a_pass_holds_the_recipes_micro_batch_on_the_cpu_and_a_token_per_16_mib_on_a_gpu(gpu_memory, tokens):
+    assert layout.default_pass_tokens(1, 256, int(gpu_memory) if gpu_memory else None) == tokens

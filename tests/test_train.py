@@ -1,5 +1,6 @@
 import json
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -16,7 +17,7 @@ from bitfit.data.examples import encode
 from bitfit.data.tasks import builtin_records
 from bitfit.model import pretrained
 from bitfit.model.delta import apply_delta, read_delta
-from bitfit.run.config import TrainConfig, parser
+from bitfit.run.config import TrainConfig, from_args, parser
 from tiny import tiny_bloom, tiny_llama, tiny_tokenizer
 
 
@@ -229,3 +230,24 @@ def test_an_evaluation_file_is_used_whole_unless_a_split_is_given():
     assert TrainConfig().eval_split == "heldout[:100]"  # the built-in task's held-out split
     assert TrainConfig(data="mine.jsonl", eval_data="heldout.jsonl").eval_split == "train"  # all of the file
     assert TrainConfig(data="mine.jsonl", eval_data="heldout.jsonl", eval_split="train[:10]").eval_split == "train[:10]"
+
+
+def on_a_gpu_of(monkeypatch, memory: float) -> None:
+    """As if this machine had one CUDA GPU of `memory` bytes (only the config asks)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(total_memory=int(memory)))
+
+
+def test_bf16_on_cuda_stores_the_frozen_weights_in_bf16_unless_told_not_to(monkeypatch):
+    assert not TrainConfig(bf16=True).bf16_weights  # this CPU
+    on_a_gpu_of(monkeypatch, 80e9)
+    assert TrainConfig(bf16=True).bf16_weights and not TrainConfig(bf16=False).bf16_weights
+    assert not from_args(["--bf16", "--no-bf16-weights"]).bf16_weights
+    assert from_args(["--bf16"]).bf16_weights
+
+
+def test_the_pass_budget_on_cuda_comes_from_the_gpus_memory_and_a_given_one_is_kept(monkeypatch):
+    on_a_gpu_of(monkeypatch, 80e9)
+    assert TrainConfig().max_pass_tokens == 4096
+    assert TrainConfig(max_pass_tokens=512).max_pass_tokens == 512
+    assert TrainConfig(device="cpu").max_pass_tokens == 256

@@ -19,12 +19,30 @@ Whatever the layout, a step's loss is its summed token losses over its label tok
 every layout gives the same gradient up to float rounding: the layout decides speed and memory only.
 """
 
+import math
 import random
 import statistics
 
 KINDS = ("packed", "padded", "trainer")
 Step = list[int]  # the indices of one optimizer step's examples
 Passes = list[list[int]]  # one process's forward passes of one step, as example indices
+
+
+MIB_PER_TOKEN = 16  # on CUDA, one token of a pass per this many MiB of the GPU's memory...
+MAX_GPU_PASS_TOKENS = 8192  # ...up to this: beyond it, a pass is no faster per token
+
+
+def default_pass_tokens(batch_size: int, max_len: int, gpu_memory: int | None = None) -> int:
+    """--max-pass-tokens when not given. On the CPU (`gpu_memory` None): batch_size x max_len, the most one
+    micro-batch of the HF Trainer recipe holds, so no pass needs more activation memory than its largest.
+    On CUDA, a token per 16 MiB of the GPU's memory, rounded down to a power of two, between that and
+    8192: 2048 on 40 GB, 4096 on 80 GB, 8192 from 128 GB. Activations grow about 1-5 MB per token for
+    models of 1-7B parameters, so a pass takes a small part of the memory the weights leave."""
+    cpu = batch_size * max_len
+    if gpu_memory is None:
+        return cpu
+    tokens = 2 ** int(math.log2(max(1, gpu_memory // (MIB_PER_TOKEN * 2**20))))
+    return max(cpu, min(tokens, MAX_GPU_PASS_TOKENS))
 
 
 def draw_steps(n_examples: int, per_step: int, epochs: int, seed: int, max_steps: int = 0) -> list[Step]:

@@ -9,13 +9,15 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 
+import torch
+
 from bitfit.cli import ArgumentParser, check_device
 from bitfit.core.errors import BitfitError
 from bitfit.data.examples import TEMPLATES
-from bitfit.data.layout import KINDS
+from bitfit.data.layout import KINDS, default_pass_tokens
 from bitfit.data.sources import is_builtin, is_hub_name
 from bitfit.files import finite_number
-from bitfit.model.pretrained import EMBEDDED_ENCODER
+from bitfit.model.pretrained import EMBEDDED_ENCODER, pick_device
 from bitfit.run.report import OPTIONAL_SINKS, tensorboard_writer
 
 # Bounds on values that look valid but destroy the biases; each one's reason is in its flag's --help.
@@ -66,9 +68,10 @@ class TrainConfig:
                                   "--batch-size, exactly the HF Trainer recipe) or 'auto' (packed where the model takes "
                                   "position ids and the packing check passes, else padded); all give the same gradient")
     max_pass_tokens: int = _option(0, "tokens in one forward pass at most (packed and padded layouts; padding counts); "
-                                      "an example longer than this gets a pass of its own. 0 = --batch-size x --max-len, "
-                                      "the most one micro-batch of the HF Trainer recipe can hold, so no pass needs more "
-                                      "activation memory than the recipe's largest")
+                                      "an example longer than this gets a pass of its own. 0 = on the CPU --batch-size x "
+                                      "--max-len, the most one micro-batch of the HF Trainer recipe can hold, so no pass "
+                                      "needs more activation memory than the recipe's largest; on CUDA a token per "
+                                      "16 MiB of the GPU's memory (bitfit.data.layout.default_pass_tokens)")
     lr: float = _option(5e-3, "peak learning rate of AdamW; 5e-3 was best (or tied) on each of three tasks in a sweep "
                               "of 1e-3 to 2e-2 (benchmarks/lr_sweep.py; the BitFit paper's code used 1e-3). At most "
                               f"{MAX_LR:g}: AdamW moves every bias by up to about lr per step whatever its gradient, so "
@@ -90,7 +93,11 @@ class TrainConfig:
     device: str = _option("auto", "'auto' (CUDA if available, else CPU), 'cpu', 'cuda' or 'cuda:N'")
     bf16: bool = _option(False, "autocast matmuls to bf16 (fast on recent GPUs, very slow on most CPUs); "
                                 "biases and optimizer state stay fp32")
-    bf16_weights: bool = _option(False, "store the frozen weights in bf16 (half their memory); needs --bf16")
+    # None until resolved (__post_init__): whether a device is CUDA is known only when the config is made.
+    bf16_weights: bool = _option(None, "store the frozen weights in bf16 (half their memory; the biases, AdamW and "
+                                       "LayerNorm weights stay fp32); needs --bf16. Default: on with --bf16 on CUDA, "
+                                       "where a bf16 matmul would otherwise cast every fp32 weight on every pass; "
+                                       "off on the CPU")
     seed: int = _option(0, "seed of the data order and of torch's random generators")
     shard_weights: bool = _option(False, "under torchrun: split the frozen weights between the processes (FSDP2), each "
                                          "holding 1/N, gathered block by block, so a model bigger than one GPU trains; "
@@ -161,8 +168,12 @@ class TrainConfig:
                 raise BitfitError(f"--eval-data {self.eval_data}: give --eval-split for a hub dataset (e.g. "
                                   "'test[:200]'); a file's or folder's rows are used whole, a hub dataset's are not")
             self.eval_split = ("heldout[:100]" if self.task == "lm" else "heldout") if builtin else "train"
+        cuda = pick_device(self.device).type == "cuda"
         if not self.max_pass_tokens and self.layout != "trainer":  # resolved like the eval split, after it was checked
-            self.max_pass_tokens = self.batch_size * self.max_len
+            memory = torch.cuda.get_device_properties(pick_device(self.device)).total_memory if cuda else None
+            self.max_pass_tokens = default_pass_tokens(self.batch_size, self.max_len, memory)
+        if self.bf16_weights is None:
+            self.bf16_weights = self.bf16 and cuda
         if self.eval_every and (self.eval_data == "none" or (not self.eval_data and not is_builtin(self.data))):
             raise BitfitError("--eval-every needs evaluation data: give --eval-data (a file, folder or dataset)")
         if self.eval_every_exact_match and not self.eval_every:
