@@ -14,6 +14,7 @@ import json
 import sys
 import tempfile
 import time
+from datetime import datetime
 from pathlib import Path
 
 import torch
@@ -48,6 +49,18 @@ def token_counts(rows: list[dict]) -> dict:
             "label_tokens": sum(sum(label != -100 for label in r["labels"][1:]) for r in rows)}
 
 
+def step_tokens(rows: list[dict]) -> list[int]:
+    """The tokens of each optimizer step (ACCUM rows each)."""
+    return [sum(len(r["input_ids"]) for r in rows[i : i + ACCUM]) for i in range(0, len(rows), ACCUM)]
+
+
+def synchronized_time() -> float:
+    """The wall clock once the device's queued work is done."""
+    if device().type == "cuda":
+        torch.cuda.synchronize()
+    return time.time()
+
+
 def memory() -> dict:
     """This process's peak RSS; on CUDA also torch's max allocated and max reserved memory."""
     cuda = device().type == "cuda"
@@ -67,11 +80,25 @@ def timed(run) -> float:
     return time.perf_counter() - start
 
 
+def step_seconds(ends: list[float]) -> list[float]:
+    """The wall time of steps 2, 3, ...: from the end of the step before to its own end (collation,
+    logging and all). Step 1 has no step before it, and is a warm-up anyway."""
+    return [end - start for start, end in zip(ends, ends[1:])]
+
+
 def recipe_side(model_dir: str, jsonl: str, steps: int, lr: float) -> dict:
     """The HF Trainer recipe: from_pretrained, the recipe's freezing ("bias" in name), Trainer +
     DataCollatorForSeq2Seq, batch 1 x accumulation 8 (seed 001); bf16 autocast on a GPU, as they ran it."""
     from datasets import Dataset
-    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
+    from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
+
+    class StepEnds(TrainerCallback):
+        """When each optimizer step ends, the device's work done: the recipe's steps timed without its setup."""
+        def __init__(self):
+            self.ends = []
+
+        def on_step_end(self, *args, **kwargs):
+            self.ends.append(synchronized_time())
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, low_cpu_mem_usage=True)  # as seed 001 loads it
@@ -88,11 +115,13 @@ def recipe_side(model_dir: str, jsonl: str, steps: int, lr: float) -> dict:
                                  max_steps=steps, logging_steps=1, save_strategy="no", report_to=[], bf16=cuda,
                                  use_cpu=not cuda, train_sampling_strategy="sequential", dataloader_num_workers=0,
                                  seed=SEED, disable_tqdm=True)
+        clock = StepEnds()
         trainer = Trainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
-                          data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True))
+                          data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True), callbacks=[clock])
         seconds = timed(trainer.train)
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-    return {"seconds": seconds, "losses": losses, "trainable": trainable, **token_counts(rows), **memory()}
+    return {"seconds": seconds, "losses": losses, "trainable": trainable, "step_seconds": step_seconds(clock.ends),
+            "step_tokens": step_tokens(rows), **token_counts(rows), **memory()}
 
 
 def bitfit_side(model_dir: str, jsonl: str, steps: int, lr: float, extra: list[str]) -> dict:
@@ -105,10 +134,13 @@ def bitfit_side(model_dir: str, jsonl: str, steps: int, lr: float, extra: list[s
         cfg = from_args(["--model", model_dir, "--data", jsonl, "--eval-data", "none", "--lr", str(lr), "--max-steps",
                          str(steps), "--seed", str(SEED), "--out-dir", out, "--log-every", str(10**6), *extra])
         results = train.run(cfg)
-        losses = [json.loads(line)["loss"] for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+        records = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
     rows = ordered_rows(jsonl, AutoTokenizer.from_pretrained(model_dir), steps)
-    return {"seconds": results["train_seconds"], "losses": losses, "trainable": results["trainable"],
-            "layout": results["layout"], **token_counts(rows), **memory()}
+    # A step's record is made when its host read returns, the device's work done: its `time` is the step's end.
+    ends = [datetime.fromisoformat(r["time"]).timestamp() for r in records]
+    return {"seconds": results["train_seconds"], "losses": [r["loss"] for r in records], "trainable": results["trainable"],
+            "layout": results["layout"], "max_pass_tokens": cfg.max_pass_tokens, "step_seconds": step_seconds(ends),
+            "step_tokens": step_tokens(rows), **token_counts(rows), **memory()}
 
 
 def matmul_peak(size: int, dtype: torch.dtype, repeats: int, trials: int = 5) -> float:

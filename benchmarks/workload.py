@@ -66,6 +66,21 @@ def alpaca_like_records(tokenizer, n: int, seed: int = 0) -> list[dict]:
     return records
 
 
+def word_tokenizer():
+    """A byte-level BPE tokenizer trained here on WORDS and the prompt template, for benchmarks that need
+    no embedded model (benchmarks/gpu.py): every word of WORDS one token, an eos and a pad token."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    corpus = [f"Human: {' '.join(WORDS)}.\n{word.capitalize()} {word}.\n\nAssistant: {word}." for word in WORDS] * 20
+    bpe.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=1024, special_tokens=["<pad>", "</s>"],
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="</s>", pad_token="<pad>")
+
+
 def load_model() -> tuple:
     """The embedded SmolLM2-135M-Instruct as train.py sets it up: zero biases added, everything else frozen."""
     model, tokenizer = pretrained.load(pretrained.EMBEDDED, torch.device("cpu"))

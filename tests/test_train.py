@@ -153,10 +153,10 @@ def test_config_rejects_unknown_keys_and_bad_values():
         TrainConfig(layout="pack")
 
 
-def test_a_pass_holds_at_most_what_one_micro_batch_of_the_hf_trainer_recipe_can_hold_unless_told_otherwise():
-    assert TrainConfig().max_pass_tokens == 256  # --batch-size 1 x --max-len 256
-    assert TrainConfig(batch_size=2, max_len=512).max_pass_tokens == 1024
-    assert TrainConfig(max_pass_tokens=100).max_pass_tokens == 100
+def test_on_the_cpu_a_pass_holds_at_most_what_one_micro_batch_of_the_hf_trainer_recipe_can_hold_unless_told_otherwise():
+    assert TrainConfig(device="cpu").max_pass_tokens == 256  # --batch-size 1 x --max-len 256
+    assert TrainConfig(device="cpu", batch_size=2, max_len=512).max_pass_tokens == 1024
+    assert TrainConfig(device="cpu", max_pass_tokens=100).max_pass_tokens == 100
 
 
 def test_a_saved_config_of_the_layout_once_called_seeds_resumes_as_the_trainer_layout():
@@ -239,7 +239,7 @@ def on_a_gpu_of(monkeypatch, memory: float) -> None:
 
 
 def test_bf16_on_cuda_stores_the_frozen_weights_in_bf16_unless_told_not_to(monkeypatch):
-    assert not TrainConfig(bf16=True).bf16_weights  # this CPU
+    assert not TrainConfig(bf16=True, device="cpu").bf16_weights
     on_a_gpu_of(monkeypatch, 80e9)
     assert TrainConfig(bf16=True).bf16_weights and not TrainConfig(bf16=False).bf16_weights
     assert not from_args(["--bf16", "--no-bf16-weights"]).bf16_weights
