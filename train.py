@@ -230,6 +230,9 @@ def setup_model(cfg: TrainConfig, classes: list[str] | None, device: torch.devic
         sharding.shard(model, selection, device, world)
         sharding.fill(model, pretrained.resolve(cfg.model), added, rank, world)
     flat = FlatBiases(model, selection)  # after the model is on its device and in its dtype
+    if cfg.compile:  # after the flat buffer: compiled code then reads the biases' views
+        log(f"compiled {pretrained.compile_blocks(model)} blocks (torch.compile, dynamic shapes) for the training "
+            "passes; evaluation runs eager")
     params = dict(model.named_parameters())
     log(describe(*count_trainable(model, selection), {name: params[name].numel() for name in head}))
     if cfg.task == "lm" and (context := pretrained.context_length(model)) and cfg.max_len > context:
@@ -440,6 +443,12 @@ def recorded_steps(path: Path, steps: int) -> list[str]:
 
 # --- evaluate and save ------------------------------------------------------------------------------
 
+# Evaluation and generation run the blocks eager: compiled ones (--compile) would be compiled again for
+# generation's KV cache and every new length, for a few forwards.
+EAGER = torch.compiler.set_stance("force_eager")
+
+
+@EAGER
 def evaluate(model, tokenizer, held_out: dict, cfg: TrainConfig, device) -> dict:
     """Held-out loss and exact match (a classifier's or regressor's measures: bitfit.run.measures), timed."""
     start = time.perf_counter()
@@ -486,6 +495,7 @@ def evaluate_trained(model, tokenizer, held_out: dict, cfg: TrainConfig, device,
                              f"was deleted (try a lower --lr)") from None
 
 
+@EAGER
 def check_outputs(model, tokenizer, examples: list, cfg: TrainConfig, steps: int) -> None:
     """NonFiniteError unless the trained model's outputs on a few training examples are finite: biases can
     be finite while the logits are not, and such a model must never be saved as a result. Every process
@@ -558,6 +568,7 @@ def read_cached(path: Path, task: str, log) -> dict | None:
     return None
 
 
+@EAGER
 def evaluate_during(model, tokenizer, held_out: dict, cfg: TrainConfig, device) -> dict:
     """The held-out measures of one --eval-every point, as metrics.jsonl fields."""
     measured = {"eval_loss": finite_loss(heldout_loss(model, held_out["examples"], collator(cfg, tokenizer), device, cfg.bf16))}

@@ -251,3 +251,19 @@ def test_the_pass_budget_on_cuda_comes_from_the_gpus_memory_and_a_given_one_is_k
     assert TrainConfig().max_pass_tokens == 4096
     assert TrainConfig(max_pass_tokens=512).max_pass_tokens == 512
     assert TrainConfig(device="cpu").max_pass_tokens == 256
+
+
+@pytest.mark.slow
+def test_compiled_blocks_train_to_the_losses_of_eager_ones(tmp_path):
+    model_dir = saved(tiny_llama, tmp_path / "model")
+    args = ["--model", model_dir, "--split", "train[:24]", "--eval-split", "heldout[:2]", "--max-new-tokens", "2"]
+    assert train.main([*args, "--out-dir", str(tmp_path / "eager")]) == 0
+    assert train.main([*args, "--compile", "--out-dir", str(tmp_path / "compiled")]) == 0
+    eager, compiled = ([json.loads(line)["loss"] for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+                       for run in ("eager", "compiled"))
+    assert len(eager) == 3 and compiled == pytest.approx(eager, rel=1e-5)
+
+
+def test_compile_with_sharded_weights_is_refused():
+    with pytest.raises(BitfitError, match="--compile with --shard-weights is untested"):
+        TrainConfig(compile=True, shard_weights=True)

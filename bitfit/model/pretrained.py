@@ -28,6 +28,7 @@ from transformers import (
 )
 
 from bitfit import hub
+from bitfit.core.biases import block_lists
 from bitfit.core.errors import BitfitError
 from bitfit.data.collate import pad_id
 from bitfit.files import parse_json, write_error
@@ -281,6 +282,16 @@ def _cannot_load(name: str, error: Exception, offline: str) -> BitfitError:
     first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
     hint = "; pass --trust-remote-code if you trust that code" if "trust_remote_code" in str(error) else ""
     return BitfitError(f"could not load model {name!r}: {type(error).__name__}: {first_line}{hint}")
+
+
+def compile_blocks(model: nn.Module) -> int:
+    """torch.compile each transformer block in place, with dynamic shapes (passes differ in length): fused
+    kernels for the blocks' elementwise work. The bias parameters stay views of the flat buffer: compiled
+    code reads them as inputs, and autograd still adds their gradients into the buffer. How many blocks."""
+    blocks = [block for _, stack in block_lists(model) for block in stack]
+    for block in blocks:
+        block.compile(dynamic=True)
+    return len(blocks)
 
 
 def norms_in_fp32(model: nn.Module) -> None:

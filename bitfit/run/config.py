@@ -103,6 +103,8 @@ class TrainConfig:
                                          "holding 1/N, gathered block by block, so a model bigger than one GPU trains; "
                                          "the trained biases stay whole on every process (bitfit/parallel/sharding.py)")
     deterministic: bool = _option(False, "ask torch for deterministic kernels (slower on CUDA)")
+    compile: bool = _option(False, "torch.compile each transformer block for the training passes (evaluation and "
+                                   "generation stay eager); compiling costs tens of seconds at the start")
     # --- logging, evaluation and output ---
     log_every: int = _option(10, "print a log line every N optimizer steps")
     report_to: str = _option("", "also send each step's record to 'tensorboard' (event files in the run folder's "
@@ -181,6 +183,9 @@ class TrainConfig:
         if self.shard_weights and self.trust_pickle_weights:
             raise BitfitError("--shard-weights reads each process's part of the weights from safetensors files; "
                               "convert pickle weights to safetensors (or train without --shard-weights)")
+        if self.compile and self.shard_weights:
+            raise BitfitError("--compile with --shard-weights is untested (FSDP2 wraps the blocks it would compile); "
+                              "use one of the two")
         if self.bf16_weights and not self.bf16:
             raise BitfitError("--bf16-weights needs --bf16: bf16 weights with fp32 activations cannot multiply")
 
