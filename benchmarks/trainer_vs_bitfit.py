@@ -118,8 +118,8 @@ def main() -> None:
                 log = work / f"{name}-{side}-{round_}.log"  # each side's own output, shown if it fails
                 with open(log, "w") as sink:
                     done = subprocess.run([sys.executable, __file__, "--side", side, "--jsonl", str(paths[name]),
-                                           "--lr", str(DATA[name]), "--steps", str(args.steps), "--bitfit-args",
-                                           args.bitfit_args, "--out", str(out)], stdout=sink, stderr=subprocess.STDOUT)
+                                           "--lr", str(DATA[name]), "--steps", str(args.steps),
+                                           f"--bitfit-args={args.bitfit_args}", "--out", str(out)], stdout=sink, stderr=subprocess.STDOUT)
                 if done.returncode != 0:
                     sys.exit(f"the {side} side failed on {name}:\n{log.read_text()[-3000:]}")
                 runs[side].append(json.loads(out.read_text()))
