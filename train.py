@@ -34,6 +34,7 @@ from bitfit.core.biases import (
 )
 from bitfit.core.errors import BitfitError, Interrupted, NonFiniteError
 from bitfit.core.flat import FlatBiases
+from bitfit.core.loss import forward_accepts
 from bitfit.core.step import adamw, lr_schedule
 from bitfit.data import layout, packing
 from bitfit.data.collate import pad_batch, pad_id, pad_labelled
@@ -89,6 +90,9 @@ def run(cfg: TrainConfig) -> dict:
 
         train_start = time.perf_counter()
         during = partial(evaluate_during, model, tokenizer, held_out, cfg, device) if held_out else None
+        if cfg.compile:  # after the flat buffer (compiled code reads the biases' views) and the packing check
+            log(f"compiling {pretrained.compile_blocks(model)} blocks (torch.compile, dynamic shapes) for the training "
+                "passes; evaluation runs eager")
         fit(model, flat, optimizer, scheduler, plan, examples, collate, cfg, out_dir, stop, first_step, during)
         results["train_seconds"] = time.perf_counter() - train_start
         stop.at_once, stop.finishing = None, "writing the delta, then stopping"
@@ -230,9 +234,6 @@ def setup_model(cfg: TrainConfig, classes: list[str] | None, device: torch.devic
         sharding.shard(model, selection, device, world)
         sharding.fill(model, pretrained.resolve(cfg.model), added, rank, world)
     flat = FlatBiases(model, selection)  # after the model is on its device and in its dtype
-    if cfg.compile:  # after the flat buffer: compiled code then reads the biases' views
-        log(f"compiled {pretrained.compile_blocks(model)} blocks (torch.compile, dynamic shapes) for the training "
-            "passes; evaluation runs eager")
     params = dict(model.named_parameters())
     log(describe(*count_trainable(model, selection), {name: params[name].numel() for name in head}))
     if cfg.task == "lm" and (context := pretrained.context_length(model)) and cfg.max_len > context:
@@ -254,12 +255,16 @@ def setup_model(cfg: TrainConfig, classes: list[str] | None, device: torch.devic
 
 def choose_layout(cfg: TrainConfig, model, examples: list, pad) -> tuple[str, str]:
     """The layout to train with, and why: 'auto' is packed when the model can keep packed examples
-    apart (bitfit.data.packing checks it on the first examples), else padded."""
+    apart (bitfit.data.packing checks it on the first examples) by its position ids, else padded. An
+    ALiBi model (BLOOM) packs only when asked: its attention scores a packed row's whole square."""
     requested = cfg.layout
     if requested not in ("auto", "packed"):
         return requested, "as asked"
     if cfg.task != "lm":  # config refused packed for it
         return "padded", "one label per row: rows padded to the pass's longest"
+    if requested == "auto" and "position_ids" not in forward_accepts(type(model)):
+        return "padded", (f"not packed: {type(model).__name__} takes no position ids, and its attention would score a "
+                          "packed row's whole square; --layout packed packs it exactly")
     why_not = packing.enable(model, examples, pad, cfg.max_pass_tokens, cfg.bf16)
     if why_not is None:
         return "packed", "checked: a pass's examples packed and padded give the same loss"

@@ -9,7 +9,7 @@ in a process of its own, on the same Alpaca-length examples (20-370 tokens, mean
 same order, for the same steps of 1 x 8 with the same lr and schedule:
     recipe                    the HF Trainer recipe's Trainer + DataCollatorForSeq2Seq, batch 1 x accumulation 8,
                               bf16 autocast, fp32 weights, its freezing (`"bias" in name`)
-    bitfit, CPU pass budget   `python train.py --bf16 --max-pass-tokens 256`: the CPU's passes
+    bitfit, CPU pass budget   `python train.py --bf16 --max-pass-tokens 256`: the CPU's passes (bf16 weights)
     bitfit, GPU defaults      `python train.py --bf16`: bf16 weights and the GPU's pass budget follow
 Every step is timed from the end of the one before to its own end, the device's work done (the recipe's
 through a Trainer callback, so its setup is left out); the first --warmup steps are left out. Per side:
@@ -151,11 +151,12 @@ def main() -> None:
     jsonl = work / "alpaca.jsonl"
     jsonl.write_text("".join(json.dumps(r) + "\n" for r in alpaca_like_records(word_tokenizer(), ACCUM * args.steps)))
     dtype = torch.bfloat16 if cuda else torch.float32
-    peaks = {"spec": next((peak for gpu, peak in SPEC_PEAK_BF16.items() if gpu in name), None) if cuda else None,
+    spec = next((peak for gpu, peak in SPEC_PEAK_BF16.items() if re.search(rf"\b{gpu}\b", name)), None)
+    peaks = {"spec": spec if cuda else None,
              "measured": matmul_peak(256 if args.tiny else 8192, dtype, repeats=20)}
-    spec = f"{peaks['spec'] / 1e12:.0f} TFLOP/s" if peaks["spec"] else "unknown"
+    spec_said = f"{peaks['spec'] / 1e12:.0f} TFLOP/s" if peaks["spec"] else "unknown"
     print(f"matmul peak measured here: {peaks['measured'] / 1e12:.1f} TFLOP/s ({str(dtype).removeprefix('torch.')}); "
-          f"the GPU's spec bf16 peak: {spec}")
+          f"the GPU's spec bf16 peak: {spec_said}")
     table = {}
     for model_name, folder in build_models(work, args.tiny).items():
         sides = {side: launch(side, folder, str(jsonl), args.steps, work) for side in SIDES}

@@ -106,11 +106,12 @@ def test_the_loss_goes_down_on_a_tiny_model(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("make_model", [tiny_llama, tiny_bloom])  # BLOOM: LayerNorms with biases, on the CPU too
-def test_a_bf16_autocast_run_with_bf16_weights_stays_finite(tmp_path, make_model):
+@pytest.mark.parametrize(("make_model", "biases"), [(tiny_llama, "all"), (tiny_bloom, "all"), (tiny_bloom, "reduced")])
+def test_a_bf16_autocast_run_with_bf16_weights_stays_finite(tmp_path, make_model, biases):
+    """BLOOM: LayerNorms with biases, trained (all) or frozen (reduced), on the CPU too."""
     model_dir = saved(make_model, tmp_path / "model")
     out = tmp_path / "run"
-    assert train.main(["--model", model_dir, "--split", "train[:16]", "--eval-split", "heldout[:2]",
+    assert train.main(["--model", model_dir, "--split", "train[:16]", "--eval-split", "heldout[:2]", "--biases", biases,
                        "--max-new-tokens", "2", "--bf16", "--bf16-weights", "--out-dir", str(out)]) == 0
     losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert all(math.isfinite(loss) for loss in losses)
@@ -118,11 +119,12 @@ def test_a_bf16_autocast_run_with_bf16_weights_stays_finite(tmp_path, make_model
     assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in delta.values())
 
 
-def test_bf16_weights_keep_a_layernorms_weight_in_fp32_beside_its_bias_and_the_matrices_in_bf16():
+def test_bf16_weights_keep_a_layernorm_in_fp32_and_the_matrices_in_bf16():
     model = tiny_bloom().to(torch.bfloat16)
     pretrained.norms_in_fp32(model)
     params = dict(model.named_parameters())
     assert params["transformer.h.0.input_layernorm.weight"].dtype == torch.float32
+    assert params["transformer.h.0.input_layernorm.bias"].dtype == torch.float32  # trained or not
     assert params["transformer.h.0.self_attention.query_key_value.weight"].dtype == torch.bfloat16
 
 
@@ -199,17 +201,17 @@ def test_a_run_trains_alike_in_every_layout(layout, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_auto_packs_a_model_with_position_ids_or_alibi_and_pads_one_with_neither(tmp_path, capsys, monkeypatch):
-    for make_model in (tiny_llama, tiny_bloom):
+def test_auto_packs_a_model_with_position_ids_and_pads_an_alibi_one_which_packs_when_asked(tmp_path, capsys):
+    args = ["--split", "train[:8]", "--eval-data", "none"]
+    for make_model, layout, expected in ((tiny_llama, "auto", "layout: packed"), (tiny_bloom, "auto", "layout: padded"),
+                                         (tiny_bloom, "packed", "layout: packed")):
         model_dir = saved(make_model, tmp_path / make_model.__name__)
-        assert train.main(["--model", model_dir, "--split", "train[:8]", "--eval-data", "none",
-                           "--out-dir", str(tmp_path / f"run-{make_model.__name__}")]) == 0
-        assert "layout: packed" in capsys.readouterr().out
-    monkeypatch.setattr(train.packing, "use_packed_alibi", lambda model: False)  # neither positions nor ALiBi
-    assert train.main(["--model", model_dir, "--split", "train[:8]", "--eval-data", "none",
-                       "--out-dir", str(tmp_path / "run-neither")]) == 0
-    out = capsys.readouterr().out
-    assert "layout: padded" in out and "not packed: BloomForCausalLM takes no position ids and has no ALiBi" in out
+        assert train.main(["--model", model_dir, *args, "--layout", layout,
+                           "--out-dir", str(tmp_path / f"run-{make_model.__name__}-{layout}")]) == 0
+        out = capsys.readouterr().out
+        assert expected in out
+        if layout == "auto" and make_model is tiny_bloom:  # its attention would score the packed row's square
+            assert "not packed: BloomForCausalLM takes no position ids" in out
 
 
 @pytest.mark.parametrize("flag, value, message", [

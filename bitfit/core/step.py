@@ -40,13 +40,13 @@ def train_step(model: nn.Module, flat: FlatBiases, optimizer: torch.optim.Optimi
     device = flat.grads.device
     summed = torch.zeros((), dtype=torch.float64, device=device)
     for batch in passes:
-        batch = {key: value if key in HOST_KEYS else value.to(device, non_blocking=True) for key, value in batch.items()}
+        batch = {key: value if key in HOST_KEYS else to_device(value, device) for key, value in batch.items()}
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             loss = loss_sum(model, batch)
         loss.backward()  # autograd adds each bias's gradient in place into its view of flat.grads
         summed += loss.detach()
     n_labels, n_tokens = sum(label_tokens(b) for b in passes), sum(input_tokens(b) for b in passes)  # on the host
-    totals = torch.stack([summed, summed.new_tensor(n_labels), summed.new_tensor(n_tokens)])
+    totals = torch.stack([summed, summed.new_full((), n_labels), summed.new_full((), n_tokens)])  # fills: no copy
     # Sum every process's share: ONE all-reduce of the whole flat gradient (4 bytes per bias, whatever
     # the model's size), one of three numbers. Both are no-ops in a single process.
     summed_over_processes(flat.grads)
@@ -55,8 +55,16 @@ def train_step(model: nn.Module, flat: FlatBiases, optimizer: torch.optim.Optimi
     # The norm, the clip and AdamW each see ONE tensor: the flat buffers, not hundreds of small biases.
     norm = torch.nn.utils.clip_grad_norm_([flat.param], grad_clip if grad_clip > 0 else math.inf)
     broken = (~torch.isfinite(totals[0]) | ~torch.isfinite(norm)).float()
-    optimizer.found_inf = broken  # the fused AdamW leaves biases and state as they are where this is 1
-    optimizer.step()
+    if not getattr(optimizer, "defaults", {}).get("fused"):  # only a fused optimizer skips on the device: read first
+        if broken.item():
+            raise NonFiniteError(f"loss {totals[0].item() / totals[1].item()}, gradient norm {norm.item()}")
+        optimizer.step()
+    else:
+        optimizer.found_inf = broken  # the fused AdamW leaves biases and state as they are where this is 1
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.found_inf  # for this step only
     flat.zero_grad()  # in place: the bias gradients stay views of the buffer (never optimizer.zero_grad())
     finite_after = torch.isfinite(flat.values).all()
     loss_total, n_labels, n_tokens, grad_norm, skipped, finite = torch.stack(  # THE one read of the step
@@ -69,6 +77,14 @@ def train_step(model: nn.Module, flat: FlatBiases, optimizer: torch.optim.Optimi
     return record
 
 # THE BITFIT STEP END ---------------------------------------------------------------------------------
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device` without the host waiting: on CUDA, copied from pinned memory, which runs
+    behind the device's queued work (a copy from ordinary memory would wait for it)."""
+    if device.type == "cuda":
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
 
 
 def summed_over_processes(tensor: torch.Tensor) -> torch.Tensor:

@@ -71,10 +71,12 @@ def per_example_attention(module: nn.Module, query: torch.Tensor, key: torch.Ten
 
 def takes_varlen(query: torch.Tensor, kwargs: dict) -> bool:
     """Whether the row's sequences go through ONE variable-length flash-attention call: on CUDA, in bf16 or
-    fp16 (flash attention's dtypes), without attention dropout or an extra bias. Elsewhere (the CPU, fp32),
-    one SDPA call per sequence."""
+    fp16 (flash attention's dtypes), on a GPU flash attention runs on (Ampere or newer, head dim <= 256),
+    without attention dropout or an extra bias. Elsewhere (the CPU, fp32), one SDPA call per sequence."""
     return (query.is_cuda and query.dtype in (torch.bfloat16, torch.float16) and not kwargs.get("dropout")
-            and kwargs.get("position_bias") is None and kwargs.get("softcap") is None)
+            and kwargs.get("position_bias") is None and kwargs.get("softcap") is None
+            and torch.backends.cuda.is_flash_attention_available()
+            and torch.cuda.get_device_capability(query.device) >= (8, 0) and query.shape[-1] <= 256)
 
 
 def one_varlen_call(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -118,7 +120,8 @@ def use_packed_alibi(model: nn.Module) -> bool:
     build = getattr(build, "padded", build)  # switched once already: keep the original
 
     def alibi(attention_mask: torch.Tensor, num_heads: int, dtype: torch.dtype) -> torch.Tensor:
-        if attention_mask.dim() == 2:
+        one_packed_row = attention_mask.dim() == 4 and attention_mask.shape[0] == 1 and attention_mask.is_floating_point()
+        if not (one_packed_row and attention_mask.shape[-1] == attention_mask.shape[-2]):
             return build(attention_mask, num_heads, dtype)
         slopes = build(attention_mask.new_ones(1, 2), num_heads, torch.float32)[:, 0, 1]  # each head's slope x 1
         positions = (attention_mask[0, 0] == 0).sum(-1) - 1  # a token sees its sequence up to itself

@@ -295,13 +295,14 @@ def compile_blocks(model: nn.Module) -> int:
 
 
 def norms_in_fp32(model: nn.Module) -> None:
-    """Keep the weight of every normalization with a bias (LayerNorm) in fp32 in a model stored in bf16:
-    its bias trains in the fp32 flat buffer, layer_norm takes one dtype for the two, and the CPU's
-    autocast casts neither (CUDA's runs layer_norm in fp32 anyway). They are a few KB."""
+    """Keep every normalization with a bias (LayerNorm) in fp32 in a model stored in bf16: a trained bias
+    is fp32 in the flat buffer, layer_norm takes one dtype for its weight and bias, and the CPU's autocast
+    casts neither (CUDA's runs layer_norm in fp32 anyway). A frozen bias goes to fp32 too, so any
+    --biases selection agrees. They are a few KB."""
     for module in model.modules():
         weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
         if isinstance(weight, nn.Parameter) and weight.dim() == 1 and isinstance(bias, nn.Parameter):
-            weight.data = weight.data.float()
+            weight.data, bias.data = weight.data.float(), bias.data.float()
 
 
 def is_sharded(model: nn.Module) -> bool:
