@@ -14,6 +14,7 @@ from collections.abc import Callable
 import torch
 
 from bitfit.core.errors import BitfitError
+from bitfit.files import check_new_folder
 
 DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 
@@ -35,6 +36,20 @@ def add_trust_flags(cli: argparse.ArgumentParser) -> None:
     cli.add_argument("--trust-remote-code", action="store_true", help="let transformers run code shipped with the model")
     cli.add_argument("--trust-pickle-weights", action="store_true",
                      help="load weights stored as pickle (.bin/.pt), which can run any code they contain")
+
+
+def delta_to_folder_args(argv: list[str] | None, description: str, out_help: str) -> argparse.Namespace:
+    """The command line of a tool that makes a new folder of a delta (merge, the adapter export): --delta,
+    --out, --model and the trust flags; --out is checked to be new or empty before any model loads (a
+    refusal should not take a minute)."""
+    cli = ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    cli.add_argument("--delta", required=True, help="a delta.safetensors written by train.py")
+    cli.add_argument("--out", required=True, help=out_help)
+    cli.add_argument("--model", default="", help="the base model; '' means the one the delta names")
+    add_trust_flags(cli)
+    args = cli.parse_args(argv)
+    check_new_folder(args.out, "--out")
+    return args
 
 
 def check_device(name: str) -> str:

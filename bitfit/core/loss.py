@@ -43,22 +43,27 @@ def label_positions(labels: torch.Tensor) -> torch.Tensor:
     return (labels[:, 1:] != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)
 
 
+def sequence_ids(position_ids: torch.Tensor) -> torch.Tensor:
+    """Which sequence each token of one row of position ids is in: a new one starts wherever a position
+    does not continue the previous one by +1 (the rule transformers' mask builder uses for packed rows).
+    [0, 1, 2, 0, 1, 0] -> [0, 0, 0, 1, 1, 2]. On the device, no wait."""
+    starts = torch.ones_like(position_ids, dtype=torch.bool)
+    starts[1:] = position_ids[1:] - position_ids[:-1] != 1
+    return starts.cumsum(-1) - 1
+
+
 def segment_lengths(position_ids: torch.Tensor) -> list[int]:
-    """Lengths of the sequences in one row of position ids: a new one starts wherever a position does
-    not continue the previous one by +1 (the rule transformers' mask builder uses for packed rows).
-    [0, 1, 2, 0, 1, 0] -> [3, 2, 1]."""
-    breaks = (position_ids[1:] - position_ids[:-1] != 1).nonzero().squeeze(1) + 1
-    bounds = [0, *breaks.tolist(), position_ids.numel()]
-    return [end - start for start, end in zip(bounds, bounds[1:])]
+    """Lengths of the sequences in one row of position ids (sequence_ids' rule): [0, 1, 2, 0, 1, 0] -> [3, 2, 1]."""
+    return torch.bincount(sequence_ids(position_ids)).tolist()
 
 
 def block_causal_mask(position_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """The additive (1, 1, T, T) attention mask of a packed row: each token sees the tokens of its own
     sequence up to itself (0), nothing else (the dtype's minimum). A sequence starts where the positions
-    restart at 0. For a model that takes no position ids: ALiBi's biases depend only on how far apart
+    restart (sequence_ids). For a model that takes no position ids: ALiBi's biases depend only on how far apart
     two tokens are, so this mask alone makes a packed row compute what each sequence alone computes
     (once bitfit.data.packing.use_packed_alibi builds those biases from it)."""
-    sequence = (position_ids[0] == 0).cumsum(-1)
+    sequence = sequence_ids(position_ids[0])
     allowed = (sequence[:, None] == sequence[None, :]).tril()
     return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)[None, None]
 

@@ -23,7 +23,6 @@ never changes one. The export loads the base, applies the delta
 (bitfit.run.finite): an adapter of a run that diverged is never written.
 """
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -32,7 +31,7 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from bitfit.cli import ArgumentParser, add_trust_flags, entry_point
+from bitfit.cli import delta_to_folder_args, entry_point
 from bitfit.core.errors import BitfitError
 from bitfit.files import check_new_folder, write_folder
 from bitfit.model import pretrained
@@ -112,13 +111,7 @@ def export(delta_path: str, out_dir: str, model_name: str = "", trust_remote_cod
 
 @entry_point
 def main(argv: list[str] | None = None) -> int:
-    cli = ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    cli.add_argument("--delta", required=True, help="a delta.safetensors written by train.py")
-    cli.add_argument("--out", required=True, help="a new (or empty) folder for the PEFT adapter")
-    cli.add_argument("--model", default="", help="the base model; '' means the one the delta names")
-    add_trust_flags(cli)
-    args = cli.parse_args(argv)
-    check_new_folder(args.out, "--out")  # before the model is loaded: a refusal should not take a minute
+    args = delta_to_folder_args(argv, __doc__.splitlines()[0], "a new (or empty) folder for the PEFT adapter")
     out = export(args.delta, args.out, args.model, args.trust_remote_code, args.trust_pickle_weights)
     print(f"wrote {out}: load it with PeftModel.from_pretrained(base_model, {str(out)!r})")
     return 0

@@ -9,7 +9,6 @@ and the delta stays the way to use the tuned model. --out must be a new or empty
 writes over a base model's folder, a run folder or anything else already there.
 """
 
-import argparse
 import copy
 import json
 import sys
@@ -18,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from bitfit.cli import ArgumentParser, add_trust_flags, entry_point
+from bitfit.cli import delta_to_folder_args, entry_point
 from bitfit.core.biases import add_zero_bias, is_bias
 from bitfit.core.errors import BitfitError
 from bitfit.files import check_new_folder, write_folder
@@ -105,13 +104,8 @@ def merge(model: nn.Module, delta_path: str, out_dir: str, tokenizer=None) -> Pa
 
 @entry_point
 def main(argv: list[str] | None = None) -> int:
-    cli = ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    cli.add_argument("--delta", required=True, help="a delta.safetensors written by train.py")
-    cli.add_argument("--out", required=True, help="a new (or empty) folder to write the merged model and its tokenizer to")
-    cli.add_argument("--model", default="", help="the base model; '' means the one the delta names")
-    add_trust_flags(cli)
-    args = cli.parse_args(argv)
-    check_new_folder(args.out, "--out")  # before the model is loaded: a refusal should not take a minute
+    args = delta_to_folder_args(argv, __doc__.splitlines()[0],
+                                "a new (or empty) folder to write the merged model and its tokenizer to")
     metadata = read_delta(args.delta)[1]
     model, tokenizer = pretrained.load_for(args.model or metadata["base_model"], *task_of(metadata), torch.device("cpu"),
                                        torch.float32, args.trust_remote_code, args.trust_pickle_weights)

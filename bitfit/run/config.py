@@ -170,9 +170,10 @@ class TrainConfig:
                 raise BitfitError(f"--eval-data {self.eval_data}: give --eval-split for a hub dataset (e.g. "
                                   "'test[:200]'); a file's or folder's rows are used whole, a hub dataset's are not")
             self.eval_split = ("heldout[:100]" if self.task == "lm" else "heldout") if builtin else "train"
-        cuda = pick_device(self.device).type == "cuda"
+        device = pick_device(self.device)
+        cuda = device.type == "cuda"
         if not self.max_pass_tokens and self.layout != "trainer":  # resolved like the eval split, after it was checked
-            memory = torch.cuda.get_device_properties(pick_device(self.device)).total_memory if cuda else None
+            memory = torch.cuda.get_device_properties(device).total_memory if cuda else None
             self.max_pass_tokens = default_pass_tokens(self.batch_size, self.max_len, memory)
         if self.bf16_weights is None:
             self.bf16_weights = self.bf16 and cuda
