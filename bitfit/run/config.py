@@ -170,13 +170,7 @@ class TrainConfig:
                 raise BitfitError(f"--eval-data {self.eval_data}: give --eval-split for a hub dataset (e.g. "
                                   "'test[:200]'); a file's or folder's rows are used whole, a hub dataset's are not")
             self.eval_split = ("heldout[:100]" if self.task == "lm" else "heldout") if builtin else "train"
-        device = pick_device(self.device)
-        cuda = device.type == "cuda"
-        if not self.max_pass_tokens and self.layout != "trainer":  # resolved like the eval split, after it was checked
-            memory = torch.cuda.get_device_properties(device).total_memory if cuda else None
-            self.max_pass_tokens = default_pass_tokens(self.batch_size, self.max_len, memory)
-        if self.bf16_weights is None:
-            self.bf16_weights = self.bf16 and cuda
+        self._resolve_for_device()
         if self.eval_every and (self.eval_data == "none" or (not self.eval_data and not is_builtin(self.data))):
             raise BitfitError("--eval-every needs evaluation data: give --eval-data (a file, folder or dataset)")
         if self.eval_every_exact_match and not self.eval_every:
@@ -189,6 +183,17 @@ class TrainConfig:
                               "use one of the two")
         if self.bf16_weights and not self.bf16:
             raise BitfitError("--bf16-weights needs --bf16: bf16 weights with fp32 activations cannot multiply")
+
+    def _resolve_for_device(self) -> None:
+        """The defaults that depend on the device (CUDA or the CPU), resolved like the eval split, after the
+        device was checked: the pass budget (bitfit.data.layout.default_pass_tokens) and bf16 weights."""
+        device = pick_device(self.device)
+        cuda = device.type == "cuda"
+        if not self.max_pass_tokens and self.layout != "trainer":
+            memory = torch.cuda.get_device_properties(device).total_memory if cuda else None
+            self.max_pass_tokens = default_pass_tokens(self.batch_size, self.max_len, memory)
+        if self.bf16_weights is None:
+            self.bf16_weights = self.bf16 and cuda
 
     def _resolve_task(self) -> None:
         """The defaults that depend on --task, resolved so that the printed and saved config says what is used;
