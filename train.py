@@ -41,7 +41,7 @@ from bitfit.data.collate import pad_batch, pad_id, pad_labelled
 from bitfit.data.examples import examples_of, read_records
 from bitfit.data.labelled import check_labelled, encode_labelled, label_names
 from bitfit.data.sources import is_builtin
-from bitfit.files import digest, finite_number, parse_json, size, write_atomically, write_json
+from bitfit.files import digest, finite_number, parse_json, size, write_atomically, write_error, write_json
 from bitfit.model import pretrained
 from bitfit.model.delta import base_fingerprint, save_delta
 from bitfit.run import ranks, report, run_folder
@@ -132,58 +132,70 @@ def on_main(work: Callable[[], T]) -> T | None:
 
 # --- run folder -------------------------------------------------------------------------------------
 
-def resumed_config(given: TrainConfig) -> TrainConfig:
+def resumed_config(given: TrainConfig, run_dir: Path, log) -> TrainConfig:
     """The config an interrupted run was started with, to continue it exactly; says which flags it ignores."""
-    run_dir = Path(given.resume)
-    if not run_folder.is_run_folder(run_dir) or not (run_dir / "config.json").is_file():
-        raise BitfitError(f"--resume {run_dir}: not a bitfit run folder (no {run_folder.MARKER} and config.json there)")
+    if not (run_dir / "config.json").is_file():
+        raise BitfitError(f"--resume {run_dir}: not a bitfit run folder (no config.json there)")
     ignored = [f.name for f in dataclasses.fields(TrainConfig)
                if getattr(given, f.name) != getattr(TrainConfig(resume=given.resume), f.name)]
     if ignored:
-        print(f"--resume continues with the run's own config; ignoring {', '.join('--' + n.replace('_', '-') for n in ignored)}")
+        log(f"--resume continues with the run's own config; ignoring {', '.join('--' + n.replace('_', '-') for n in ignored)}")
     try:
         saved = TrainConfig.from_dict(parse_json((run_dir / "config.json").read_text()))
     except (OSError, ValueError, BitfitError) as error:  # ValueError: not JSON, not UTF-8
         raise BitfitError(f"--resume {run_dir}: its config.json, the config the run started with, is broken ({error}); "
                           "restore it, or start a new run") from None
-    return dataclasses.replace(saved, resume=given.resume, out_dir=given.resume)
+    # A resume continues a run and never starts one: --overwrite, which the run may have started with, is not its.
+    return dataclasses.replace(saved, resume=given.resume, out_dir=given.resume, overwrite=False)
 
 
-def claim_run_dir(cfg: TrainConfig, log) -> Path:
-    """The run's folder (bitfit.run.run_folder: new, empty or bitfit's own, locked), refusing to mix two runs in one."""
-    out_dir = run_folder.claim(cfg.out_dir)
-    if (out_dir / run_folder.DELTA).exists() and not cfg.overwrite:
+def check_run_dir(cfg: TrainConfig, out_dir: Path, log) -> None:
+    """Refuse to mix two runs in one folder: a finished run is neither resumed nor replaced without
+    --overwrite, an interrupted one is resumed or overwritten, and a folder where an --overwrite run has
+    not finished yet (the run it replaces set aside) is touched by --resume or --overwrite only.
+    --overwrite sets the earlier run aside (bitfit.run.run_folder), kept until this run finishes."""
+    delta, checkpoint = (out_dir / run_folder.DELTA).exists(), latest_checkpoint(out_dir)
+    unfinished = run_folder.replaced(out_dir) and not cfg.overwrite and not cfg.resume
+    if delta and (cfg.resume or not cfg.overwrite):
+        unreported = "" if run_folder.finished(out_dir) else f" (its {run_folder.RESULTS} was never written)"
         if cfg.resume:
-            raise BitfitError(f"{out_dir} is a finished run, nothing to resume (its delta is {out_dir / run_folder.DELTA}); "
-                              "to train again, start a new run without --resume")
-        raise BitfitError(f"{out_dir} already holds a finished run; pick another --out-dir or pass --overwrite")
-    if not cfg.resume and latest_checkpoint(out_dir) and not cfg.overwrite:
-        raise BitfitError(f"{out_dir} holds an interrupted run; continue it with: python train.py --resume {out_dir} "
-                          "(or pass --overwrite to start over)")
-    if cfg.overwrite and not cfg.resume:  # nothing of the old run may pass for part of the new one
-        kept = run_folder.set_aside(out_dir)
-        log("--overwrite: the earlier run's files are set aside, deleted when this run ends having trained, put back "
-            "if it fails before its first step"
-            + (f"; kept {len(kept)} that bitfit did not write: " + ", ".join(str(path) for path in kept[:5])
-               + (" ..." if len(kept) > 5 else "") if kept else ""))
-    return out_dir
+            raise BitfitError(f"{out_dir} is a finished run{unreported}, nothing to resume (its delta is "
+                              f"{out_dir / run_folder.DELTA}); to train again, start a new run without --resume")
+        raise BitfitError(f"{out_dir} already holds a finished run{unreported}; pick another --out-dir or pass --overwrite")
+    if unfinished or (checkpoint and not cfg.resume and not cfg.overwrite):
+        kept = (f", started with --overwrite: the run it replaces is kept in {out_dir / run_folder.REPLACED} until it "
+                "finishes" if run_folder.replaced(out_dir) else "")
+        go_on = f"continue it with: python train.py --resume {out_dir} (or" if checkpoint else "(it has no checkpoint to resume:"
+        raise BitfitError(f"{out_dir} holds an interrupted run{kept}; {go_on} pass --overwrite to start over)")
+    if cfg.overwrite:  # nothing of the old run may pass for part of the new one
+        foreign, discarded = run_folder.set_aside(out_dir)
+        log("--overwrite: the earlier run is set aside in " + str(out_dir / run_folder.REPLACED) + ", deleted when this "
+            "run finishes, put back if it fails before its first step"
+            + (f"; discarded {discarded}" if discarded else "")
+            + (f"; kept {len(foreign)} that bitfit did not write: " + ", ".join(str(path) for path in foreign[:5])
+               + (" ..." if len(foreign) > 5 else "") if foreign else ""))
 
 
 def setup_run_dir(cfg: TrainConfig, log) -> tuple[TrainConfig, Path]:
-    """The resolved config and the run's folder, with the config saved in it. Under torchrun rank 0 claims
-    the folder and tells the others its name, or the error that every process then stops with."""
-    if cfg.resume:
-        cfg = resumed_config(cfg)
+    """The resolved config and the run's folder, with the config saved in it. Process 0 claims the folder
+    (settling what a killed run left there before anything is read from it), and tells the others the
+    config and the folder's name, or the error that every process then stops with."""
+    if cfg.resume and not run_folder.is_run_folder(Path(cfg.resume)):
+        raise BitfitError(f"--resume {cfg.resume}: not a bitfit run folder (no {run_folder.MARKER} there)")
+
     def claim_and_save() -> str:
         try:
-            claimed = str(claim_run_dir(cfg, log))
-        except OSError as failure:  # a folder that cannot be listed or moved in
-            raise BitfitError(f"cannot use the output folder {cfg.out_dir or 'runs/'}: {failure.strerror or failure}") from None
-        write_atomically(Path(claimed) / "config.json", (dataclasses.replace(cfg, out_dir=claimed).to_json() + "\n").encode())
-        return claimed
+            out_dir = run_folder.claim(cfg.resume or cfg.out_dir)
+            resolved = resumed_config(cfg, out_dir, log) if cfg.resume else cfg
+            check_run_dir(resolved, out_dir, log)
+        except OSError as failure:  # a full disk, a folder that cannot be listed or moved in
+            raise write_error(Path(cfg.resume or cfg.out_dir or "runs"), failure) from None
+        resolved = dataclasses.replace(resolved, out_dir=str(out_dir))
+        write_atomically(out_dir / "config.json", (resolved.to_json() + "\n").encode())
+        return resolved.to_json()
 
-    claimed = ranks.broadcast(on_main(claim_and_save))  # its name holds a timestamp: process 0's, for all
-    return dataclasses.replace(cfg, out_dir=claimed), Path(claimed)
+    resolved = TrainConfig.from_dict(json.loads(ranks.broadcast(on_main(claim_and_save))))  # the folder's name holds
+    return resolved, Path(resolved.out_dir)  # a timestamp: process 0's, for all
 
 
 # --- device, model and biases -----------------------------------------------------------------------

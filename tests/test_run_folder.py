@@ -80,7 +80,7 @@ def test_overwrite_replaces_the_runs_own_files_keeps_a_users_and_names_them(mode
     after = read_delta(str(out / "delta.safetensors"))[0]
     assert any(not torch.equal(after[name], before[name]) for name in before)  # the new run's
     said = capsys.readouterr().out
-    assert "--overwrite: the earlier run's files are set aside" in said and "kept 4 that bitfit did not write: " in said
+    assert "--overwrite: the earlier run is set aside in" in said and "kept 4 that bitfit did not write: " in said
 
 
 @pytest.mark.slow
@@ -175,15 +175,52 @@ def test_resuming_a_finished_run_says_there_is_nothing_to_resume(model_dir, tmp_
 
 
 @pytest.mark.slow
-def test_an_overwrite_killed_before_its_first_step_costs_the_earlier_run_nothing(model_dir, tmp_path, capsys):
+def test_an_overwrite_that_fails_after_it_trained_keeps_the_earlier_run_until_one_finishes_and_a_plain_run_refuses(
+        model_dir, tmp_path, monkeypatch, capsys):
     out = finished(model_dir, tmp_path / "run")
+    earlier = snapshot(out)
+    real = train.save_delta
+    monkeypatch.setattr(train, "save_delta", lambda *args, **kwargs: (_ for _ in ()).throw(BitfitError("the disk is full")))
+    assert train.main(["--model", model_dir, *QUICK, "--split", "train[:16]", "--max-steps", "2", "--save-every", "1",
+                       "--seed", "3", "--out-dir", str(out), "--overwrite"]) == 2
+    aside = out / run_folder.REPLACED
+    assert snapshot(aside) == {name: digest for name, digest in earlier.items() if name != run_folder.MARKER}  # whole
+    capsys.readouterr()
+    assert train.main(["--model", model_dir, *QUICK, "--out-dir", str(out)]) == 2  # without --overwrite: refused
+    assert f"the run it replaces is kept in {aside}" in capsys.readouterr().err and aside.is_dir()
+    monkeypatch.setattr(train, "save_delta", real)
+    assert train.main(["--resume", str(out)]) == 0  # the new run finishes: only now is the earlier one gone
+    assert not aside.exists() and read_delta(str(out / "delta.safetensors"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("what", ["a link", "a file", "a folder holding a user's file"])
+def test_a_replaced_folder_that_bitfit_did_not_make_is_refused_by_every_command_before_anything_moves(
+        what, model_dir, tmp_path, capsys):
+    out = finished(model_dir, tmp_path / "run")
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "config.json").write_text("the user's")
+    aside = out / run_folder.REPLACED
+    if what == "a link":
+        aside.symlink_to(tmp_path / "elsewhere")
+    elif what == "a file":
+        aside.write_text("the user's")
+    else:
+        aside.mkdir()
+        (aside / "mine.txt").write_text("the user's")
+    before, elsewhere = snapshot(out), snapshot(tmp_path / "elsewhere")
+    for extra in (["--overwrite"], [], ["--resume", str(out)]):
+        args = extra if "--resume" in extra else ["--model", model_dir, *QUICK, "--out-dir", str(out), *extra]
+        assert train.main(args) == 2
+        last = capsys.readouterr().err.strip().splitlines()[-1]
+        assert last.startswith(f"error: {aside} is where --overwrite keeps an earlier run, but it "), last
+        assert snapshot(out) == before and snapshot(tmp_path / "elsewhere") == elsewhere
+
+
+@pytest.mark.slow
+def test_a_finished_run_started_with_overwrite_is_not_resumed(model_dir, tmp_path, capsys):
+    out = finished(model_dir, tmp_path / "run")
+    assert train.main(["--model", model_dir, *QUICK, "--out-dir", str(out), "--overwrite", "--save-every", "1"]) == 0
     before = snapshot(out)
-    run_folder.claim(str(out))  # what an --overwrite run does first...
-    run_folder.set_aside(out)
-    (out / "config.json").write_text("{}")  # ...and its config, before it is killed: release never runs
-    marker, _, _ = run_folder._held.pop()
-    marker.close()  # the OS drops a killed process's lock
-    run_folder._set_aside.clear()
-    assert train.main(["--model", model_dir, *QUICK, "--out-dir", str(out)]) == 2  # without --overwrite
-    assert "already holds a finished run" in capsys.readouterr().err
-    assert snapshot(out) == before  # the earlier run is back, as it was
+    assert train.main(["--resume", str(out)]) == 2
+    assert "is a finished run, nothing to resume" in capsys.readouterr().err and snapshot(out) == before
