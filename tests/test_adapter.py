@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM
 
 import generate
 from bitfit.core.biases import add_missing_biases, select_biases
+from bitfit.core.errors import BitfitError
 from bitfit.core.flat import FlatBiases
 from bitfit.export import adapter, merge
 from bitfit.model.delta import apply_delta, read_delta, save_delta
@@ -88,8 +89,24 @@ def test_an_exported_adapter_reads_back_as_the_same_delta_and_base(tmp_path):
     base_dir, delta = base_and_delta(tiny_llama, tmp_path, "all")
     assert adapter.main(["--delta", str(delta), "--out", str(tmp_path / "adapter")]) == 0
     (tensors, metadata), (back, back_metadata) = read_delta(str(delta)), read_delta(str(tmp_path / "adapter"))
-    assert back_metadata == metadata  # the fingerprint rides along: the base is still checked
+    # The fingerprint rides along (the base is still checked); the digest is each file's own, checked on reading it.
+    assert back_metadata == {key: value for key, value in metadata.items() if key != "digest"}
     assert back.keys() == tensors.keys() and all(torch.equal(back[name], tensors[name]) for name in tensors)
+
+
+def test_an_exported_adapter_changed_after_it_was_written_is_refused_by_its_digest(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    base_dir, delta = base_and_delta(tiny_llama, tmp_path, "all")
+    assert adapter.main(["--delta", str(delta), "--out", str(tmp_path / "adapter")]) == 0
+    weights = tmp_path / "adapter" / "adapter_model.safetensors"
+    with safe_open(str(weights), "pt") as file:
+        tensors, metadata = {name: file.get_tensor(name) for name in file.keys()}, file.metadata()
+    first = sorted(tensors)[0]
+    save_file({**tensors, first: tensors[first] + 1}, str(weights), metadata=metadata)
+    with pytest.raises(BitfitError, match="its contents do not match its digest"):
+        read_delta(str(tmp_path / "adapter"))
 
 
 def test_generate_and_merge_take_an_adapter_folder_as_the_delta(tmp_path, capsys):

@@ -17,6 +17,7 @@ from bitfit.model.delta import (
     METADATA,
     SAMPLES_1,
     apply_delta,
+    content_digest,
     fingerprint,
     read_delta,
     save_delta,
@@ -43,12 +44,16 @@ def logits(model) -> torch.Tensor:
 
 
 def rewritten(path, tmp_path, tensors: dict | None = None, **metadata) -> str:
-    """A copy of the delta at `path` with some tensors and metadata replaced (a None value drops the key)."""
+    """A copy of the delta at `path` with some tensors and metadata replaced (a None value drops the key), its
+    digest made anew, as by someone who knows how: the delta's other checks must catch what is wrong."""
     with safe_open(str(path), framework="pt") as file:
         old_tensors, old_metadata = {name: file.get_tensor(name) for name in file.keys()}, file.metadata()
     out = tmp_path / "edited.safetensors"
-    save_file({**old_tensors, **(tensors or {})}, str(out),
-              metadata={key: value for key, value in {**old_metadata, **metadata}.items() if value is not None})
+    tensors = {**old_tensors, **(tensors or {})}
+    metadata = {key: value for key, value in {**old_metadata, **metadata}.items() if value is not None}
+    if "digest" in metadata:
+        metadata["digest"] = content_digest(tensors, metadata)
+    save_file(tensors, str(out), metadata=metadata)
     return str(out)
 
 

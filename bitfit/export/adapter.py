@@ -41,6 +41,7 @@ from bitfit.model.delta import (
     SUFFIX,
     WEIGHTS,
     apply_delta,
+    content_digest,
     head_modules,
     head_of,
     read_delta,
@@ -98,22 +99,56 @@ def export(delta_path: str, out_dir: str, model_name: str = "", trust_remote_cod
         "inference_mode": True, "init_weights": True, "modules_to_save": whole or None, "revision": None,
         "auto_mapping": None,
     }
-    # The delta's metadata rides along (safetensors metadata is strings only), so the folder reads back as it.
-    carried = {"format": "pt", **{f"bitfit_{key}": value for key, value in metadata.items()}}
+    # The delta's metadata rides along (safetensors metadata is strings only), so the folder reads back as it,
+    # with a digest of this file's own tensors (the delta's is of the delta's).
+    own = {key: value for key, value in metadata.items() if key != "digest"}
+    own["digest"] = content_digest(adapter, own)
+    carried = {"format": "pt", **{f"bitfit_{key}": value for key, value in own.items()}}
 
     def fill(folder: Path) -> None:
         safetensors.torch.save_file(adapter, str(folder / WEIGHTS), metadata=carried)
         (folder / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+        (folder / "README.md").write_text(model_card(config["base_model_name_or_path"], task, classes))
 
     write_folder(out, fill)
     return out
+
+
+def loading(base: str, task: str, classes: list[str] | None, folder: str) -> str:
+    """The Python that loads the adapter onto its base with PEFT: a classifier's base with the delta's classes."""
+    if task == "lm":
+        return (f"PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained({base!r}), {folder!r})")
+    labels = (f"num_labels={len(classes)}, id2label={dict(enumerate(classes))!r}, "
+              f"label2id={ {name: i for i, name in enumerate(classes)}!r}" if classes else
+              "num_labels=1, problem_type='regression'")
+    return f"PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained({base!r}, {labels}), {folder!r})"
+
+
+def model_card(base: str, task: str, classes: list[str] | None) -> str:
+    """The adapter folder's README.md (where PEFT's own save_pretrained writes a model card): what it is, a
+    classifier's classes in the order of its outputs (PEFT's files carry no label names), and how to load it."""
+    kind = {"lm": "a causal LM", "classify": "a classifier", "regress": "a regressor"}[task]
+    lines = [f"# A BitFit adapter of {base}", "",
+             f"Trained with bitfit: only the biases of {kind} changed, stored as a PEFT BEFT adapter"
+             + (" with its head saved whole." if task != "lm" else "."), ""]
+    if classes:
+        lines += ["The head's outputs, in order (id2label):", "", "| id | label |", "| --- | --- |",
+                  *(f"| {i} | {name} |" for i, name in enumerate(classes)), ""]
+    elif task == "regress":
+        lines += ["The head has one output: the predicted number.", ""]
+    lines += ["```python", "from peft import PeftModel",
+              f"from transformers import {'AutoModelForCausalLM' if task == 'lm' else 'AutoModelForSequenceClassification'}",
+              "", f"model = {loading(base, task, classes, '.')}", "```", ""]
+    return "\n".join(lines)
 
 
 @entry_point
 def main(argv: list[str] | None = None) -> int:
     args = delta_to_folder_args(argv, __doc__.splitlines()[0], "a new (or empty) folder for the PEFT adapter")
     out = export(args.delta, args.out, args.model, args.trust_remote_code, args.trust_pickle_weights)
-    print(f"wrote {out}: load it with PeftModel.from_pretrained(base_model, {str(out)!r})")
+    config = json.loads((out / CONFIG).read_text())
+    _, metadata = read_delta(str(out))
+    print(f"wrote {out}: load it with {loading(config['base_model_name_or_path'], *task_of(metadata), str(out))}")
     return 0
 
 

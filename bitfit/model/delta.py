@@ -8,6 +8,9 @@ A safetensors file with one 1-D fp32 tensor per trained bias, named by its param
     added_biases      JSON list of the biases bitfit added to a bias-free base (zero in the base)
     dtype             dtype of the delta tensors ("float32")
     selection         which biases were selected ("all", "reduced" or a pattern)
+    digest            a hash of every tensor and every other metadata entry (`content_digest`): a file
+                      changed after bitfit wrote it (a value, a class's name or place) is refused
+A file without a digest (written before bitfit wrote one) is read unchecked on that point.
 "bitfit-delta/1" files are the same but for a fingerprint of 1,024 sampled values per tensor; they are
 still read and applied.
 
@@ -81,6 +84,21 @@ def fingerprint(named_params: Iterable[tuple[str, torch.Tensor]], exclude: Itera
     return digest.hexdigest()[:16]
 
 
+def content_digest(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
+    """16 hex digits of the SHA-256 of every tensor (its name, dtype, shape and bytes) and every metadata
+    entry but the digest itself: whatever a prediction depends on (a value, the head, which class is which)
+    cannot change without changing it."""
+    digest = hashlib.sha256()
+    for key in sorted(metadata):
+        if key != "digest":
+            digest.update(json.dumps([key, metadata[key]]).encode())
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().cpu().contiguous()
+        digest.update(json.dumps([name, str(tensor.dtype), list(tensor.shape)]).encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 def base_fingerprint(model: nn.Module, flat: FlatBiases, added: list[str], head: list[str] = ()) -> str:
     """The fingerprint of the model before training: its trained biases taken at their base values, the
     biases bitfit added and the new head left out (neither is the checkpoint's)."""
@@ -120,6 +138,7 @@ def save_delta(path: str, model: nn.Module, flat: FlatBiases, *, base_model: str
         "selection": selection,
         **({"task": task, "classes": json.dumps(classes or []), "head": json.dumps(sorted(head))} if task != "lm" else {}),
     }
+    metadata["digest"] = content_digest(tensors, metadata)
     write_atomically(Path(path), safetensors.torch.save(tensors, metadata=metadata))
 
 
@@ -128,9 +147,10 @@ def metadata_problem(metadata: dict[str, str]) -> str | None:
     missing = [key for key in (*METADATA, *(METADATA_3 if metadata["format"] == FORMAT_3 else ())) if key not in metadata]
     if missing:
         return f"its metadata lacks {', '.join(missing)}"
-    if metadata["format"] == FORMAT_3 and (problem := head_problem(metadata)):
+    if (metadata["format"] == FORMAT_3 or metadata["format"] == FOREIGN and "task" in metadata) and (
+            problem := head_problem(metadata)):
         return problem
-    if metadata["format"] != FORMAT_3 and (extra := [key for key in METADATA_3 if key in metadata]):
+    if metadata["format"] not in (FORMAT_3, FOREIGN) and (extra := [key for key in METADATA_3 if key in metadata]):
         return f"its metadata has {', '.join(extra)}, which only a {FORMAT_3} delta has"
     if "whole" in metadata and not _names(metadata["whole"]):
         return f"whole must be a JSON list of names, not {metadata['whole'][:80]!r}"
@@ -218,6 +238,9 @@ def read_delta(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     problems += [*(tensor_problem(name, tensor, head) for name, tensor in tensors.items()),
                  *(f"its head lists {name}, which it does not hold" for name in head if name not in tensors),
                  None if problems[0] or any(name not in head for name in tensors) else "it holds no biases, only a head"]
+    if "digest" in metadata and metadata["digest"] != content_digest(tensors, metadata):
+        problems.append("its contents do not match its digest: it was changed after bitfit wrote it (a value, the "
+                        "head, a class's name or place), so its predictions cannot be trusted; use the file as written")
     problem = next((problem for problem in problems if problem), None)
     if problem:
         raise BitfitError(f"{path} is not a valid bitfit delta: {problem}")
@@ -391,11 +414,36 @@ def read_beft(folder: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, st
                for name, tensor in raw.items() if name.endswith(SUFFIX)}
     whole = {name.removeprefix(PREFIX): tensor.float() for name, tensor in raw.items() if not name.endswith(SUFFIX)}
     carried = {key.removeprefix("bitfit_"): value for key, value in stored.items() if key.startswith("bitfit_")}
-    metadata = carried if carried.get("format") in FORMATS else {
-        "format": FOREIGN, "base_model": base if isinstance(base := config.get("base_model_name_or_path"), str) else "",
-        "base_fingerprint": "",
-        "added_biases": "[]", "dtype": "float32", "selection": f"the PEFT BEFT adapter {folder}"}
+    if "digest" in carried and carried["digest"] != content_digest(raw, carried):  # bitfit's export: its own files
+        raise BitfitError(f"{folder} is not a valid bitfit delta: its contents do not match its digest: it was changed "
+                          "after bitfit wrote it (a value, the head, a class's name or place); use the folder as written")
+    metadata = {key: value for key, value in carried.items() if key != "digest"} if carried.get("format") in FORMATS \
+        else foreign_metadata(config, whole, folder)
     head = set(head_of(metadata))
     if whole:
         metadata = {**metadata, "whole": json.dumps(sorted(set(whole) - head))}
     return {**tensors, **whole}, metadata
+
+
+SEQ_CLS_HEADS = ("classifier", "score")  # the modules PEFT saves whole as a classifier's head (task_type SEQ_CLS)
+
+
+def foreign_metadata(config: dict, whole: dict[str, torch.Tensor], folder: Path) -> dict[str, str]:
+    """A delta's metadata for an adapter PEFT trained: no fingerprint (its base cannot be checked), added
+    biases found when it is applied. A sequence classifier's (task_type SEQ_CLS) head is what PEFT saved
+    whole of its classification modules; its classes are as many as the head's outputs (one: a regressor),
+    named as transformers names them by default (LABEL_0, LABEL_1, ...): PEFT saves no names."""
+    base = config.get("base_model_name_or_path")
+    metadata = {"format": FOREIGN, "base_model": base if isinstance(base, str) else "", "base_fingerprint": "",
+                "added_biases": "[]", "dtype": "float32", "selection": f"the PEFT BEFT adapter {folder}"}
+    if config.get("task_type") != "SEQ_CLS":
+        return metadata
+    head = sorted(name for name in whole if name.split(".")[0] in SEQ_CLS_HEADS)
+    outputs = [whole[name].shape[0] for name in head if name.endswith(".weight") and whole[name].dim() == 2]
+    if not outputs:
+        raise BitfitError(f"{folder} is a sequence classifier's adapter (task_type SEQ_CLS) without its head (no "
+                          f"{' or '.join(SEQ_CLS_HEADS)} module saved whole): it cannot classify")
+    # The last linear layer of the head gives the outputs (RoBERTa's classifier.out_proj, after its dense).
+    classes = [f"LABEL_{i}" for i in range(outputs[-1])] if outputs[-1] > 1 else []
+    return {**metadata, "task": "classify" if classes else "regress", "classes": json.dumps(classes),
+            "head": json.dumps(head)}
