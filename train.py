@@ -39,8 +39,8 @@ from bitfit.core.step import adamw, lr_schedule
 from bitfit.data import layout, packing
 from bitfit.data.collate import pad_batch, pad_id, pad_labelled
 from bitfit.data.examples import examples_of, read_records
-from bitfit.data.labelled import check_labelled, encode_labelled, label_names
-from bitfit.data.sources import is_builtin
+from bitfit.data.labelled import check_labelled, check_rows, encode_labelled
+from bitfit.data.sources import declared_classes, is_builtin
 from bitfit.files import digest, finite_number, parse_json, size, write_atomically, write_error, write_json
 from bitfit.model import pretrained
 from bitfit.model.delta import base_fingerprint, save_delta
@@ -78,9 +78,9 @@ def run(cfg: TrainConfig) -> dict:
         names = [str(label) for label in rows["classes"]] if rows["classes"] else None  # class i's name: id2label[i]
         model, tokenizer, flat, added, head, memory = setup_model(cfg, names, device, world, rank, log)
         examples, plan, collate, data_facts = setup_data_and_layout(cfg, rows, model, tokenizer, world, rank, log)
-        base = check_inputs(cfg, model, flat, added, head, examples, out_dir)  # the base's fingerprint
         # Rank 0 evaluates, the others wait; with sharded weights each forward needs them all, so all do.
         held_out = setup_evaluation(cfg, rows, model, tokenizer) if ranks.is_main() or cfg.shard_weights else None
+        base = check_inputs(cfg, model, flat, added, head, examples, held_out, out_dir)  # the base's fingerprint
         optimizer, scheduler, first_step = setup_optimizer(cfg, flat, out_dir, len(plan), log)
         results = {"task": cfg.task, **({"classes": names} if names else {}),
                    "trainable": flat.num_trainable, "total": sum(p.numel() for p in model.parameters()),
@@ -323,15 +323,9 @@ def read_data(cfg: TrainConfig) -> dict:
                           "--epochs, or set --max-steps")
     held_out = read_records(source, cfg.eval_split, "evaluation data", check, cfg.data_config) if source else None
     classes = None
-    if cfg.task == "classify":
-        try:
-            classes = label_names([check(row, place)[1] for row, place in zip(*train)], train[1])
-        except BitfitError as error:
-            raise BitfitError(f"training data: {error}") from None
-        for row, place in zip(*(held_out or ([], []))):  # a class the model has no output for
-            if (label := check(row, place)[1]) not in classes:
-                raise BitfitError(f"evaluation data: {place}: label {label!r} is not one of the training data's "
-                                  f"classes {classes}")
+    if cfg.task != "lm":  # one shape of row throughout, and the classes (bitfit.data.labelled)
+        declared = declared_classes(cfg.data, cfg.split, cfg.data_config) if cfg.task == "classify" else None
+        classes = check_rows(train, held_out, cfg.task, declared)
     return {"train": train, "held_out": held_out, "classes": classes}
 
 
@@ -396,14 +390,16 @@ def token_ids(examples: list) -> list:
 
 
 def check_inputs(cfg: TrainConfig, model, flat: FlatBiases, added: list[str], head: list[str], examples: list,
-                 out_dir: Path) -> str:
-    """Record the model's and the data's hashes in the run, or refuse to resume on other ones. Rank 0
-    checks, and returns the base's fingerprint (every process does under sharded weights, '' elsewhere);
+                 held_out: dict | None, out_dir: Path) -> str:
+    """Record the hashes of the model, the training data and the held-out data in the run, or refuse to
+    resume on other ones (the data order, and the measures before and after, would not be of one run).
+    Rank 0 checks, and returns the base's fingerprint (every process does under sharded weights, '' elsewhere);
     every process stops if it refuses."""
     fingerprint = ""
     if ranks.is_main() or cfg.shard_weights:  # sharded, it gathers each weight: a collective, all take part
         fingerprint = base_fingerprint(model, flat, added, head)
-    on_main(lambda: run_folder.same_inputs(out_dir, {"model": fingerprint, "training data": digest(token_ids(examples))},
+    on_main(lambda: run_folder.same_inputs(out_dir, {"model": fingerprint, "training data": digest(token_ids(examples)),
+                                                     "held-out data": held_out["hash"] if held_out else "none"},
                                            resuming=bool(cfg.resume)))
     return fingerprint
 

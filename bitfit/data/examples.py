@@ -177,23 +177,27 @@ def render(shape: str, conversation: list[dict], tokenizer, template: str, place
 # ---------------------------------------------------------------------------------------------------
 
 
-def _first_tokens(tokenizer, texts: list[str], n: int | None, special: bool) -> list[list[int]]:
-    """tokenizer(text)["input_ids"][:n] for each text (all of them if n is None), without tokenizing more
-    of a long text than its first n tokens need: see CHARS_PER_TOKEN and MARGIN."""
-    if not texts:
-        return []
-    bound = n * CHARS_PER_TOKEN if n is not None else None
-    # One batched call for all texts: the fast tokenizer then works through them in Rust.
-    ids = tokenizer([text[:bound] for text in texts], add_special_tokens=special)["input_ids"]
-    if n is None:
-        return ids
+def cut_to_tokens(tokenizer, texts: list[str], n: int) -> list[str]:
+    """Each text, or as much of its start as still holds its first n tokens exactly: a text longer than
+    n * CHARS_PER_TOKEN characters is cut there, or where MARGIN more tokens follow (CHARS_PER_TOKEN,
+    MARGIN), so tokenizing it costs what a text of n tokens does however long it is."""
+    bound, cut_texts = n * CHARS_PER_TOKEN, list(texts)
     for i, text in enumerate(texts):
         cut = bound
-        while len(ids[i]) < n + MARGIN and cut < len(text):  # too few tokens to trust the cut: cut longer
-            cut *= 4
-            ids[i] = tokenizer(text[:cut], add_special_tokens=special)["input_ids"]
-        ids[i] = ids[i][:n]
-    return ids
+        while cut < len(text) and len(tokenizer(text[:cut], add_special_tokens=False)["input_ids"]) < n + MARGIN:
+            cut *= 4  # too few tokens to trust the cut: cut longer
+        cut_texts[i] = text[:cut]
+    return cut_texts
+
+
+def _first_tokens(tokenizer, texts: list[str], n: int | None, special: bool) -> list[list[int]]:
+    """tokenizer(text)["input_ids"][:n] for each text (all of them if n is None), without tokenizing more
+    of a long text than its first n tokens need (cut_to_tokens)."""
+    if not texts:
+        return []
+    # One batched call for all texts: the fast tokenizer then works through them in Rust.
+    ids = tokenizer(texts if n is None else cut_to_tokens(tokenizer, texts, n), add_special_tokens=special)["input_ids"]
+    return ids if n is None else [row[:n] for row in ids]
 
 
 def _tokenize(tokenizer, rendered: list[tuple[list[Piece], bool]], n: int | None) -> list[list[list[int]]]:

@@ -217,9 +217,25 @@ def load_records(source: str, split: str = "train", config: str = "") -> tuple[l
         return readers[suffix](path, bounds)
     if not path.is_dir() and _looks_local(source):
         raise BitfitError(f"no such file or folder: {path}")
+    return _read_dataset(_dataset(source, split, config), f"{path if path.is_dir() else source} {name}", bounds)
 
+
+def declared_classes(source: str, split: str = "train", config: str = "") -> list[str] | None:
+    """The class names a saved or hub dataset declares for its `label` column (a ClassLabel, as GLUE's), in its
+    own order, class i the i-th; None for any other source (load_records has read it already)."""
+    path = Path(source).expanduser()
+    if is_builtin(source) or path.is_file() or (not path.is_dir() and _looks_local(source)):
+        return None
+    label = _dataset(source, split, config).features.get("label")
+    return list(label.names) if getattr(label, "names", None) else None
+
+
+def _dataset(source: str, split: str, config: str):
+    """The named split of `split` (its slice is load_records') of a folder written by save_to_disk, or of a
+    hub dataset."""
     import datasets  # imported here: it is slow to import and only these two sources need it
 
+    path, name = Path(source).expanduser(), parse_split(split)[0]
     if path.is_dir():
         try:
             loaded = datasets.load_from_disk(str(path))
@@ -231,18 +247,28 @@ def load_records(source: str, split: str = "train", config: str = "") -> tuple[l
         if isinstance(loaded, datasets.DatasetDict):
             if name not in loaded:
                 raise BitfitError(f"{path} has splits {sorted(loaded)}, not {name!r}")
-            return _read_dataset(loaded[name], f"{path} {name}", bounds)
+            return loaded[name]
         if name != "train":  # a saved Dataset is one split: any other name is a mistake, never ignored
             raise BitfitError(f"{path} is a saved Dataset, which has one split, 'train': give train or "
                               f"train[START:END], not {split!r}")
-        return _read_dataset(loaded, f"{path} {name}", bounds)
+        return loaded
 
     # Anything else is a hub dataset name.
     offline = hub.unreachable(f"the dataset {source!r}")
     try:
-        loaded = datasets.load_dataset(source, *([config] if config else []), split=name)
+        return datasets.load_dataset(source, *([config] if config else []), split=name)
     except Exception as error:  # misspelt, private, no such split, offline: the hub's own words say which
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise BitfitError(offline or f"{source!r} is no local file or folder, and the hub could not load it: "
                                      f"{first_line}") from None
-    return _read_dataset(loaded, f"{source} {name}", bounds)
+
+
+def dataset_dict_splits(source: str) -> list[str] | None:
+    """The splits of a folder that DatasetDict.save_to_disk wrote (read from its dataset_dict.json, without
+    loading anything), or None for any other source."""
+    index = Path(source).expanduser() / "dataset_dict.json"
+    try:
+        splits = parse_json(index.read_text()).get("splits") if index.is_file() else None
+    except (OSError, ValueError, AttributeError):
+        return None
+    return [str(split) for split in splits] if isinstance(splits, list) else None

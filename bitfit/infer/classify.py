@@ -4,9 +4,10 @@ number), every delta's in ONE batched pass of the shared encoder (bitfit.infer.m
     python -m bitfit.infer.classify --delta runs/<run> --text "I loved this movie." --text "It was dreadful."
     python -m bitfit.infer.classify --delta runs/<a> --delta runs/<b> --texts-file reviews.jsonl
 
-A texts file is one text per line (UTF-8), or labelled rows (.json/.jsonl/.csv/.parquet, any shape
-train.py --task classify reads: a text or a pair); rows that carry a label get each delta's answer marked
-right or wrong.
+A texts file is one text per line (UTF-8), or rows (.json/.jsonl/.csv/.parquet) of any shape train.py
+--task classify reads (a text or a pair, the same for every row); rows that carry a label (as training
+reads it: " 1", "1" and 1.0 are the class 1) get each delta's answer marked right or wrong, and a row
+without one (none, null, or GLUE's -1 of its test splits) is classified unmarked.
 """
 
 import argparse
@@ -17,7 +18,7 @@ import torch
 
 from bitfit.cli import ArgumentParser, add_trust_flags, check_device, entry_point
 from bitfit.core.errors import BitfitError
-from bitfit.data.labelled import check_label, texts_of
+from bitfit.data.labelled import check_label, class_id, one_shape, texts_of
 from bitfit.data.sources import load_records, read_lines
 from bitfit.infer.mixed import classify_many
 from bitfit.model import pretrained
@@ -33,13 +34,22 @@ def read_texts(args: argparse.Namespace) -> tuple[list[tuple[str, ...]], list, l
     if path.suffix.lower() in (".json", ".jsonl", ".csv", ".parquet"):
         rows, places = load_records(str(path))
         texts = [texts_of(row, place) for row, place in zip(rows, places)]
-        labels = [row.get("label") for row in rows]
+        one_shape(texts, places)  # a pair row that lost its second text is no single text
+        labels = [given_label(row) for row in rows]
     else:
         lines = [(number, line) for number, line in read_lines(path) if line.strip()]
         texts, labels, places = [(line,) for _, line in lines], [None] * len(lines), [f"{path} line {n}" for n, _ in lines]
     if not texts:
         raise BitfitError(f"--texts-file {path} holds no texts (no rows, or only empty lines)")
     return texts, labels, places
+
+
+def given_label(row: dict) -> object:
+    """A row's label to mark answers by, or None where it has none: no label, null, or GLUE's -1 ("no label",
+    as its test splits are); a class label spelt as training reads it (check_label)."""
+    label = row.get("label")
+    label = class_id(label.strip() if isinstance(label, str) else label)
+    return None if label is None or label == -1 else label
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -80,6 +90,7 @@ def run(args: argparse.Namespace) -> list[list[dict]]:
             classes = task_of(meta)[1]
             if label is not None and classes and str(check_label({"label": label}, place, "classify")) not in classes:
                 raise BitfitError(f"{place}: label {label!r} is not one of {path}'s classes {classes}")
+    labels = [str(label) if label is not None else None for label in labels]  # as a class's name is saved
     model, tokenizer = pretrained.load_for(bases[0], *task_of(metadata[0]), pretrained.pick_device(args.device),
                                        torch.float32, args.trust_remote_code, args.trust_pickle_weights)
     said = classify_many(model, tokenizer, [(t, path) for path in paths for t in texts], args.max_len)
@@ -96,7 +107,7 @@ def run(args: argparse.Namespace) -> list[list[dict]]:
             if "value" in answer:
                 print(f"  {name:>5}: {answer['value']:.4g}")
                 continue
-            correct = label is not None and answer["label"] == str(label)
+            correct = label is not None and answer["label"] == label
             right[name] += correct
             print(f"  {name:>5}: {answer['label']} (p {answer['probability']:.3f})"
                   + (("  [right]" if correct else "  [wrong]") if label is not None else ""))

@@ -26,6 +26,7 @@ from transformers.pytorch_utils import Conv1D
 
 from bitfit.core.errors import BitfitError
 from bitfit.data.collate import pad_id, pad_labelled
+from bitfit.data.labelled import tokenize
 from bitfit.model.delta import check_delta, head_modules, head_of, read_delta, task_of
 from bitfit.model.pretrained import positions
 from bitfit.run.evaluate import answers
@@ -208,9 +209,8 @@ def classify_many(model: nn.Module, tokenizer, requests: list[tuple[tuple[str, .
         for start in range(0, len(requests), batch_size):
             chunk = requests[start : start + batch_size]
             most = min(max_len, positions(model) or max_len)  # an encoder takes no longer row
-            encoded = [tokenizer(*texts, truncation=True, max_length=most) for texts, _ in chunk]
-            examples = [{**{k: e[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in e}, "label": 0}
-                        for e in encoded]
+            # As training encodes them: cut to `most` tokens, a long text's tail never tokenized
+            examples = [{**fields, "label": 0} for fields in tokenize(tokenizer, [texts for texts, _ in chunk], most)]
             batch = {k: v.to(device) for k, v in pad_labelled(examples, pad, tokenizer.padding_side).items() if k != "labels"}
             rows = [number[path] for _, path in chunk]
             with table.use(rows), heads.use(rows):

@@ -15,10 +15,10 @@ from bitfit.cli import ArgumentParser, check_device
 from bitfit.core.errors import BitfitError
 from bitfit.data.examples import TEMPLATES
 from bitfit.data.layout import KINDS, default_pass_tokens
-from bitfit.data.sources import is_builtin, is_hub_name
+from bitfit.data.sources import dataset_dict_splits, is_builtin, is_hub_name
 from bitfit.files import finite_number
 from bitfit.model.pretrained import EMBEDDED_ENCODER, pick_device
-from bitfit.run.report import OPTIONAL_SINKS, tensorboard_writer
+from bitfit.run.report import OPTIONAL_SINKS, tensorboard_protos
 
 # Bounds on values that look valid but destroy the biases; each one's reason is in its flag's --help.
 MAX_LR = 0.1
@@ -133,7 +133,7 @@ class TrainConfig:
             if getattr(self, name) not in allowed:
                 raise BitfitError(f"--{name.replace('_', '-')} must be one of {allowed}, not {getattr(self, name)!r}")
         if self.report_to == "tensorboard":
-            tensorboard_writer()  # installed? said now, not after the model has loaded
+            tensorboard_protos()  # installed? said now, not after the model has loaded
         for name in ("max_len", "batch_size", "grad_accum", "epochs", "log_every", "keep_checkpoints",
                      *(("max_new_tokens",) if self.task == "lm" else ())):
             if getattr(self, name) < 1:
@@ -165,10 +165,13 @@ class TrainConfig:
         if not self.eval_split:  # resolved here, so the printed and saved config holds what is used: the
             # built-in task's held-out split, or all of an evaluation file
             builtin = is_builtin(self.eval_data) or (not self.eval_data and is_builtin(self.data))
-            if self.eval_data not in ("", "none") and is_hub_name(self.eval_data):
-                # its whole train split: maybe tens of thousands of rows, maybe the very rows trained on
-                raise BitfitError(f"--eval-data {self.eval_data}: give --eval-split for a hub dataset (e.g. "
-                                  "'test[:200]'); a file's or folder's rows are used whole, a hub dataset's are not")
+            splits = dataset_dict_splits(self.eval_data) if self.eval_data not in ("", "none") else None
+            if self.eval_data not in ("", "none") and (is_hub_name(self.eval_data) or splits):
+                # its train split: maybe tens of thousands of rows, maybe the very rows trained on
+                kind = f"a saved DatasetDict (its splits: {', '.join(splits)})" if splits else "a hub dataset"
+                raise BitfitError(f"--eval-data {self.eval_data}: give --eval-split for {kind}, e.g. 'validation' or "
+                                  "'test[:200]'; a file's or a saved Dataset's rows are used whole, a dataset of "
+                                  "splits is not")
             self.eval_split = ("heldout[:100]" if self.task == "lm" else "heldout") if builtin else "train"
         self._resolve_for_device()
         if self.eval_every and (self.eval_data == "none" or (not self.eval_data and not is_builtin(self.data))):

@@ -209,7 +209,8 @@ def delta_of(given: str | Path) -> Path:
 def same_inputs(path: Path, inputs: dict[str, str], resuming: bool) -> None:
     """Record what a run trains and measures on (hashes of its model, its data and its held-out data) in
     inputs.json, or, resuming, refuse if they differ from the recorded ones: the data order and the biases
-    would no longer match, nor the measures before and after."""
+    would no longer match, nor the measures before and after. (A run of a bitfit that recorded no held-out
+    hash is not checked on it.)"""
     file = path / "inputs.json"
     if resuming and not file.is_file():
         raise BitfitError(f"--resume {path}: its inputs.json is gone; it records the hashes of the model and data the "
@@ -219,15 +220,16 @@ def same_inputs(path: Path, inputs: dict[str, str], resuming: bool) -> None:
             recorded = parse_json(file.read_text())
         except (OSError, ValueError) as error:  # ValueError: not JSON, not UTF-8
             recorded = f"cannot be read ({error})"
-        if not isinstance(recorded, dict) or not all(isinstance(recorded.get(name), str) for name in inputs):
-            why = recorded if isinstance(recorded, str) else f"does not hold the {' and '.join(inputs)} hashes"
+        needed = [name for name in inputs if name != "held-out data"]
+        if not isinstance(recorded, dict) or not all(isinstance(recorded.get(name), str) for name in needed):
+            why = recorded if isinstance(recorded, str) else f"does not hold the {' and '.join(needed)} hashes"
             raise BitfitError(f"--resume {path}: {file} {why}; it records the hashes of the model and data the run "
                               "started with, which a resume must match: restore it, or start a new run")
-        changed = [name for name in inputs if recorded[name] != inputs[name]]
+        changed = [name for name in inputs if name in recorded and recorded[name] != inputs[name]]
         if changed:
             raise BitfitError(f"--resume {path}: the {' and the '.join(changed)} changed since the run started "
                               f"({', '.join(f'{n} {recorded[n]} then, {inputs[n]} now' for n in changed)}); "
-                              "resume needs the same ones, or start a new run")
+                              "resume needs the same ones (restore them), or start a new run")
         return
     write_json(file, inputs)
 
