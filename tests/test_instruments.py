@@ -177,7 +177,8 @@ def test_report_to_tensorboard_logs_each_step_as_metrics_jsonl_holds_it(model_di
 @pytest.mark.slow
 def test_report_to_tensorboard_without_tensorboard_is_one_error_line_before_anything_loads(
         model_dir, tmp_path, monkeypatch, capsys):
-    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if it were not installed
+    for name in ("tensorboard", "tensorboard.compat.proto", "tensorboard.summary.writer.record_writer"):
+        monkeypatch.setitem(sys.modules, name, None)  # as if it were not installed (imported or not)
     assert train.main(["--model", model_dir, *QUICK, "--report-to", "tensorboard", "--out-dir", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: --report-to tensorboard needs TensorBoard") and "pip install tensorboard" in err

@@ -12,6 +12,7 @@ import json
 import os
 import platform
 import resource
+import socket
 import subprocess
 import sys
 import time
@@ -24,9 +25,9 @@ from tqdm import tqdm
 
 from bitfit import __version__
 from bitfit.core.errors import BitfitError
-from bitfit.files import append, write_atomically
+from bitfit.files import append, cannot_write, write_atomically
 from bitfit.run import ranks
-from bitfit.run.run_folder import TENSORBOARD
+from bitfit.run.run_folder import EVENTS, TENSORBOARD
 
 Sink = Callable[[dict], None]
 
@@ -87,34 +88,59 @@ def console(steps: int, first_step: int, log_every: int, device: torch.device, s
     return show
 
 
-def tensorboard_writer() -> type:
-    """TensorBoard's SummaryWriter, or one error line saying how to install it (an optional dependency)."""
+def tensorboard_protos():
+    """TensorBoard's Event and Summary messages and its record framing (event_pb2, summary_pb2, RecordWriter),
+    or one error line saying how to install it (an optional dependency)."""
     try:
-        from torch.utils.tensorboard import SummaryWriter
+        from tensorboard.compat.proto import event_pb2, summary_pb2
+        from tensorboard.summary.writer.record_writer import RecordWriter
     except ImportError as error:
         raise BitfitError(f"--report-to tensorboard needs TensorBoard, which cannot be imported ({error}): "
                           "pip install tensorboard") from None
-    return SummaryWriter
+    return event_pb2, summary_pb2, RecordWriter
 
 
 def tensorboard(run_dir: Path, first_step: int, stack: contextlib.ExitStack) -> Sink:
     """TensorBoard event files in the run's tensorboard/ folder (`tensorboard --logdir runs`): each number
     of a record as a scalar at its step, named as the HF Trainer names them (train/loss, eval/loss...).
-    The writer opens at the first record, so a run that fails before its first step leaves no folder; a
-    resumed run purges what the interrupted one logged after its checkpoint."""
-    writer = None
+
+    Written here, not by TensorBoard's SummaryWriter, whose thread reports a full disk as a traceback: each
+    event is framed as TensorBoard reads it (its RecordWriter) and appended whole, unbuffered, by this
+    process (files.append), so a killed run keeps what it logged and a full disk is one error line naming
+    the file. The file opens at the first record, so a run that fails before its first step leaves none; a
+    resumed run's file starts by purging what the interrupted one logged after its checkpoint (TensorBoard's
+    SessionLog START at the first new step, as SummaryWriter's purge_step writes it)."""
+    event_pb2, summary_pb2, RecordWriter = tensorboard_protos()
+    events = None
+
+    def framed(event) -> bytes:
+        buffer = io.BytesIO()
+        RecordWriter(buffer).write(event.SerializeToString())
+        return buffer.getvalue()
 
     def write(record: dict) -> None:
-        nonlocal writer
-        if writer is None:
-            writer = tensorboard_writer()(str(run_dir / TENSORBOARD), purge_step=first_step + 1 if first_step else None)
-            stack.callback(writer.close)
+        nonlocal events
+        if events is None:
+            path = run_dir / TENSORBOARD / f"{EVENTS}{int(time.time())}.{socket.gethostname()}.{os.getpid()}.bitfit"
+            try:
+                path.parent.mkdir(exist_ok=True)
+                file = stack.enter_context(open(path, "ab", buffering=0))
+            except OSError as error:
+                raise cannot_write(path, error) from None
+            events = (file, path)
+            start = [event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2")]
+            if first_step:
+                start.append(event_pb2.Event(wall_time=time.time(), step=first_step + 1,
+                                             session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START)))
+            append(*events, b"".join(framed(event) for event in start))
+        values = []
         for key, value in record.items():
-            if key != "step" and isinstance(value, (int, float)):
+            if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
                 key = HF_NAMES.get(key, key)
                 tag = f"eval/{key.removeprefix('eval_')}" if key.startswith("eval_") else f"train/{key}"
-                writer.add_scalar(tag, value, record["step"])
-        writer.flush()  # each step on disk as it is made: a killed run keeps what it logged
+                values.append(summary_pb2.Summary.Value(tag=tag, simple_value=value))
+        append(*events, framed(event_pb2.Event(wall_time=time.time(), step=record["step"],
+                                               summary=summary_pb2.Summary(value=values))))
 
     return write
 
