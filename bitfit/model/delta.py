@@ -50,9 +50,11 @@ METADATA = ("format", "base_model", "base_fingerprint", "added_biases", "dtype",
 METADATA_3 = ("task", "classes", "head")
 CHUNK = 2**24  # values rounded and hashed at a time: a 32 MiB bf16 copy, whatever the tensor's size
 
-NEVER_MOVED = ("the delta is all zeros: no bias moved from its base value, so there is nothing to save. "
-               "The usual cause is a loop that clears gradients with optimizer.zero_grad(): it sets the flat "
-               "gradient to None, so the optimizer steps nothing. Clear them with FlatBiases.zero_grad()")
+NEVER_MOVED = ("the delta is all zeros: no bias moved from its base value, so there is nothing to save. Either "
+               "every gradient was zero (no label token reached the loss) or no update reached the biases: a "
+               "learning rate too small to change an fp32 bias, or, in a loop of your own, clearing gradients "
+               "with optimizer.zero_grad(), which sets the flat gradient to None so the optimizer steps nothing "
+               "(clear them with FlatBiases.zero_grad())")
 
 
 def fingerprint(named_params: Iterable[tuple[str, torch.Tensor]], exclude: Iterable[str] = (),

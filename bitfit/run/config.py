@@ -22,6 +22,9 @@ from bitfit.run.report import OPTIONAL_SINKS, tensorboard_protos
 
 # Bounds on values that look valid but destroy the biases; each one's reason is in its flag's --help.
 MAX_LR = 0.1
+MIN_LR = 1e-8  # AdamW moves a bias by about lr a step; an fp32 bias of size 1 moves by no less than 6e-8
+MAX_EPS = 1e-3  # AdamW divides each step by the gradient's size plus eps: a larger eps stands in for the gradient
+MIN_CLIP_OVER_EPS = 1e4  # --grad-clip at least this x --eps (or 0): see its --help
 MAX_DECAY_PER_STEP = 0.01  # --lr x --weight-decay
 MAX_DRAWS = 10_000_000  # examples drawn in one run (--epochs x the examples), checked before the plan is drawn
 
@@ -83,7 +86,9 @@ class TrainConfig:
                                        f"{MAX_DECAY_PER_STEP:g}: every step multiplies each bias by (1 - lr x "
                                        "weight_decay), which at 0.01 halves it in 70 steps whatever the data says, at "
                                        "1 zeroes it and above 2 makes it grow without bound")
-    grad_clip: float = _option(1.0, "clip the gradient's global L2 norm to this (0 = no clipping)")
+    grad_clip: float = _option(1.0, "clip the gradient's global L2 norm to this (0 = no clipping). At least "
+                                    f"{MIN_CLIP_OVER_EPS:g} x --eps: AdamW divides each bias's gradient by its size plus "
+                                    "eps, so a gradient clipped near eps is mostly eps and the biases barely move")
     warmup_steps: int = _option(0, "optimizer steps of linear warmup from 0 to --lr")
     schedule: str = _option("linear", "after warmup: 'linear' or 'cosine' decay to 0, or 'constant'")
     epochs: int = _option(1, "passes over the training data (at most "
@@ -147,6 +152,16 @@ class TrainConfig:
                 raise BitfitError(f"--{name.replace('_', '-')} must not be negative, not {getattr(self, name)}")
         if self.lr <= 0 or self.eps <= 0:
             raise BitfitError(f"--lr and --eps must be positive, not {self.lr} and {self.eps} (eps divides AdamW's step)")
+        if self.lr < MIN_LR or self.eps > MAX_EPS:
+            raise BitfitError(f"--lr {self.lr:g} is below {MIN_LR:g}: AdamW moves each bias by about lr a step, and an "
+                              "fp32 bias's smaller changes are rounded away" if self.lr < MIN_LR else
+                              f"--eps {self.eps:g} is above {MAX_EPS:g}: AdamW divides each step by the gradient's size "
+                              "plus eps, so an eps that large would stand in for the gradient (1e-8 is usual)")
+        if 0 < self.grad_clip < MIN_CLIP_OVER_EPS * self.eps:
+            raise BitfitError(f"--grad-clip {self.grad_clip:g} is below {MIN_CLIP_OVER_EPS:g} x --eps "
+                              f"({MIN_CLIP_OVER_EPS * self.eps:g}): AdamW divides each bias's gradient by its size plus "
+                              "eps, so a gradient clipped that small is mostly eps and the biases barely move; give 0 "
+                              "for no clipping, or a norm of at least that (1.0 is usual)")
         if self.lr > MAX_LR:
             raise BitfitError(f"--lr {self.lr:g} is above {MAX_LR:g}: AdamW moves every bias by up to about lr per step "
                               "whatever its gradient, so a few steps would carry the biases far past any pretrained "
