@@ -16,6 +16,10 @@ import math
 import sys
 from pathlib import Path
 
+# First: while the rest loads (seconds), Ctrl-C is one line, not a traceback (bitfit.run.interrupt).
+import bitfit  # noqa: F401
+
+# isort: split
 import torch
 from transformers import TextStreamer
 
@@ -140,27 +144,28 @@ def run(args: argparse.Namespace) -> dict:
     print(f"template {template!r}, {'sampling' if args.sample else 'greedy'}")
     sides = {"BASE": None, **{label: str(delta) for label, delta in zip(labels, deltas)}}
 
+    # Every delta checked against this base, and its outputs finite, before anything is generated.
+    probe = pad_batch([{"input_ids": ids, "attention_mask": [1] * len(ids)} for ids in prompts[:4]], pad_id(tokenizer))
+    table = DeltaTable(model, [str(delta) for delta in deltas])  # refuses, naming the delta's base, if not this base
+    try:
+        for number, delta in enumerate(deltas, start=1):
+            with table.use([number] * len(probe["input_ids"])):
+                refuse_broken(model, probe, str(delta))
+    finally:
+        table.remove()
+
     torch.manual_seed(args.seed)  # the same seed, the same draws
     streamed = len(prompts) == 1 and len(deltas) == 1  # one answer per model: watch it appear, base then tuned
-    probe = pad_batch([{"input_ids": ids, "attention_mask": [1] * len(ids)} for ids in prompts[:4]], pad_id(tokenizer))
     if streamed:
         said = {}
         for side, delta in sides.items():
             if delta:
-                apply_delta(model, delta)  # refuses, naming the delta's base, if this is not that base
-                refuse_broken(model, probe, delta)
+                apply_delta(model, delta)
             print(f"{side:>5}: ", end="", flush=True)
             streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
             said[side] = answers(model, tokenizer, prompts, device, False, args.max_new_tokens,
                                  generation={**generation, "streamer": streamer})
     else:  # every side's answers in one batched generation: each row adds its own delta
-        table = DeltaTable(model, [str(delta) for delta in deltas])  # the check: every row with one delta
-        try:
-            for number, delta in enumerate(deltas, start=1):
-                with table.use([number] * len(probe["input_ids"])):
-                    refuse_broken(model, probe, str(delta))
-        finally:
-            table.remove()
         texts = generate_many(model, tokenizer, [(ids, delta) for delta in sides.values() for ids in prompts],
                               args.max_new_tokens, generation=generation)
         said = {side: texts[i * len(prompts) : (i + 1) * len(prompts)] for i, side in enumerate(sides)}

@@ -103,3 +103,45 @@ def test_a_temperature_of_0_without_sample_is_greedy_decoding_and_accepted():
 def test_a_value_past_what_sampling_can_use_is_refused_before_the_model_loads(args, message):
     with pytest.raises(generate.BitfitError, match=message):
         generate.parse_args(args)
+
+
+def a_delta(tmp_path) -> tuple[str, str]:
+    """(a delta of a tiny Llama whose biases moved, the folder of that Llama)."""
+    import torch
+
+    from bitfit.core.biases import add_missing_biases, select_biases
+    from bitfit.core.flat import FlatBiases
+    from bitfit.model import pretrained
+    from bitfit.model.delta import save_delta
+
+    model_dir = saved(tiny_llama, tmp_path / "llama")
+    model, _ = pretrained.load(model_dir)
+    added = add_missing_biases(model)
+    flat = FlatBiases(model, select_biases(model))
+    with torch.no_grad():
+        flat.values.add_(0.01)
+    save_delta(str(tmp_path / "delta.safetensors"), model, flat, base_model=model_dir, added=added)
+    return str(tmp_path / "delta.safetensors"), model_dir
+
+
+@pytest.mark.parametrize("prompts", [["--prompt", "Add."], ["-n", "2"]], ids=["streamed", "batched"])
+@pytest.mark.parametrize("base", ["another decoder", "an encoder"])
+def test_a_delta_or_model_that_cannot_answer_is_refused_before_anything_is_generated(base, prompts, tmp_path, capsys):
+    from tiny import tiny_encoder
+
+    delta, _ = a_delta(tmp_path)
+    other = saved(tiny_bloom if base == "another decoder" else tiny_encoder, tmp_path / "other")
+    assert generate.main(["--delta", delta, "--model", other, *prompts, "--max-new-tokens", "2"]) == 2
+    out, err = capsys.readouterr()
+    assert "BASE" not in out and "TUNED" not in out.replace(f"TUNED = {delta}", "")  # no answer of either
+    said = "this delta was trained on" if base == "another decoder" else "is not a causal LM: its output at a token depends"
+    assert said in err.strip().splitlines()[-1] and "Traceback" not in err
+
+
+def test_train_refuses_an_encoder_for_the_lm_task_before_it_trains(tmp_path, capsys):
+    from tiny import tiny_encoder
+
+    encoder = saved(tiny_encoder, tmp_path / "bert")
+    assert train.main(["--model", encoder, "--split", "train[:8]", "--eval-data", "none", "--out-dir", str(tmp_path / "run")]) == 2
+    assert "is not a causal LM" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert not (tmp_path / "run").exists()

@@ -214,7 +214,31 @@ def load(name: str, device: torch.device = torch.device("cpu"), dtype: torch.dty
                                                      use_safetensors=None if trust_pickle_weights else True)
     except Exception as error:  # noqa: BLE001: every reason a model cannot load is the user's to fix, said in one line
         raise _cannot_load(name, error, offline) from None
-    return model.to(device).train(), tokenizer
+    check_causal(model.to(device), name)
+    return model.train(), tokenizer
+
+
+def check_causal(model: nn.Module, name: str) -> None:
+    """Refuse a model whose output at a position depends on tokens after it: an encoder (BERT, RoBERTa...)
+    loads as a "causal LM" too (BertLMHeadModel), then trains on answers it can see and generates noise.
+    Checked by what the model does, whatever its config says: changing the last of a few tokens must leave
+    every earlier position's logits as they were (the same arithmetic on the same prefix: equal to far
+    below 1e-4 of their size; an encoder's change everywhere)."""
+    vocab = model.get_input_embeddings().num_embeddings
+    ids = torch.tensor([[(7 * i + 3) % vocab for i in range(8)]], device=next(model.parameters()).device)
+    other = ids.clone()
+    other[0, -1] = (ids[0, -1] + 1) % vocab
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            first, second = (model(input_ids=row).logits[:, :-1].float() for row in (ids, other))
+    finally:
+        model.train(was_training)
+    if (first - second).abs().max() > 1e-4 * first.abs().max():
+        raise BitfitError(f"{name} is not a causal LM: its output at a token depends on the tokens after it (an encoder, "
+                          f"such as BERT, {type(model).__name__} here?); --task lm and generate.py need a decoder. An "
+                          "encoder classifies (--task classify) or predicts a number (--task regress)")
 
 
 def load_classifier(name: str, classes: list[str] | None, device: torch.device = torch.device("cpu"),
