@@ -231,16 +231,16 @@ def main(argv: list[str] | None = None) -> int:
     deltas = [read_delta(str(path)) for path in paths]  # each checked whole before the model loads
     model, _ = pretrained.load_for(args.model or deltas[0][1]["base_model"], *task_of(deltas[0][1]), torch.device("cpu"),
                                torch.float32, args.trust_remote_code, args.trust_pickle_weights)
-    if len(deltas) == 2 and (deltas[0][1]["base_fingerprint"] != deltas[1][1]["base_fingerprint"]
-                             or deltas[0][0].keys() != deltas[1][0].keys()):
+    # Biases only: a classifier's head is new, not a change, and two classifiers of one encoder (other
+    # classes, or a regressor) have heads of their own while their biases compare.
+    biases = [{name for name in tensors if name not in set(head_of(meta))} for tensors, meta in deltas]
+    if len(deltas) == 2 and (deltas[0][1]["base_fingerprint"] != deltas[1][1]["base_fingerprint"] or biases[0] != biases[1]):
         raise BitfitError(f"{paths[0]} and {paths[1]} were trained on different bases or bias selections; "
                           "only deltas of one base and one selection compare")
     # Each delta's changes against this base (checked; an adapter's whole values made changes), before
-    # the first is applied: the tuned biases are base + change. A classifier's new head has no change to show.
-    checked = [check_delta(model, str(path)) for path in paths]
+    # the first is applied: the tuned biases are base + change.
+    tensors, *others = [check_delta(model, str(path), with_head=False)[0] for path in paths]
     metadata = apply_delta(model, str(paths[0]))
-    head = set(head_of(metadata))
-    tensors, *others = [{name: t for name, t in changed.items() if name not in head} for changed, _ in checked]
     parts = parts_of(model, list(tensors))
     zero = zero_gradient_parts(model, parts)
     if len(deltas) == 2:
