@@ -22,6 +22,10 @@ from functools import partial
 from pathlib import Path
 from typing import TypeVar
 
+# First: while the rest loads (seconds), Ctrl-C is one line, not a traceback (bitfit.run.interrupt).
+import bitfit  # noqa: F401
+
+# isort: split
 import torch
 
 from bitfit import __version__

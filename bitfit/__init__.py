@@ -14,6 +14,11 @@ train.py and generate.py, at the top of the repository, are the two commands.
 
 __version__ = "0.1.0"
 
+# First, before torch and transformers load: Ctrl-C while a command starts is one line, not a traceback.
+from bitfit.run.interrupt import quiet_while_starting  # noqa: E402
+
+quiet_while_starting()
+
 # What a loop of your own needs (README: "Your own loop"); each has its docstring.
 from bitfit.core.biases import add_missing_biases, select_biases  # noqa: E402  (after __version__, which modules import)
 from bitfit.core.flat import FlatBiases  # noqa: E402

@@ -15,6 +15,7 @@ import torch
 
 from bitfit.core.errors import BitfitError
 from bitfit.files import check_new_folder
+from bitfit.run.interrupt import started
 
 DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 
@@ -87,6 +88,7 @@ def entry_point(main: Callable[[list[str] | None], int]) -> Callable[[list[str] 
     OSError) or no memory left; 130 for Ctrl-C. Anything else is a bug in bitfit and keeps its traceback."""
     @functools.wraps(main)
     def guarded(argv: list[str] | None = None) -> int:
+        started()  # Ctrl-C from here on is the KeyboardInterrupt answered below (bitfit.run.interrupt)
         try:
             return main(argv)
         except BitfitError as error:

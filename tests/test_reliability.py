@@ -5,6 +5,9 @@ import math
 import os
 import re
 import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -284,3 +287,59 @@ def test_a_stop_while_the_delta_is_written_lets_it_finish_then_skips_the_evaluat
     assert train.main(["--model", model_dir, *ARGS, "--out-dir", str(run)]) == 130
     assert "interrupted: after the delta was saved to" in capsys.readouterr().err
     assert read_delta(str(run / "delta.safetensors"))[0] and not (run / "results.json").exists()
+
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", [["train.py"], ["generate.py"], ["-m", "bitfit.infer.classify"]],
+                         ids=["train.py", "generate.py", "-m bitfit.infer.classify"])
+def test_ctrl_c_while_a_command_starts_is_one_line_and_exit_130(command):
+    """Ctrl-C while torch and transformers import (seconds): at any moment, one line and 130, or the command ran."""
+    interrupted = 0
+    for delay in (0.3, 1.0, 2.5):
+        started = subprocess.Popen([sys.executable, *command, "--help"], cwd=REPO, stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True)
+        time.sleep(delay)
+        started.send_signal(signal.SIGINT)
+        out, err = started.communicate(timeout=120)
+        if started.returncode == 130:
+            assert err == "interrupted\n" and not out
+            interrupted += 1
+        else:  # done before the signal came: the help, and nothing else
+            assert started.returncode == 0 and "usage:" in out and "Traceback" not in err
+    assert interrupted  # 0.3 s is inside the imports on any machine
+
+
+@pytest.mark.parametrize(("argv", "orig_argv", "command"), [
+    (["train.py"], None, True), (["generate.py"], None, True), (["/venv/bin/bitfit-train"], None, True),
+    (["-m"], ["python", "-m", "bitfit.infer.classify", "--text", "a"], True),
+    (["my_script.py"], None, False), (["-c"], ["python", "-c", "import bitfit"], False), ([""], None, False),
+    (["-m"], ["python", "-m", "pytest", "-q"], False), (["/elsewhere/train.py"], None, False),
+])
+def test_only_bitfits_own_commands_change_what_ctrl_c_does_while_they_start(argv, orig_argv, command, monkeypatch):
+    from bitfit.run import interrupt
+
+    monkeypatch.chdir(REPO)  # python train.py is run in the checkout; a train.py elsewhere is someone else's
+    monkeypatch.setattr(sys, "argv", argv)
+    monkeypatch.setattr(sys, "orig_argv", orig_argv or ["python", *argv])
+    assert interrupt.started_as_command() is command
+
+
+@pytest.mark.slow
+def test_resume_after_the_held_out_data_changed_is_refused_naming_it(model_dir, tmp_path, monkeypatch, capsys):
+    held_out = tmp_path / "heldout.jsonl"
+    held_out.write_text(json.dumps({"instruction": "Add 1 and 2.", "output": "3"}) + "\n")
+    run = tmp_path / "run"
+    args = ["--model", model_dir, "--split", "train[:40]", "--eval-data", str(held_out), "--max-new-tokens", "2",
+            "--lr", "1e-2", "--out-dir", str(run)]
+    signal_in_step(monkeypatch, 3, [signal.SIGINT])
+    assert train.main(args) == 130
+    monkeypatch.undo()
+    held_out.write_text(json.dumps({"instruction": "Add 1 and 2.", "output": "4"}) + "\n")  # its "before" is no longer of it
+    capsys.readouterr()
+    assert train.main(["--resume", str(run)]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith(f"error: --resume {run}: the held-out data changed since the run started") and "restore them" in last
+    assert not (run / "delta.safetensors").exists()

@@ -6,12 +6,18 @@ What the first one does depends on what a stop would lose:
     writing the delta                            the run: finish writing it, then stop
     after the delta                              nothing: stop at once, saying the delta is saved
 A second one, while a step or the delta is being finished, quits at once without a checkpoint.
+
+Before all that, while a command starts (its imports of torch and transformers take seconds), Ctrl-C
+ends it with one line, not an import's traceback: `quiet_while_starting`.
 """
 
 import contextlib
+import os
 import signal
 import sys
+import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 from bitfit.core.errors import Interrupted
 
@@ -52,3 +58,39 @@ def graceful_stop(announce: bool = True) -> Iterator[StopRequest]:
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+
+
+COMMANDS = ("train.py", "generate.py")  # at the top of the repository; the rest are bitfit-* scripts and -m bitfit.*
+
+
+def started_as_command() -> bool:
+    """Whether this process was started as one of bitfit's commands (python train.py or generate.py of this
+    checkout, a bitfit-* console script, python -m bitfit....), not as a script, notebook or test that
+    imports bitfit: those keep Python's own Ctrl-C."""
+    argv = getattr(sys, "orig_argv", sys.argv)
+    if "-m" in argv[:-1]:
+        return argv[argv.index("-m") + 1].startswith("bitfit.")
+    script = Path(sys.argv[0])
+    checkout = Path(__file__).resolve().parents[2]
+    return script.name.startswith("bitfit-") or (script.name in COMMANDS and script.resolve().parent == checkout)
+
+
+def quiet_while_starting() -> None:
+    """Until the command's main() runs (bitfit.cli.entry_point calls `started`), make Ctrl-C print
+    'interrupted' and exit 130 at once, as the command itself answers it: nothing is written yet, so
+    nothing is lost. bitfit/__init__.py calls this first, in a command's main thread only, and only where
+    Ctrl-C still does what Python does by default."""
+    if (started_as_command() and threading.current_thread() is threading.main_thread()
+            and signal.getsignal(signal.SIGINT) is signal.default_int_handler):
+        signal.signal(signal.SIGINT, _stop_starting)
+
+
+def _stop_starting(signum: int, frame) -> None:
+    print("interrupted", file=sys.stderr, flush=True)
+    os._exit(130)  # not an exception: an import may catch it, and half-imported modules have nothing to close
+
+
+def started() -> None:
+    """The command's main() runs: Ctrl-C is Python's KeyboardInterrupt again, which main() answers."""
+    if signal.getsignal(signal.SIGINT) is _stop_starting:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
