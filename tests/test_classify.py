@@ -580,3 +580,198 @@ def test_a_labelled_texts_file_with_a_label_the_delta_has_no_class_for_is_one_er
     (tmp_path / "texts.jsonl").write_text(json.dumps({"text": "a", "label": "yes"}) + "\n" + json.dumps({"text": "b", "label": "meh"}) + "\n")
     assert classify.main(["--delta", path, "--texts-file", str(tmp_path / "texts.jsonl")]) == 2
     assert "texts.jsonl line 2: label 'meh' is not one of" in last_error(capsys)
+
+
+# --- the third hostile round: GLUE's data as GLUE means it, the classifier's edges --------------------
+
+def rows_and_places(*rows: dict) -> tuple[list[dict], list[str]]:
+    return list(rows), [f"data.jsonl line {n}" for n in range(1, len(rows) + 1)]
+
+
+def test_a_label_is_read_as_what_it_says_so_its_spellings_are_one_class():
+    from bitfit.data.labelled import check_rows
+
+    spellings = rows_and_places(*({"text": f"t{i}", "label": label} for i, label in enumerate([" 1", "1", "1.0", 1.0, 1, "0", 0.0])))
+    assert check_rows(spellings, None, "classify") == [0, 1]
+    assert check_rows(rows_and_places({"text": "a", "label": "pos "}, {"text": "b", "label": " neg"}), None, "classify") == ["neg", "pos"]
+
+
+def test_int_labels_keep_their_own_ids_and_names_without_ids_are_sorted():
+    from bitfit.data.labelled import check_rows
+
+    assert check_rows(rows_and_places({"text": "a", "label": 2}, {"text": "b", "label": 0}), None, "classify") == [0, 1, 2]
+    assert check_rows(rows_and_places({"text": "a", "label": "zebra"}, {"text": "b", "label": "ant"}), None, "classify") == ["ant", "zebra"]
+
+
+@pytest.mark.parametrize("names", [["not_equivalent", "equivalent"], ["2", "1"]], ids=["MRPC", "digits"])
+def test_a_classlabel_columns_own_order_is_the_classes_order(names, tmp_path):
+    import datasets
+
+    from bitfit.data.labelled import check_rows
+    from bitfit.data.sources import declared_classes, load_records
+
+    features = datasets.Features({"sentence1": datasets.Value("string"), "sentence2": datasets.Value("string"),
+                                  "label": datasets.ClassLabel(names=names)})
+    rows = {"sentence1": ["a", "b", "c"], "sentence2": ["x", "y", "z"], "label": [1, 0, 1]}
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict(rows, features=features)}).save_to_disk(str(tmp_path / "mrpc"))
+    declared = declared_classes(str(tmp_path / "mrpc"))
+    assert declared == names  # class 1 is MRPC's "equivalent": the class GLUE's F1 is of
+    train_rows = load_records(str(tmp_path / "mrpc"))
+    assert check_rows(train_rows, None, "classify", declared) == names
+    examples = encode_labelled(*train_rows, tiny_tokenizer(), 16, "classify", names, progress=False)
+    assert [example["label"] for example in examples] == rows["label"]  # each row keeps the dataset's id
+
+
+def test_a_saved_dataset_dict_as_eval_data_needs_its_split_named(tmp_path):
+    import datasets
+
+    from bitfit.run.config import TrainConfig
+
+    one = datasets.Dataset.from_dict({"text": ["a", "b"], "label": [0, 1]})
+    datasets.DatasetDict({"train": one, "validation": one}).save_to_disk(str(tmp_path / "glue"))
+    with pytest.raises(BitfitError, match=r"give --eval-split for a saved DatasetDict \(its splits: train, validation\)"):
+        TrainConfig(task="classify", data=str(tmp_path / "glue"), split="train", eval_data=str(tmp_path / "glue"))
+    assert TrainConfig(task="classify", data=str(tmp_path / "glue"), eval_data=str(tmp_path / "glue"),
+                       eval_split="validation").eval_split == "validation"
+
+
+@pytest.mark.parametrize(("train_rows", "held_out", "message"), [
+    ([{"question": "q", "sentence": "s", "label": 0}, {"sentence": "s2", "label": 1}, {"question": "q3", "sentence": "s", "label": 1}],
+     None, r"training data: data.jsonl line 2: a single text, where the other rows are pairs"),
+    ([{"text": "a", "label": 0}, {"text": "b", "label": 1}], [{"sentence1": "a", "sentence2": "b", "label": 0}],
+     r"evaluation data: eval.jsonl line 1: a pair of texts, where the training data's rows are single texts"),
+])
+def test_a_data_set_is_all_pairs_or_all_single_texts_and_a_row_that_breaks_it_is_refused(train_rows, held_out, message):
+    from bitfit.data.labelled import check_rows
+
+    places = [f"eval.jsonl line {n}" for n in range(1, len(held_out or []) + 1)]
+    with pytest.raises(BitfitError, match=message):
+        check_rows(rows_and_places(*train_rows), (held_out, places) if held_out else None, "classify")
+
+
+@pytest.mark.parametrize("kind", ["bert", "roberta"])
+def test_a_max_len_that_leaves_no_room_beside_the_special_tokens_is_refused(kind, folders):
+    from bitfit.data.labelled import tokenize
+
+    tokenizer = pretrained.load_classifier(folders[kind], ["a", "b"])[1]
+    pair = tokenizer.num_special_tokens_to_add(pair=True)
+    with pytest.raises(BitfitError, match=rf"--max-len {pair + 1} leaves no room for text: the tokenizer adds {pair} special"):
+        tokenize(tokenizer, [("a long text " * 50, "another one " * 50)], pair + 1)
+    cut = tokenize(tokenizer, [("a long text " * 50, "another one " * 50), ("one text " * 50,)], pair + 2)
+    assert [len(row["input_ids"]) for row in cut] == [pair + 2, pair + 2]
+
+
+@pytest.mark.slow
+def test_a_max_len_below_the_special_tokens_is_one_error_line_in_training_and_in_classify(folders, tmp_path, capsys):
+    from bitfit.infer import classify
+
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps({"sentence1": "word " * 700, "sentence2": "w", "label": i % 2}) + "\n" for i in range(8)))
+    assert train.main(["--task", "classify", "--model", folders["bert"], "--data", str(data), "--eval-data", "none",
+                       "--max-len", "2", "--out-dir", str(tmp_path / "run")]) == 2
+    assert "--max-len 2 leaves no room for text" in last_error(capsys) and not (tmp_path / "run").exists()
+    path = edited_delta(folders, tmp_path, lambda t, m: None)
+    assert classify.main(["--delta", path, "--texts-file", str(data), "--max-len", "2"]) == 2
+    assert "--max-len 2 leaves no room for text" in last_error(capsys)
+
+
+def test_only_what_max_len_holds_of_a_huge_text_is_tokenized_and_the_ids_are_the_same(folders):
+    from bitfit.data.labelled import tokenize
+
+    tokenizer = pretrained.load_classifier(folders["bert"], ["a", "b"])[1]
+    seen = []
+
+    class Watched:  # the tokenizer, noting how long a text it is given
+        def __getattr__(self, name):
+            return getattr(tokenizer, name)
+
+        def __call__(self, *texts, **kwargs):
+            seen.extend(len(text) for column in texts if column is not None for text in ([column] if isinstance(column, str) else column))
+            return tokenizer(*texts, **kwargs)
+
+    huge = "a sentence of a few words. " * 350_000  # 9.5 MB
+    assert tokenize(Watched(), [(huge,)], 64) == tokenize(tokenizer, [(huge[:100_000],)], 64)
+    assert max(seen) < 10_000  # never the 9.5 MB text: its first 64 tokens need a few hundred characters
+
+
+def test_classify_reads_glue_test_rows_marked_minus_one_or_null_as_unlabelled(folders, tmp_path, capsys):
+    from bitfit.infer import classify
+
+    path = edited_delta(folders, tmp_path, lambda t, m: None)
+    rows = [{"text": "a", "label": -1}, {"text": "b", "label": "-1"}, {"text": "c", "label": None}, {"text": "d"}]
+    (tmp_path / "test.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    assert classify.main(["--delta", path, "--texts-file", str(tmp_path / "test.jsonl")]) == 0
+    said = capsys.readouterr().out
+    assert said.count("TUNED: ") == 4 and "[right]" not in said and "[wrong]" not in said and "correct:" not in said
+
+
+def test_classify_marks_a_label_spelt_otherwise_as_the_class_it_names(folders, tmp_path, capsys):
+    from bitfit.infer import classify
+
+    model, flat, added, head = tuned(folders["bert"], ["0", "1"])
+    save_delta(str(tmp_path / "delta.safetensors"), model, flat, base_model=folders["bert"], added=added, head=head,
+               task="classify", classes=["0", "1"])
+    (tmp_path / "texts.csv").write_text("text,label\na, 1\nb,0.0\n")
+    assert classify.main(["--delta", str(tmp_path / "delta.safetensors"), "--texts-file", str(tmp_path / "texts.csv")]) == 0
+    said = capsys.readouterr().out
+    assert "(expected: 1)" in said and "(expected: 0)" in said and "correct: TUNED " in said and "/2" in said
+
+
+def test_two_classifiers_of_one_encoder_compare_by_their_biases_whatever_their_heads(folders, tmp_path, capsys):
+    from bitfit.export import inspection
+
+    for name, classes in (("a", ["no", "yes"]), ("b", ["x", "y", "z"]), ("c", None)):
+        model, flat, added, head = tuned(folders["bert"], classes, seed=len(name))
+        save_delta(str(tmp_path / f"{name}.safetensors"), model, flat, base_model=folders["bert"], added=added,
+                   head=head, task="classify" if classes else "regress", classes=classes)
+    for other in ("b", "c"):
+        assert inspection.main([str(tmp_path / "a.safetensors"), str(tmp_path / f"{other}.safetensors")]) == 0
+        said = capsys.readouterr().out
+        assert "bias type" in said and "cosine" in said and not __import__("re").search("^classifier", said, __import__("re").M)
+
+
+def test_a_peft_trained_sequence_classification_adapter_classifies_and_generate_refuses_it(folders, tmp_path, capsys):
+    import generate
+    from peft import BeftConfig, get_peft_model
+
+    from bitfit.infer.mixed import classify_many
+
+    torch.manual_seed(0)
+    base = AutoModelForSequenceClassification.from_pretrained(folders["bert"], num_labels=3)
+    peft_model = get_peft_model(base, BeftConfig(target_modules=["query", "value"], task_type="SEQ_CLS"))
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "beft_bias" in name:
+                param.copy_(torch.randn(param.shape))
+    peft_model.save_pretrained(tmp_path / "theirs")
+    tokenizer = pretrained.load_classifier(folders["bert"], None)[1]
+    with torch.no_grad():
+        expected = peft_model.eval()(**tokenizer("a text", return_tensors="pt")).logits[0].softmax(-1)
+    metadata = read_delta(str(tmp_path / "theirs"))[1]
+    assert metadata["task"] == "classify" and json.loads(metadata["classes"]) == ["LABEL_0", "LABEL_1", "LABEL_2"]
+    model = pretrained.load_classifier(folders["bert"], ["LABEL_0", "LABEL_1", "LABEL_2"])[0]
+    said = classify_many(model, tokenizer, [(("a text",), str(tmp_path / "theirs"))])[0]
+    torch.testing.assert_close(torch.tensor(list(said["scores"].values())), expected, rtol=0, atol=1e-5)
+    assert generate.main(["--delta", str(tmp_path / "theirs"), "--prompt", "hi"]) == 2
+    assert "is a classify delta (a classifier's or regressor's)" in last_error(capsys)
+
+
+def test_the_adapters_readme_names_the_classes_and_its_code_loads_the_tuned_classifier(folders, tmp_path, capsys, monkeypatch):
+    import re
+
+    from bitfit.export import adapter
+
+    model, flat, added, head = tuned(folders["bert"], ["negative", "positive"])
+    save_delta(str(tmp_path / "delta.safetensors"), model, flat, base_model=folders["bert"], added=added, head=head,
+               task="classify", classes=["negative", "positive"])
+    assert adapter.main(["--delta", str(tmp_path / "delta.safetensors"), "--out", str(tmp_path / "adapter")]) == 0
+    assert "id2label={0: 'negative', 1: 'positive'}" in capsys.readouterr().out
+    card = (tmp_path / "adapter" / "README.md").read_text()
+    assert "| 0 | negative |" in card and "| 1 | positive |" in card
+    monkeypatch.chdir(tmp_path / "adapter")  # the card's code loads the folder it is in
+    scope = {}
+    exec(re.search(r"```python\n(.*?)```", card, re.S).group(1), scope)
+    ids = torch.tensor([[5, 17, 42, 9]])
+    assert scope["model"].config.id2label == {0: "negative", 1: "positive"}
+    with torch.no_grad():
+        torch.testing.assert_close(scope["model"].eval()(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=1e-5)

@@ -218,3 +218,23 @@ def test_overwrite_replaces_the_earlier_runs_tensorboard_events_with_the_new_one
     steps, values = tensorboard_scalars(out, "train/loss")
     assert steps == [1, 2, 3] and values == pytest.approx([line["loss"] for line in metrics(out)], rel=1e-6)
     assert len(list((out / "tensorboard").iterdir())) == 1
+
+
+def test_tensorboard_on_a_full_disk_is_one_error_line_with_the_path_and_leaves_whole_events(small_disk, tmp_path):
+    import contextlib
+
+    from bitfit.core.errors import BitfitError
+    from bitfit.run.report import tensorboard
+
+    run = small_disk.path / "run"
+    run.mkdir()
+    with contextlib.ExitStack() as stack:
+        write = tensorboard(run, 0, stack)
+        write({"step": 1, "loss": 2.5, "lr": 1e-3})
+        small_disk.fill()
+        with pytest.raises(BitfitError, match=rf"cannot write {run}/tensorboard/events\.out\.tfevents\..+: the disk is full "
+                                              r"\(\d+ B free there\)"):
+            for step in range(2, 10_000):  # until the last free bytes are gone
+                write({"step": step, "loss": 2.5, "lr": 1e-3})
+    events = tensorboard_scalars(run, "train/loss")  # every event in the file is whole: TensorBoard reads them all
+    assert events[0] == list(range(1, len(events[0]) + 1)) and events[1] == [2.5] * len(events[0])

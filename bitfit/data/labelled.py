@@ -131,10 +131,16 @@ def label_names(labels: list, places: list[str], declared: list[str] | None = No
         label, place = next(iter(seen.items()))
         raise BitfitError(f"every row has the label {label!r} (the first at {place}): a classifier needs at least two classes")
     if declared:
-        if unknown := next((label for label in seen if label not in declared), None):
+        if unknown := next((label for label in seen if str(label) not in declared), None):
             raise BitfitError(f"{seen[unknown]}: label {unknown!r} is not one of the classes the data declares {declared}")
         return list(declared)
     return list(range(max(seen) + 1)) if int in kinds else sorted(seen)
+
+
+def class_ids(classes: list) -> dict[str, int]:
+    """Each class's id, by its name as text: a label is compared with the classes as what it says (a class
+    a dataset declares as "1" is the label 1)."""
+    return {str(name): i for i, name in enumerate(classes)}
 
 
 def check_rows(train: tuple[list, list[str]], held_out: tuple[list, list[str]] | None, task: str,
@@ -152,7 +158,7 @@ def check_rows(train: tuple[list, list[str]], held_out: tuple[list, list[str]] |
         if held:
             one_shape([texts for texts, _ in held], held_out[1], width, "training data's rows")
         for (_, label), place in zip(held, held_out[1] if held_out else []):  # a class the model has no output for
-            if classes and label not in classes:
+            if classes and str(label) not in class_ids(classes):
                 raise BitfitError(f"{place}: label {label!r} is not one of the training data's classes {classes}")
     except BitfitError as error:
         raise BitfitError(f"{role}: {error}") from None
@@ -164,14 +170,14 @@ def encode_labelled(records: list, places: list[str], tokenizer, max_len: int, t
     """Examples of checked rows: input_ids and attention_mask (and token_type_ids where the tokenizer makes
     them) cut to max_len (`tokenize`), a pair as the tokenizer's sentence pair; "label" the class id
     (classify) or the number (regress). A class the training data never had is an error naming the row."""
-    ids = {label: i for i, label in enumerate(classes or [])}
+    ids = class_ids(classes or [])
     examples = []
     for chunk in chunks(len(records), progress):
         checked = [check_labelled(records[i], places[i], task) for i in chunk]
         for i, (_, label), fields in zip(chunk, checked, tokenize(tokenizer, [texts for texts, _ in checked], max_len)):
-            if task == "classify" and label not in ids:
+            if task == "classify" and str(label) not in ids:
                 raise BitfitError(f"{places[i]}: label {label!r} is not one of the training data's classes {classes}")
-            examples.append({**fields, "label": ids[label] if task == "classify" else label, "row": i, "place": places[i]})
+            examples.append({**fields, "label": ids[str(label)] if task == "classify" else label, "row": i, "place": places[i]})
     return examples
 
 
