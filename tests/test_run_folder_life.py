@@ -111,7 +111,7 @@ class Life:
     def __init__(self, model_dir: str, root: Path):
         self.root, self.folder = root, root / "run"
         self.common = ["--model", model_dir, "--split", "train[:16]", "--eval-data", "none", "--max-steps", "2",
-                       "--save-every", "1", "--out-dir", str(self.folder)]
+                       "--save-every", "1", "--report-to", "tensorboard", "--out-dir", str(self.folder)]
         self.history: list[str] = []  # every finished delta seen, oldest first
         self.users: list[str] = []  # the user's files in the folder at the start
         self.saved = 0
