@@ -6,6 +6,7 @@ import re
 import shlex
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from functools import cache
 from pathlib import Path
 
@@ -42,6 +43,14 @@ def target(command: str) -> tuple[str, list[str]]:
 
 
 @cache
+def every_scripts_flags() -> dict[str, set[str] | None]:
+    """flags_of each script or module the pages run, asked two at a time (each --help is a process that
+    imports torch: seconds, mostly one core's)."""
+    names = sorted({target(command)[0] for page in PAGES for command in commands(page)})
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        return dict(zip(names, pool.map(flags_of, names)))
+
+
 def flags_of(name: str) -> set[str] | None:
     """The flags a script or module of this repository accepts (from its --help), None for others (pytest)."""
     path = REPO / name if name.endswith(".py") else REPO.joinpath(*name.split(".")).with_suffix(".py")
@@ -83,7 +92,7 @@ def test_every_command_runs_a_script_or_module_that_exists_with_flags_it_takes(p
         name, flags = target(command)
         if name.endswith(".py"):
             assert (REPO / name).is_file(), f"{page.name}: {command}"
-        known = flags_of(name)
+        known = every_scripts_flags()[name]
         if known is None:
             assert name in ("pytest", "pip", "venv") or name.startswith("tensorboard"), f"{page.name}: {command}"
             continue

@@ -293,12 +293,11 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("command", [["train.py"], ["generate.py"], ["-m", "bitfit.infer.classify"]],
-                         ids=["train.py", "generate.py", "-m bitfit.infer.classify"])
+@pytest.mark.parametrize("command", [["train.py"], ["-m", "bitfit.infer.classify"]], ids=["a script", "a module"])
 def test_ctrl_c_while_a_command_starts_is_one_line_and_exit_130(command):
     """Ctrl-C while torch and transformers import (seconds): at any moment, one line and 130, or the command ran."""
     interrupted = 0
-    for delay in (0.3, 1.0, 2.5):
+    for delay in (0.3, 2.0):
         started = subprocess.Popen([sys.executable, *command, "--help"], cwd=REPO, stdout=subprocess.PIPE,
                                    stderr=subprocess.PIPE, text=True)
         time.sleep(delay)
@@ -307,8 +306,8 @@ def test_ctrl_c_while_a_command_starts_is_one_line_and_exit_130(command):
         if started.returncode == 130:
             assert err == "interrupted\n" and not out
             interrupted += 1
-        else:  # done before the signal came: the help, and nothing else
-            assert started.returncode == 0 and "usage:" in out and "Traceback" not in err
+        else:  # done before the signal came: the help, and nothing else (killed as Python exits: -SIGINT)
+            assert started.returncode in (0, -signal.SIGINT) and "usage:" in out and "Traceback" not in err
     assert interrupted  # 0.3 s is inside the imports on any machine
 
 
