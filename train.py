@@ -39,7 +39,7 @@ from bitfit.core.biases import (
 from bitfit.core.errors import BitfitError, Interrupted, NonFiniteError
 from bitfit.core.flat import FlatBiases
 from bitfit.core.loss import forward_accepts
-from bitfit.core.step import adamw, lr_schedule
+from bitfit.core.step import lr_schedule, make_optimizer
 from bitfit.data import layout, packing
 from bitfit.data.collate import pad_batch, pad_id, pad_labelled
 from bitfit.data.examples import examples_of, read_records
@@ -413,7 +413,7 @@ def check_inputs(cfg: TrainConfig, model, flat: FlatBiases, added: list[str], he
 def setup_optimizer(cfg: TrainConfig, flat: FlatBiases, out_dir: Path, n_steps: int, log) -> tuple:
     """(AdamW over the ONE flat bias tensor, its lr schedule, the step to start after): 0 for a new run,
     the checkpoint's step for a resumed one, whose metrics.jsonl is cut back to the steps it holds."""
-    optimizer = adamw(flat, cfg.lr, (cfg.beta1, cfg.beta2), cfg.eps, cfg.weight_decay)
+    optimizer = make_optimizer(flat, cfg.lr, (cfg.beta1, cfg.beta2), cfg.eps, cfg.weight_decay)
     first_step = 0
     if cfg.resume:
         checkpoint = latest_checkpoint(out_dir)

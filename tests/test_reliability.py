@@ -55,7 +55,6 @@ def outcome(run_dir: Path) -> tuple[dict, list[dict]]:
         {k: v for k, v in line.items() if k not in ("time", "tokens_per_s")} for line in lines]
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_an_interrupted_and_resumed_run_ends_bitwise_identical_to_an_uninterrupted_one(signum, model_dir, tmp_path, monkeypatch, capsys):
     assert train.main(["--model", model_dir, *ARGS, "--out-dir", str(tmp_path / "straight")]) == 0
@@ -77,6 +76,40 @@ def test_an_interrupted_and_resumed_run_ends_bitwise_identical_to_an_uninterrupt
     assert all(torch.equal(straight[name], resumed[name]) for name in straight)
 
 
+# A fork's one edit: another torch.optim optimizer built in bitfit.core.step.make_optimizer.
+OPTIMIZERS = {"AdamW": (None, {"exp_avg", "exp_avg_sq", "step"}),
+              "SGD with momentum": (lambda flat, lr, betas, eps, weight_decay: torch.optim.SGD([flat.param], lr=lr, momentum=0.9),
+                                    {"momentum_buffer"})}
+QUICK = ["--split", "train[:40]", "--eval-data", "none", "--lr", "1e-2"]
+
+
+@pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
+def test_a_stopped_and_resumed_run_ends_bitwise_as_the_uninterrupted_one_whatever_the_optimizer(optimizer, model_dir, tmp_path, monkeypatch):
+    make, state = OPTIMIZERS[optimizer]
+    if make:
+        monkeypatch.setattr(train, "make_optimizer", make)
+    assert train.main(["--model", model_dir, *QUICK, "--out-dir", str(tmp_path / "straight")]) == 0
+    signal_in_step(monkeypatch, 3, [signal.SIGINT])
+    assert train.main(["--model", model_dir, *QUICK, "--out-dir", str(tmp_path / "stopped")]) == 130
+    monkeypatch.setattr(bitfit.run.loop, "train_step", bitfit.core.step.train_step)  # no more signals
+    checkpoint = load_file(str(tmp_path / "stopped" / "checkpoints" / "step-000003" / "state.safetensors"))
+    assert {name.removeprefix("optimizer.0.") for name in checkpoint if name.startswith("optimizer.")} == state
+    assert train.main(["--resume", str(tmp_path / "stopped")]) == 0
+    (straight, straight_log), (resumed, resumed_log) = outcome(tmp_path / "straight"), outcome(tmp_path / "stopped")
+    assert resumed_log == straight_log and len(straight_log) == 5
+    assert straight.keys() == resumed.keys() and all(torch.equal(straight[name], resumed[name]) for name in straight)
+
+
+def test_a_checkpoint_of_one_optimizer_is_not_resumed_by_another(model_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(train, "make_optimizer", OPTIMIZERS["SGD with momentum"][0])
+    signal_in_step(monkeypatch, 3, [signal.SIGINT])
+    assert train.main(["--model", model_dir, *QUICK, "--out-dir", str(tmp_path / "run")]) == 130
+    monkeypatch.undo()  # the run resumed with AdamW, the default
+    assert train.main(["--resume", str(tmp_path / "run")]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "holds the state of SGD, and this run's optimizer is AdamW" in last and not (tmp_path / "run" / "delta.safetensors").exists()
+
+
 @pytest.mark.slow
 def test_a_second_ctrl_c_exits_at_once_without_a_checkpoint(model_dir, tmp_path, monkeypatch, capsys):
     signal_in_step(monkeypatch, 3, [signal.SIGINT, signal.SIGINT])
@@ -92,7 +125,6 @@ def test_the_old_signal_handlers_are_back_after_a_run(model_dir, tmp_path):
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
 
 
-@pytest.mark.slow
 def test_save_every_keeps_the_newest_k_checkpoints_with_fp32_optimizer_state(model_dir, tmp_path):
     run_dir = tmp_path / "run"
     assert train.main(["--model", model_dir, *ARGS, "--save-every", "1", "--keep-checkpoints", "2",
@@ -100,11 +132,10 @@ def test_save_every_keeps_the_newest_k_checkpoints_with_fp32_optimizer_state(mod
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-000004", "step-000005"]
     state = load_file(str(run_dir / "checkpoints" / "step-000005" / "state.safetensors"))
     # bf16 autocast, yet AdamW's state is fp32: eps 1e-8 cannot underflow to 0 as it does in fp16/bf16
-    assert state["exp_avg"].dtype == state["exp_avg_sq"].dtype == state["values"].dtype == torch.float32
+    assert state["optimizer.0.exp_avg"].dtype == state["optimizer.0.exp_avg_sq"].dtype == state["values"].dtype == torch.float32
     assert torch.isfinite(state["values"]).all()
 
 
-@pytest.mark.slow
 def test_a_crash_while_writing_a_checkpoint_leaves_no_checkpoint_that_looks_whole(model_dir, tmp_path, monkeypatch):
     real = bitfit.files.fsync
 
@@ -203,7 +234,6 @@ def interrupted_run(model_dir, tmp_path, monkeypatch, *extra) -> Path:
     return tmp_path / "run"
 
 
-@pytest.mark.slow
 def test_resuming_after_the_training_data_changed_is_refused(model_dir, tmp_path, monkeypatch, capsys):
     data = tmp_path / "data.jsonl"
     rows = [{"instruction": f"Say {i}.", "output": str(i)} for i in range(40)]
@@ -214,24 +244,23 @@ def test_resuming_after_the_training_data_changed_is_refused(model_dir, tmp_path
     assert "the training data changed since the run started" in capsys.readouterr().err.strip().splitlines()[-1]
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("damage, message", [
     (lambda ckpt: (ckpt / "state.safetensors").write_bytes((ckpt / "state.safetensors").read_bytes()[:100]), "cannot be read"),
     (lambda ckpt: (ckpt / "state.safetensors").write_bytes(os.urandom(4096)), "cannot be read"),
     (lambda ckpt: (ckpt / "state.json").write_text("{}"), "cannot be read"),
-    (lambda ckpt: save_file({k: v for k, v in load_file(ckpt / "state.safetensors").items() if k != "exp_avg"},
-                                              str(ckpt / "state.safetensors")), "lacks exp_avg"),
+    (lambda ckpt: save_file({k: v for k, v in load_file(ckpt / "state.safetensors").items() if k != "optimizer.0.exp_avg"},
+                                              str(ckpt / "state.safetensors")), "lacks optimizer.0.exp_avg"),
     (lambda ckpt: save_file({**load_file(ckpt / "state.safetensors"), "values": torch.zeros(3)},
                                               str(ckpt / "state.safetensors")), "holds values of shape"),
     (lambda ckpt: (ckpt / "state.json").write_text('{"step": 1000000000}'), "names step 1000000000, not the step of its"),
     (lambda ckpt: (ckpt / "state.json").write_text('{"step": true}'), "names step True"),
     (lambda ckpt: (ckpt / "state.json").write_text("[" * 100000 + "]" * 100000), "cannot be read"),
-    (lambda ckpt: save_file({**load_file(ckpt / "state.safetensors"), "adam_step": torch.tensor([3.0, 3.0])},
-                            str(ckpt / "state.safetensors")), "holds an AdamW step count that is not 3"),
-    (lambda ckpt: save_file({**load_file(ckpt / "state.safetensors"), "adam_step": torch.tensor([3])},
-                            str(ckpt / "state.safetensors")), "holds an AdamW step count that is not 3"),
-    (lambda ckpt: save_file({**load_file(ckpt / "state.safetensors"), "adam_step": torch.tensor([float("nan")])},
-                            str(ckpt / "state.safetensors")), "holds an AdamW step count that is not 3"),
+    (lambda ckpt: save_file({**load_file(ckpt / "state.safetensors"), "optimizer.0.step": torch.tensor([3.0, 3.0])},
+                            str(ckpt / "state.safetensors")), "holds an optimizer step count that is not 3, its step, as one float32"),
+    (lambda ckpt: save_file({**load_file(ckpt / "state.safetensors"), "optimizer.0.step": torch.tensor([3])},
+                            str(ckpt / "state.safetensors")), "holds an optimizer step count that is not 3, its step, as one float32"),
+    (lambda ckpt: save_file({**load_file(ckpt / "state.safetensors"), "optimizer.0.step": torch.tensor([float("nan")])},
+                            str(ckpt / "state.safetensors")), "holds an optimizer step count that is not 3, its step, as one float32"),
     (lambda ckpt: save_file({**load_file(ckpt / "state.safetensors"),
                              "rng_cpu": torch.randint(0, 255, torch.get_rng_state().shape, dtype=torch.uint8)},
                             str(ckpt / "state.safetensors")), "holds no valid random generator state"),
@@ -245,11 +274,13 @@ def test_a_damaged_checkpoint_is_one_error_line_and_nothing_is_resumed(model_dir
 
 
 @pytest.mark.slow
-def test_biases_driven_to_inf_by_a_huge_lr_stop_the_run_and_nothing_non_finite_is_saved(model_dir, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("saving", [["--save-every", "1"], []], ids=["checkpoint after each step", "no checkpoint"])
+def test_biases_driven_to_inf_by_a_huge_lr_stop_the_run_and_nothing_non_finite_is_saved(saving, model_dir, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(bitfit.run.config, "MAX_LR", math.inf)  # the bound on --lr lifted, as a fork might
     run = tmp_path / "run"
-    assert train.main(["--model", model_dir, *ARGS[:-2], "--lr", "1e308", "--save-every", "1", "--out-dir", str(run)]) == 3
-    assert "the AdamW step left NaN or inf in the biases" in capsys.readouterr().err
+    assert train.main(["--model", model_dir, *ARGS[:-2], "--lr", "1e308", *saving, "--out-dir", str(run)]) == 3
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "the biases hold NaN or inf after" in last and "(is --lr or --weight-decay too large?)" in last
     assert not (run / "delta.safetensors").exists()
     for checkpoint in bitfit.run.checkpoint.checkpoints(run):
         assert torch.isfinite(load_file(checkpoint / "state.safetensors")["values"]).all()

@@ -1,9 +1,9 @@
-"""THE BITFIT STEP: `train_step` is one optimizer step; `adamw` is the optimizer it steps, and
-`lr_schedule` (`lr_factor`) the learning rate of each step.
+"""THE BITFIT STEP: `train_step` is one optimizer step; `make_optimizer` builds the optimizer it steps,
+and `lr_schedule` (`lr_factor`) gives the learning rate of each step.
 
 Read `train_step` first: forward each pass, backward into the flat gradient, sum over processes,
-normalize by the step's label tokens, clip, AdamW, zero. Everything around a step (logging, metrics,
-checkpoints, stopping) lives in bitfit/run/loop.py, between steps, never inside one.
+normalize by the step's label tokens, clip, read what the step did, update, zero. Everything around a
+step (logging, metrics, checkpoints, stopping) lives in bitfit/run/loop.py, between steps, never inside.
 """
 
 import functools
@@ -27,16 +27,11 @@ def train_step(model: nn.Module, flat: FlatBiases, optimizer: torch.optim.Optimi
     core.loss.counted). Returns the whole step's (every process's) mean loss per label token, gradient
     norm, label tokens and input tokens.
 
-    Why token-weighted: the step's loss is its summed token losses over its label tokens, so each token
-    weighs the same whatever pass or process it landed in, and every layout gives the same gradient.
-    (A classifier's "label tokens" are its rows, one label each: the step's loss is the mean over them.)
-    Each pass backpropagates its plain sum; the step's token count, known once every pass on every
-    process is done, then divides the summed gradient.
-
-    Why one read: the host learns what the step did once, at its end (loss, counts, norm, whether it was
-    finite), so on a GPU it never waits for the device in between: a NaN or inf loss or gradient makes
-    the fused AdamW skip the update on the device itself (`found_inf`), and the error is raised after.
-    """
+    Token-weighted: each pass backpropagates its plain sum of token losses; the step's label tokens, known
+    once every pass on every process is done, then divide the summed gradient, so each token weighs the same
+    whatever pass or process it landed in, and every layout gives the same gradient. (A classifier's
+    "label tokens" are its rows, one label each.) The host reads what the step did ONCE, before the update:
+    a NaN or inf loss, gradient or bias raises there, and nothing moves."""
     device = flat.grads.device
     summed = torch.zeros((), dtype=torch.float64, device=device)
     for batch in passes:
@@ -47,33 +42,21 @@ def train_step(model: nn.Module, flat: FlatBiases, optimizer: torch.optim.Optimi
         summed += loss.detach()
     n_labels, n_tokens = sum(label_tokens(b) for b in passes), sum(input_tokens(b) for b in passes)  # on the host
     totals = torch.stack([summed, summed.new_full((), n_labels), summed.new_full((), n_tokens)])  # fills: no copy
-    # Sum every process's share: ONE all-reduce of the whole flat gradient (4 bytes per bias, whatever
-    # the model's size), one of three numbers. Both are no-ops in a single process.
+    # ONE all-reduce of the whole flat gradient (4 bytes per bias), one of three numbers; no-ops in one process.
     summed_over_processes(flat.grads)
     summed_over_processes(totals)
     flat.grads.div_(totals[1])
-    # The norm, the clip and AdamW each see ONE tensor: the flat buffers, not hundreds of small biases.
+    # The norm, the clip and the optimizer each see ONE tensor: the flat buffers, not hundreds of small biases.
     norm = torch.nn.utils.clip_grad_norm_([flat.param], grad_clip if grad_clip > 0 else math.inf)
-    broken = (~torch.isfinite(totals[0]) | ~torch.isfinite(norm)).float()
-    if not getattr(optimizer, "defaults", {}).get("fused"):  # only a fused optimizer skips on the device: read first
-        if broken.item():
-            raise NonFiniteError(f"loss {totals[0].item() / totals[1].item()}, gradient norm {norm.item()}")
-        optimizer.step()
-    else:
-        optimizer.found_inf = broken  # the fused AdamW leaves biases and state as they are where this is 1
-        try:
-            optimizer.step()
-        finally:
-            del optimizer.found_inf  # for this step only
-    flat.zero_grad()  # in place: the bias gradients stay views of the buffer (never optimizer.zero_grad())
-    finite_after = torch.isfinite(flat.values).all()
-    loss_total, n_labels, n_tokens, grad_norm, skipped, finite = torch.stack(  # THE one read of the step
-        [*totals, norm.double(), broken.double(), finite_after.double()]).tolist()
+    loss_total, n_labels, n_tokens, grad_norm, biases_finite = torch.stack(  # THE one read of the step
+        [*totals, norm.double(), torch.isfinite(flat.values).all().double()]).tolist()
     record = {"loss": loss_total / n_labels, "grad_norm": grad_norm, "label_tokens": int(n_labels), "tokens": int(n_tokens)}
-    if skipped:
-        raise NonFiniteError(f"loss {record['loss']}, gradient norm {grad_norm}")  # AdamW skipped it: nothing moved
-    if not finite:  # a finite gradient with a huge lr can still overflow
-        raise NonFiniteError("the AdamW step left NaN or inf in the biases (is --lr or --weight-decay too large?)")
+    if not (math.isfinite(loss_total) and math.isfinite(grad_norm) and biases_finite):
+        flat.zero_grad()
+        raise NonFiniteError(f"loss {record['loss']}, gradient norm {grad_norm}" if biases_finite else
+                             "the biases hold NaN or inf after the step before (is --lr or --weight-decay too large?)")
+    optimizer.step()
+    flat.zero_grad()  # in place: the bias gradients stay views of the buffer (never optimizer.zero_grad())
     return record
 
 # THE BITFIT STEP END ---------------------------------------------------------------------------------
@@ -94,10 +77,12 @@ def summed_over_processes(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def adamw(flat: FlatBiases, lr: float, betas: tuple[float, float], eps: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW over the ONE flat fp32 tensor of every trainable bias: fused (one kernel for the whole
-    update) on CUDA and the CPU, which is also what lets train_step skip a non-finite step on the device.
-    Its state is two more tensors of the buffer's size."""
+def make_optimizer(flat: FlatBiases, lr: float, betas: tuple[float, float], eps: float,
+                   weight_decay: float) -> torch.optim.Optimizer:
+    """THE optimizer, over the ONE flat fp32 tensor of every trainable bias: AdamW, fused (one kernel for the
+    whole update) on CUDA and the CPU; its state is two more tensors of the buffer's size. Swap it here for
+    any torch.optim optimizer: the step calls only its step(), and a checkpoint saves and restores whatever
+    its state_dict() holds (bitfit.run.checkpoint)."""
     return torch.optim.AdamW([flat.param], lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                              fused=flat.param.device.type in ("cuda", "cpu"))
 
