@@ -373,3 +373,18 @@ def test_resume_after_the_held_out_data_changed_is_refused_naming_it(model_dir, 
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith(f"error: --resume {run}: the held-out data changed since the run started") and "restore them" in last
     assert not (run / "delta.safetensors").exists()
+
+
+def test_a_checkpoint_an_earlier_bitfit_wrote_with_adamws_own_names_still_resumes_bitwise(model_dir, tmp_path, monkeypatch):
+    assert train.main(["--model", model_dir, *QUICK, "--out-dir", str(tmp_path / "straight")]) == 0
+    signal_in_step(monkeypatch, 3, [signal.SIGINT])
+    assert train.main(["--model", model_dir, *QUICK, "--out-dir", str(tmp_path / "stopped")]) == 130
+    monkeypatch.undo()
+    checkpoint = latest_checkpoint(tmp_path / "stopped")
+    old_names = {"optimizer.0.exp_avg": "exp_avg", "optimizer.0.exp_avg_sq": "exp_avg_sq", "optimizer.0.step": "adam_step"}
+    save_file({old_names.get(name, name): tensor for name, tensor in load_file(checkpoint / "state.safetensors").items()},
+              str(checkpoint / "state.safetensors"))
+    (checkpoint / "state.json").write_text(json.dumps({"step": 3, "bitfit": "0.1.0"}) + "\n")  # as it then was
+    assert train.main(["--resume", str(tmp_path / "stopped")]) == 0
+    (straight, _), (resumed, _) = outcome(tmp_path / "straight"), outcome(tmp_path / "stopped")
+    assert all(torch.equal(straight[name], resumed[name]) for name in straight)
