@@ -611,12 +611,13 @@ def save_results(model, held_out, out_dir: Path, results: dict, started: float, 
         log(f"best held-out loss: {best['loss']:.4f} after step {best['step']}" if best["step"] else
             f"best held-out loss: {best['loss']:.4f}, the untrained base's: no trained step beat it (try another --lr)")
     report.save_loss_curve(records, points, out_dir / "loss.png")
+    report.save_measures(records, out_dir / "measures.png")
     results["total_seconds"] = time.perf_counter() - started
     write_json(out_dir / "results.json", results)  # the last file written: a run that says it finished, did
     model_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
     log(f"saved the bias delta to {delta_path} ({delta_path.stat().st_size / 2**10:,.0f} KiB; "
         f"the full model is {model_mb:,.0f} MiB)")
-    log(f"loss curve: {out_dir / 'loss.png'}")
+    log(f"loss curve: {out_dir / 'loss.png'}; every other measure by step: {out_dir / 'measures.png'}")
     log(f"done in {results['total_seconds']:.0f} s ({results['train_seconds']:.0f} s training)")
 
 

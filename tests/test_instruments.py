@@ -238,3 +238,22 @@ def test_tensorboard_on_a_full_disk_is_one_error_line_with_the_path_and_leaves_w
                 write({"step": step, "loss": 2.5, "lr": 1e-3})
     events = tensorboard_scalars(run, "train/loss")  # every event in the file is whole: TensorBoard reads them all
     assert events[0] == list(range(1, len(events[0]) + 1)) and events[1] == [2.5] * len(events[0])
+
+
+def test_a_measure_added_to_the_step_record_reaches_every_sink_and_plot_with_no_other_edit(model_dir, tmp_path, monkeypatch, capsys):
+    real = bitfit.run.loop.train_step
+
+    def with_measures(model, flat, *args):  # a fork's one edit: two more numbers in the step's record
+        return {**real(model, flat, *args), "bias_rms": flat.values.pow(2).mean().sqrt().item(), "nested": {"depth": 2}}
+
+    monkeypatch.setattr(bitfit.run.loop, "train_step", with_measures)
+    out = tmp_path / "run"
+    assert train.main(["--model", model_dir, *QUICK, "--log-every", "1", "--report-to", "tensorboard", "--out-dir", str(out)]) == 0
+    lines = metrics(out)
+    assert all("bias_rms" in line and line["nested/depth"] == 2 for line in lines)
+    said = capsys.readouterr().out
+    assert said.count(" | bias_rms ") == len(lines) and said.count(" | nested/depth 2") == len(lines)
+    assert tensorboard_scalars(out, "train/nested/depth")[1] == [2.0] * len(lines)
+    assert tensorboard_scalars(out, "train/bias_rms")[1] == pytest.approx([line["bias_rms"] for line in lines], rel=1e-6)
+    width, height = png_size(out / "measures.png")  # a panel per measure, three to a row: lr, grad_norm... and both
+    assert width == 960 and height >= 220 * -(-len(bitfit.run.report.numbers(lines[0])) // 3) - 1

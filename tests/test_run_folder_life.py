@@ -208,9 +208,11 @@ def life(tmp_path_factory) -> Life:
 
 @pytest.fixture(autouse=True)
 def plain_loss_curve(monkeypatch):
-    """loss.png as a few bytes written like the real one: drawing it is not what these tests are about,
+    """loss.png and measures.png as a few bytes written like the real ones: drawing is not what these tests are about,
     and it is half the time of a run."""
     monkeypatch.setattr(report, "save_loss_curve", lambda records, points, path: write_atomically(path, b"png"))
+    monkeypatch.setattr(report, "save_measures", lambda records, path: write_atomically(path, b"png"))
+
 
 
 def finished_run(life: Life) -> Path:

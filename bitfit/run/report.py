@@ -47,10 +47,25 @@ def sinks(run_dir: Path, steps: int, first_step: int, log_every: int, report_to:
             chosen.append(OPTIONAL_SINKS[report_to](run_dir, first_step, stack))
 
         def send(record: dict) -> None:
+            record = flattened(record)  # every sink sees every number, however deep a fork nested it
             for sink in chosen:
                 sink(record)
 
         yield send
+
+
+def flattened(record: dict, prefix: str = "") -> dict:
+    """The record with nested dicts spread into group/name keys: {"bias": {"norm": 2.0}} -> {"bias/norm": 2.0}."""
+    spread = {}
+    for key, value in record.items():
+        spread.update(flattened(value, f"{prefix}{key}/") if isinstance(value, dict) else {f"{prefix}{key}": value})
+    return spread
+
+
+def numbers(record: dict) -> dict[str, float]:
+    """The measures of a (flattened) record: every number in it but its step."""
+    return {key: value for key, value in record.items()
+            if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool)}
 
 
 def metrics_file(path: Path, stack: contextlib.ExitStack) -> Sink:
@@ -61,28 +76,39 @@ def metrics_file(path: Path, stack: contextlib.ExitStack) -> Sink:
     return lambda record: append(file, path, (json.dumps(record, allow_nan=False) + "\n").encode())
 
 
+# What the console's step line shows in words of its own; every other number of a record follows it as
+# `name value`, so a measure a fork adds to the record is on the console with no other edit.
+CONSOLE_OWN = {"loss", "lr", "grad_norm", "tokens", "label_tokens", "tokens_per_s"}
+HELD_OUT_WORDS = {"eval_loss": ("held-out loss", "{:.4f}"), "eval_exact_match": ("exact match", "{:.1%}")}
+
+
 def console(steps: int, first_step: int, log_every: int, device: torch.device, stack: contextlib.ExitStack) -> Sink:
     """A progress bar over the steps, and a line every `log_every` steps (and at the last) with the loss,
-    lr, gradient norm, tokens/s and the peak memory; a line at each held-out measure. Its tokens/s is the
-    wall clock's since the last line, held-out measures and checkpoints included; a record's own
-    `tokens_per_s` is its step's alone."""
+    lr, gradient norm, tokens/s, the peak memory and every other number of the record; a line at each
+    held-out measure (every eval_ number). Its tokens/s is the wall clock's since the last line, held-out
+    measures and checkpoints included; a record's own `tokens_per_s` is its step's alone."""
     bar = stack.enter_context(tqdm(total=steps, initial=first_step, desc="training", unit="step", dynamic_ncols=True))
     since, tokens = time.perf_counter(), 0
 
+    def words(key: str, value: float) -> str:
+        name, form = HELD_OUT_WORDS.get(key, (key.removeprefix("eval_"), "{:.4g}"))
+        return f"{name} {form.format(value)}"
+
     def show(record: dict) -> None:
         nonlocal since, tokens
-        step = record["step"]
-        if "eval_loss" in record:
-            bar.write(f"step {step:>5}/{steps} | held-out loss {record['eval_loss']:.4f}" + (
-                f" | exact match {100 * record['eval_exact_match']:.1f}%" if "eval_exact_match" in record else ""))
+        step, measures = record["step"], numbers(record)
+        held_out = {key: value for key, value in measures.items() if key.startswith("eval")}
+        if held_out:
+            bar.write(f"step {step:>5}/{steps} | " + " | ".join(words(key, value) for key, value in held_out.items()))
         bar.update()
         bar.set_postfix(loss=f"{record['loss']:.4f}")
         tokens += record["tokens"]
         if step % log_every == 0 or step == steps:
             elapsed, since = time.perf_counter() - since, time.perf_counter()
-            bar.write(f"step {step:>5}/{steps} | loss {record['loss']:.4f} | lr {record['lr']:.2e} | "
-                      f"grad norm {record['grad_norm']:.3f} | {tokens / elapsed:,.0f} tok/s | "
-                      f"peak mem {peak_memory_gb(device):.2f} GB")
+            others = [words(key, value) for key, value in measures.items() if key not in CONSOLE_OWN and key not in held_out]
+            bar.write(" | ".join([f"step {step:>5}/{steps} | loss {record['loss']:.4f} | lr {record['lr']:.2e} | "
+                                  f"grad norm {record['grad_norm']:.3f} | {tokens / elapsed:,.0f} tok/s | "
+                                  f"peak mem {peak_memory_gb(device):.2f} GB", *others]))
             tokens = 0
 
     return show
@@ -225,6 +251,38 @@ def best_step(points: list[dict]) -> dict | None:
     if not any(point["step"] > 0 for point in points):
         return None
     return min(points, key=lambda point: (point["loss"], point["step"] == 0))  # a tie goes to the first trained step
+
+
+def save_measures(records: list[dict], path: Path) -> None:
+    """One figure of every number the steps' records hold but the loss (loss.png's): one small panel per
+    measure against the step (the lr, the gradient norm, tokens/s, held-out measures where taken, and
+    whatever a fork adds to the record), so a new measure is drawn with no other edit."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series: dict[str, list[tuple[int, float]]] = {}
+    for record in records:
+        for key, value in numbers(flattened(record)).items():
+            if key != "loss":
+                series.setdefault(key, []).append((record["step"], value))
+    columns = 3
+    rows = max(1, -(-len(series) // columns))
+    figure, axes = plt.subplots(rows, columns, figsize=(9.6, 2.2 * rows), squeeze=False)
+    for ax, (key, points) in zip(axes.flat, series.items()):
+        ax.plot(*zip(*points), "o-" if len(points) < 20 else "-", ms=3, lw=1)
+        ax.set_title(key, fontsize=9)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(series):]:
+        ax.axis("off")
+    figure.supxlabel("optimizer step", fontsize=9)
+    figure.tight_layout()
+    png = io.BytesIO()
+    figure.savefig(png, format="png", dpi=100)
+    plt.close(figure)
+    write_atomically(path, png.getvalue())
 
 
 def save_loss_curve(records: list[dict], points: list[dict], path: Path) -> None:

@@ -43,8 +43,8 @@ ASIDE = (SETTING_ASIDE, RETURNING, REPLACED)  # bitfit's own hidden folders of a
 # What a run writes, and so what --overwrite may set aside: nothing else in the folder is touched.
 DELTA = "delta.safetensors"  # the trained delta: the one file a finished run is for
 RESULTS = "results.json"  # written last: a run that has it finished
-RUN_FILES = (DELTA, RESULTS, "eval_before.json", "metrics.jsonl", "loss.png", "config.json", "inputs.json",
-             "bias_change.png")
+RUN_FILES = (DELTA, RESULTS, "eval_before.json", "metrics.jsonl", "loss.png", "measures.png", "config.json",
+             "inputs.json", "bias_change.png")  # every file a run (or its inspection) writes: --overwrite sets them aside
 TENSORBOARD = "tensorboard"  # --report-to tensorboard: a folder of TensorBoard's event files, made at the first step
 EVENTS = "events.out.tfevents."  # how the name of each of those files starts
 
