@@ -83,3 +83,19 @@ def test_the_public_api_is_what_the_readme_lists_each_with_a_docstring():
               "label_tokens", "save_delta", "apply_delta", "read_delta"}
     assert set(bitfit.__all__) == listed
     assert all(getattr(bitfit, name).__doc__ for name in listed)
+
+
+# The newest torch APIs the code uses, each with the release that made it public. A new one goes here
+# (the test below fails when the code stops using one, so the list does not outlive its reasons).
+NEWEST_TORCH_APIS = {"torch.compiler.set_stance": (2, 6), "from torch.distributed.fsdp import fully_shard": (2, 6),
+                     "torch.OutOfMemoryError": (2, 5)}
+
+
+def test_the_torch_floor_of_requirements_and_pyproject_admits_no_release_without_an_api_the_code_uses():
+    code = "\n".join(path.read_text() for path in [REPO / "train.py", REPO / "generate.py", *(REPO / "bitfit").rglob("*.py")])
+    floors = {name: re.search(r"torch>=(\d+)\.(\d+)", (REPO / name).read_text()) for name in ("requirements.txt", "pyproject.toml")}
+    assert all(floors.values()) and len({match.groups() for match in floors.values()}) == 1, floors
+    floor = tuple(int(part) for part in floors["requirements.txt"].groups())
+    for api, since in NEWEST_TORCH_APIS.items():
+        assert api in code, f"the code no longer uses {api}: drop it from NEWEST_TORCH_APIS"
+        assert floor >= since, f"{api} is public from torch {since[0]}.{since[1]}, above the floor {floor[0]}.{floor[1]}"
