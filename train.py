@@ -485,7 +485,8 @@ def said(measured: dict, task: str) -> str:
     """'held-out loss 0.6931, accuracy 50.0%, F1 0.667, MCC 0.000' and the like, for the log."""
     parts = [f"held-out loss {measured['loss']:.4f}"]
     if task == "lm":
-        parts.append(f"exact match {100 * measured['exact_match']:.1f}%")
+        if "exact_match" in measured:  # none on plain text, which asks no question
+            parts.append(f"exact match {100 * measured['exact_match']:.1f}%")
     elif task == "classify":
         parts += [f"accuracy {100 * measured['accuracy']:.1f}%", *([f"F1 {measured['f1']:.3f}"] if "f1" in measured else []),
                   f"MCC {measured['mcc']:.3f}"]
@@ -499,6 +500,8 @@ def gain(before: dict, after: dict, task: str) -> str:
     if task == "regress":
         return f" (Pearson {after['pearson'] - before['pearson']:+.3f})"
     key = "exact_match" if task == "lm" else "accuracy"
+    if key not in before or key not in after:  # plain text held out: the loss is the measure
+        return f" (loss {after['loss'] - before['loss']:+.4f})"
     return f" ({100 * (after[key] - before[key]):+.1f} points)"
 
 
@@ -591,9 +594,9 @@ def read_cached(path: Path, task: str, log) -> dict | None:
 def evaluate_during(model, tokenizer, held_out: dict, cfg: TrainConfig, device) -> dict:
     """The held-out measures of one --eval-every point, as metrics.jsonl fields."""
     measured = {"eval_loss": finite_loss(heldout_loss(model, held_out["examples"], collator(cfg, tokenizer), device, cfg.bf16))}
-    if cfg.eval_every_exact_match:
-        measured["eval_exact_match"] = exact_match(model, tokenizer, held_out["records"], cfg.template, device,
-                                                   cfg.bf16, cfg.max_new_tokens)["exact_match"]
+    if cfg.eval_every_exact_match and (matched := exact_match(model, tokenizer, held_out["records"], cfg.template,
+                                                              device, cfg.bf16, cfg.max_new_tokens)):
+        measured["eval_exact_match"] = matched["exact_match"]
     return measured
 
 

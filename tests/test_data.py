@@ -201,8 +201,44 @@ def test_a_prompt_completion_row_is_the_prompt_verbatim_and_the_completion_plus_
 
 def test_a_row_of_unknown_shape_is_an_error_naming_the_shapes_accepted():
     with pytest.raises(BitfitError, match=r"row 0: a row needs the fields instruction/input/output \(Alpaca\), "
-                                          r"messages \(chat\) or prompt/completion; this one has \['question', 'text'\]"):
-        encode([{"text": "hello", "question": "?"}], tiny_tokenizer())
+                                          r"messages \(chat\), prompt/completion or text \(plain text, all learned\); "
+                                          r"this one has \['answer', 'question'\]"):
+        encode([{"answer": "hello", "question": "?"}], tiny_tokenizer())
+
+
+def test_a_plain_text_row_learns_every_token_and_ends_with_eos():
+    tokenizer = tiny_tokenizer()
+    [example], _ = encode([{"text": "Sort these numbers: 3 1 2"}], tokenizer)
+    assert example["input_ids"] == tokenizer("Sort these numbers: 3 1 2")["input_ids"] + [tokenizer.eos_token_id]
+    assert example["labels"] == example["input_ids"]  # no prompt: nothing is -100
+
+
+def test_a_plain_text_row_asks_no_question_so_it_is_no_prompt_and_has_no_exact_match():
+    from bitfit.run.evaluate import exact_match
+
+    with pytest.raises(BitfitError, match=r"row 0: a plain-text row \(text\) asks no question"):
+        questions([{"text": "Once upon a time"}], tiny_tokenizer())
+    assert exact_match(None, tiny_tokenizer(), [{"text": "Once upon a time"}], "alpaca", None, False, 4) == {}
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".csv", ".parquet"])
+def test_plain_text_rows_train_a_causal_lm_from_every_file_format(suffix, tmp_path):
+    import train
+    from test_train import saved
+    from tiny import tiny_llama
+
+    rows = [{"text": f"The number {i} comes before {i + 1}."} for i in range(16)]
+    data = tmp_path / f"data{suffix}"
+    if suffix in (".csv", ".parquet"):
+        datasets.Dataset.from_list(rows).to_csv(str(data), index=False) if suffix == ".csv" else \
+            datasets.Dataset.from_list(rows).to_parquet(str(data))
+    else:
+        data.write_text(json.dumps(rows) if suffix == ".json" else "".join(json.dumps(row) + "\n" for row in rows))
+    out = tmp_path / "run"
+    assert train.main(["--model", saved(tiny_llama, tmp_path / "llama"), "--data", str(data), "--eval-data", str(data),
+                       "--max-steps", "2", "--out-dir", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["after"]["loss"] < results["before"]["loss"] and "exact_match" not in results["after"]
 
 
 def test_a_row_with_the_fields_of_two_shapes_is_an_error():

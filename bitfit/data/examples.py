@@ -1,11 +1,13 @@
 """Rows in, token ids with -100 prompt labels out: what every row is checked against, then how it is
 rendered and tokenized.
 
-Row shapes (`check_record`), the three that instruction data comes in:
+Row shapes (`check_record`), the three that instruction data comes in, and plain text:
     instruction, input, output   Alpaca: the prompt template's question, the output learned
     messages                     chat: [{role, content}, ...] through the tokenizer's chat template,
                                  every assistant turn learned, the other turns not
     prompt, completion           plain text (TRL's convention): the prompt verbatim, the completion learned
+    text                         plain text, as pretraining corpora and TRL's language modeling rows are:
+                                 every token learned; it asks no question, so it has no exact match
 
 Examples (`read_records`, `encode`): every row is read and checked before a model or tokenizer is even
 loaded (`read_records`), so a bad row stops the run in seconds, naming its place, never as a NaN or a crash deep inside the training loop. Only what
@@ -28,8 +30,9 @@ Question = tuple[list[int], str, str]  # prompt ids, the question in words, the 
 
 TEMPLATES = ("alpaca", "chat")  # how an Alpaca row becomes text: the HF Trainer recipe's prompt, or the chat template
 ENCODE_CHUNK = 2000  # rows tokenized at a time; a source with more gets a progress bar
-SHAPES = "instruction/input/output (Alpaca), messages (chat) or prompt/completion"
-FIELDS = {"alpaca": ("instruction", "input", "output"), "chat": ("messages",), "text": ("prompt", "completion")}
+SHAPES = "instruction/input/output (Alpaca), messages (chat), prompt/completion or text (plain text, all learned)"
+FIELDS = {"alpaca": ("instruction", "input", "output"), "chat": ("messages",), "text": ("prompt", "completion"),
+          "plain": ("text",)}
 
 # Before tokenizing, a text is cut to max_len * CHARS_PER_TOKEN characters: more than any tokenizer's
 # tokens average, so the cut text almost always still holds its first max_len tokens...
@@ -66,9 +69,9 @@ def text_field(row: dict, key: str, place: str, required: bool = True, name: str
 def check_record(row: object, place: str, need_answer: bool = True) -> tuple[str, list[dict]]:
     """(shape, conversation) of one row, or a BitfitError naming its place and what is wrong.
 
-    The shape is 'alpaca', 'chat' or 'text' (prompt/completion); the conversation is the row as chat
-    messages: an Alpaca row is a user turn (instruction and input on two lines) and an assistant turn
-    (output), a prompt/completion row likewise. A missing `input` means an empty one (many instruction
+    The shape is 'alpaca', 'chat', 'text' (prompt/completion) or 'plain' (text); the conversation is the
+    row as chat messages: an Alpaca row is a user turn (instruction and input on two lines) and an assistant
+    turn (output), a prompt/completion row likewise, a plain text one assistant turn (all of it learned). A missing `input` means an empty one (many instruction
     datasets omit it); anything else missing or not a string is an error, because guessing would train
     on garbage. `need_answer=False` (asking a model, not training it) lets the answer be missing.
     """
@@ -84,6 +87,8 @@ def check_record(row: object, place: str, need_answer: bool = True) -> tuple[str
 
     if shape == "chat":
         return shape, _check_messages(row["messages"], place, need_answer)
+    if shape == "plain":
+        return shape, [{"role": "assistant", "content": text_field(row, "text", place)}]
     if shape == "alpaca":  # the question: instruction and input on two lines, as the HF Trainer recipe's prompt has them
         instruction, input = text_field(row, "instruction", place), text_field(row, "input", place, required=False) or ""
         question, answer = "\n".join([instruction, input]).strip(), text_field(row, "output", place, required=need_answer)
@@ -167,6 +172,11 @@ def render(shape: str, conversation: list[dict], tokenizer, template: str, place
             last = max((k for k, m in enumerate(conversation) if m["role"] == "assistant"), default=len(conversation))
             conversation = conversation[:last]
         return _chat_pieces(tokenizer, conversation, place, ask), True
+    if shape == "plain":
+        if ask:
+            raise BitfitError(f"{place}: a plain-text row (text) asks no question: give prompts as instruction, "
+                              "prompt or messages rows")
+        return [(conversation[0]["content"], True)], False  # every token learned, from the first
     question, answer = conversation[0]["content"], conversation[1:]  # alpaca: instruction and input joined
     pieces = [(alpaca_prompt(question) if shape == "alpaca" else question, False)]
     return pieces + ([] if ask else [(turn["content"], True) for turn in answer]), False
@@ -243,7 +253,7 @@ def encode(
 ) -> tuple[list[Example], int]:
     """Tokenize records into training examples; returns (examples, number dropped).
 
-    The pieces' ids end to end, labels -100 on the pieces not learned, all three fields cut at `max_len`,
+    The pieces' ids end to end, labels -100 on the pieces not learned (a plain-text row has none), all three fields cut at `max_len`,
     exactly as tokenizing each whole piece and cutting would give. A learned answer ends with eos, so the
     model learns to stop (a chat template's end-of-turn marker counts where it is the eos). An example
     whose answers are cut away entirely would have no label to learn from (and a 0/0 loss), so it is
@@ -289,6 +299,12 @@ def _example(pieces: list[Piece], pieces_ids: list[list[int]], templated: bool, 
     if all(label == IGNORE_INDEX for label in labels):
         return None
     return {"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels}
+
+
+def asks(record: object) -> bool:
+    """Whether a (checked) record asks a question a model can answer: every shape but plain text."""
+    return not (isinstance(record, dict) and "text" in record and not any(
+        key in record for shape, keys in FIELDS.items() if shape != "plain" for key in keys))
 
 
 def questions(records: list, tokenizer, template: str = "alpaca", places: list[str] | None = None) -> list[Question]:

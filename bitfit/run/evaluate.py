@@ -11,7 +11,7 @@ from torch import nn
 
 from bitfit.core.loss import label_tokens, loss_sum, rows_loss
 from bitfit.data.collate import pad_batch, pad_id
-from bitfit.data.examples import Example, questions
+from bitfit.data.examples import Example, asks, questions
 from bitfit.data.tasks import is_correct
 from bitfit.files import digest, finite_number
 from bitfit.model.pretrained import cache_dir, is_sharded, new_tokens_within_context
@@ -76,7 +76,11 @@ def answers(
 
 def exact_match(model: nn.Module, tokenizer, records: list[dict], template: str, device: torch.device,
                 bf16: bool, max_new_tokens: int) -> dict:
-    """Share of records whose greedy answer's first line equals the expected answer, overall and per task."""
+    """Share of records whose greedy answer's first line equals the expected answer, overall and per task;
+    {} where no record asks a question (plain text rows: their measure is the held-out loss alone)."""
+    records = [record for record in records if asks(record)]
+    if not records:
+        return {}
     asked = questions(records, tokenizer, template)
     generated = answers(model, tokenizer, [ids for ids, _, _ in asked], device, bf16, max_new_tokens)
     correct = [is_correct(text, expected) for text, (_, _, expected) in zip(generated, asked)]
@@ -120,7 +124,7 @@ def base_eval_cache(depends_on: dict) -> Path:
     return folder / f"{digest(depends_on)}.json"
 
 
-MEASURES = {"lm": ("loss", "exact_match"), "classify": ("loss", "accuracy", "mcc"), "regress": ("loss", "pearson", "spearman")}
+MEASURES = {"lm": ("loss",), "classify": ("loss", "accuracy", "mcc"), "regress": ("loss", "pearson", "spearman")}
 
 
 def stored_evaluation_problem(value: object, task: str = "lm") -> str | None:
@@ -132,8 +136,10 @@ def stored_evaluation_problem(value: object, task: str = "lm") -> str | None:
         number = value.get(key)
         if not finite_number(number):
             return f"its {key!r} is {str(number)[:40]!r}, not a finite number"
-    if task != "lm":
+    if task != "lm" or "exact_match" not in value:  # plain text held out: no question, no exact match
         return None
+    if not finite_number(value["exact_match"]):
+        return f"its 'exact_match' is {str(value['exact_match'])[:40]!r}, not a finite number"
     shares = value.get("by_task")
     if not 0 <= value["exact_match"] <= 1 or not isinstance(shares, dict) or not all(
             finite_number(share) and 0 <= share <= 1 for share in shares.values()):
