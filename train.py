@@ -413,9 +413,11 @@ def check_inputs(cfg: TrainConfig, model, flat: FlatBiases, added: list[str], he
 # --- optimizer and resume ---------------------------------------------------------------------------
 
 def setup_optimizer(cfg: TrainConfig, flat: FlatBiases, out_dir: Path, n_steps: int, log) -> tuple:
-    """(AdamW over the ONE flat bias tensor, its lr schedule, the step to start after): 0 for a new run,
-    the checkpoint's step for a resumed one, whose metrics.jsonl is cut back to the steps it holds."""
+    """(the optimizer over the ONE flat bias tensor, its lr schedule, the step to start after): 0 for a new
+    run, the checkpoint's step for a resumed one, whose metrics.jsonl is cut back to the steps it holds."""
     optimizer = make_optimizer(flat, cfg.lr, (cfg.beta1, cfg.beta2), cfg.eps, cfg.weight_decay)
+    log(f"optimizer: {type(optimizer).__name__} over {flat.values.numel():,} values in one fp32 tensor, peak lr {cfg.lr:g} "
+        f"(bitfit.core.step.make_optimizer)")
     first_step = 0
     if cfg.resume:
         checkpoint = latest_checkpoint(out_dir)

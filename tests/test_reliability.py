@@ -84,11 +84,12 @@ QUICK = ["--split", "train[:40]", "--eval-data", "none", "--lr", "1e-2"]
 
 
 @pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
-def test_a_stopped_and_resumed_run_ends_bitwise_as_the_uninterrupted_one_whatever_the_optimizer(optimizer, model_dir, tmp_path, monkeypatch):
+def test_a_stopped_and_resumed_run_ends_bitwise_as_the_uninterrupted_one_whatever_the_optimizer(optimizer, model_dir, tmp_path, monkeypatch, capsys):
     make, state = OPTIMIZERS[optimizer]
     if make:
         monkeypatch.setattr(train, "make_optimizer", make)
     assert train.main(["--model", model_dir, *QUICK, "--out-dir", str(tmp_path / "straight")]) == 0
+    assert f"optimizer: {optimizer.split()[0]} over " in capsys.readouterr().out  # the log says which one runs
     signal_in_step(monkeypatch, 3, [signal.SIGINT])
     assert train.main(["--model", model_dir, *QUICK, "--out-dir", str(tmp_path / "stopped")]) == 130
     monkeypatch.setattr(bitfit.run.loop, "train_step", bitfit.core.step.train_step)  # no more signals
