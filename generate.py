@@ -26,7 +26,7 @@ from transformers import TextStreamer
 from bitfit.cli import ArgumentParser, add_trust_flags, check_device, entry_point
 from bitfit.core.errors import BitfitError
 from bitfit.data.collate import pad_batch, pad_id
-from bitfit.data.examples import TEMPLATES, questions
+from bitfit.data.examples import TEMPLATES, asks, questions
 from bitfit.data.sources import load_records, read_lines
 from bitfit.data.tasks import is_correct
 from bitfit.files import parse_json
@@ -50,8 +50,9 @@ def read_prompts(args: argparse.Namespace) -> tuple[list[dict], list[str]]:
     """Records to ask about, and the place of each for error messages: --prompt texts, a --prompts-file,
     or else held-out built-in questions.
 
-    A prompts file is one prompt per line (UTF-8 text) or records (.json/.jsonl, any shape train.py
-    reads); records that carry an answer get the model's answers marked right or wrong.
+    A prompts file is one prompt per line (UTF-8 text) or records (.json/.jsonl/.csv/.parquet, any shape
+    train.py reads that asks a question: not plain text), each checked before the model loads; records
+    that carry an answer get the model's answers marked right or wrong.
     """
     if args.prompt:
         return [{"instruction": text} for text in args.prompt], [f"--prompt {n}" for n in range(1, len(args.prompt) + 1)]
@@ -64,6 +65,10 @@ def read_prompts(args: argparse.Namespace) -> tuple[list[dict], list[str]]:
             records, places = [{"instruction": line} for _, line in lines], [f"{path} line {number}" for number, _ in lines]
         if not records:
             raise BitfitError(f"--prompts-file {path} holds no prompts (no records, or only empty lines)")
+        for row, place in zip(records, places):  # every row checked now, before the model loads
+            if not asks(row):  # check_record's refusals first: a malformed row says what is wrong with it
+                raise BitfitError(f"{place}: a plain-text row (text) asks no question: give prompts as instruction, "
+                                  "prompt or messages rows")
         return records, places
     return load_records("builtin", f"heldout[:{args.n}]")
 

@@ -250,6 +250,8 @@ def setup_model(cfg: TrainConfig, classes: list[str] | None, device: torch.devic
 
         sharding.shard(model, selection, device, world)
         sharding.fill(model, pretrained.resolve(cfg.model), added, rank, world)
+        if cfg.task == "lm":  # built on meta, it is checked once filled: every process takes part
+            pretrained.check_causal(model, cfg.model)
     flat = FlatBiases(model, selection)  # after the model is on its device and in its dtype
     params = dict(model.named_parameters())
     log(describe(*count_trainable(model, selection), {name: params[name].numel() for name in head}))

@@ -171,3 +171,21 @@ def test_a_list_that_is_not_all_groups_is_a_regular_expression():
     model = tiny_bloom()
     assert set(select_biases(model, "query_key_value|dense_4h")) == {
         f"transformer.h.{i}.{m}.bias" for i in range(2) for m in ("self_attention.query_key_value", "mlp.dense_4h_to_h")}
+    with pytest.raises(BitfitError, match="nothing would train"):  # 'query,foo' names no bias: no group list
+        select_biases(model, "query,foo")
+
+
+def test_gpt2s_and_berts_biases_fall_into_the_papers_groups():
+    from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel
+
+    from bitfit.core.biases import group_counts
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=100, n_positions=32, n_embd=32, n_layer=2, n_head=4))
+    assert group_counts(gpt2, select_biases(gpt2)) == {  # c_attn's thirds, c_proj of each, c_fc, ln_1/ln_2/ln_f
+        "query": 64, "key": 64, "value": 64, "attention-output": 64, "intermediate": 256, "output": 64, "layernorm": 160}
+    assert set(select_biases(gpt2, "output")) == {f"transformer.h.{i}.mlp.c_proj.bias" for i in range(2)}
+    bert = BertModel(BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                intermediate_size=64))
+    for group, module in (("query", "attention.self.query"), ("key", "attention.self.key"),
+                          ("value", "attention.self.value"), ("attention-output", "attention.output.dense")):
+        assert set(select_biases(bert, group)) == {f"encoder.layer.{i}.{module}.bias" for i in range(2)}

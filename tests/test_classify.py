@@ -721,7 +721,10 @@ def test_classify_marks_a_label_spelt_otherwise_as_the_class_it_names(folders, t
     (tmp_path / "texts.csv").write_text("text,label\na, 1\nb,0.0\n")
     assert classify.main(["--delta", str(tmp_path / "delta.safetensors"), "--texts-file", str(tmp_path / "texts.csv")]) == 0
     said = capsys.readouterr().out
-    assert "(expected: 1)" in said and "(expected: 0)" in said and "correct: TUNED " in said and "/2" in said
+    assert "(expected: 1)" in said and "(expected: 0)" in said  # " 1" and "0.0" read as the classes 1 and 0
+    marks = __import__("re").findall(r"TUNED: (\d) \(p [01]\.\d{3}\)  \[(right|wrong)\]", said)
+    assert [mark == ("right" if label == expected else "wrong") for (label, mark), expected in zip(marks, "10")] == [True] * 2
+    assert f"correct: TUNED {sum(mark == 'right' for _, mark in marks)}/2" in said
 
 
 def test_two_classifiers_of_one_encoder_compare_by_their_biases_whatever_their_heads(folders, tmp_path, capsys):

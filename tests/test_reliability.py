@@ -258,9 +258,9 @@ def test_resuming_after_the_training_data_changed_is_refused(model_dir, tmp_path
     (lambda ckpt: (ckpt / "state.json").write_text("[" * 100000 + "]" * 100000), "cannot be read"),
     (lambda ckpt: save_file({**load_file(ckpt / "state.safetensors"), "optimizer.0.step": torch.tensor([3.0, 3.0])},
                             str(ckpt / "state.safetensors")), "holds an optimizer step count that is not 3, its step, as one float32"),
-    (lambda ckpt: save_file({**load_file(ckpt / "state.safetensors"), "optimizer.0.step": torch.tensor([3])},
+    (lambda ckpt: save_file({**load_file(ckpt / "state.safetensors"), "optimizer.0.step": torch.tensor(3)},
                             str(ckpt / "state.safetensors")), "holds an optimizer step count that is not 3, its step, as one float32"),
-    (lambda ckpt: save_file({**load_file(ckpt / "state.safetensors"), "optimizer.0.step": torch.tensor([float("nan")])},
+    (lambda ckpt: save_file({**load_file(ckpt / "state.safetensors"), "optimizer.0.step": torch.tensor(float("nan"))},
                             str(ckpt / "state.safetensors")), "holds an optimizer step count that is not 3, its step, as one float32"),
     (lambda ckpt: save_file({**load_file(ckpt / "state.safetensors"),
                              "rng_cpu": torch.randint(0, 255, torch.get_rng_state().shape, dtype=torch.uint8)},
@@ -281,7 +281,10 @@ def test_biases_driven_to_inf_by_a_huge_lr_stop_the_run_and_nothing_non_finite_i
     run = tmp_path / "run"
     assert train.main(["--model", model_dir, *ARGS[:-2], "--lr", "1e308", *saving, "--out-dir", str(run)]) == 3
     last = capsys.readouterr().err.strip().splitlines()[-1]
-    assert "the biases hold NaN or inf after" in last and "(is --lr or --weight-decay too large?)" in last
+    said = {"checkpoint after each step": "refusing to write checkpoint 1: the biases hold NaN or inf after step 1",
+            "no checkpoint": "step 2: the biases hold NaN or inf: the update of the step before made them so"}
+    assert said["checkpoint after each step" if saving else "no checkpoint"] in last
+    assert "(is --lr or --weight-decay too large?)" in last
     assert not (run / "delta.safetensors").exists()
     for checkpoint in bitfit.run.checkpoint.checkpoints(run):
         assert torch.isfinite(load_file(checkpoint / "state.safetensors")["values"]).all()
@@ -348,6 +351,8 @@ def test_ctrl_c_while_a_command_starts_is_one_line_and_exit_130(command):
     (["-m"], ["python", "-m", "bitfit.infer.classify", "--text", "a"], True),
     (["my_script.py"], None, False), (["-c"], ["python", "-c", "import bitfit"], False), ([""], None, False),
     (["-m"], ["python", "-m", "pytest", "-q"], False), (["/elsewhere/train.py"], None, False),
+    (["-m"], ["python", "-X", "dev", "-mbitfit.export.merge"], True),
+    (["my_script.py"], ["python", "my_script.py", "-m", "bitfit.x"], False),  # the script's own arguments
 ])
 def test_only_bitfits_own_commands_change_what_ctrl_c_does_while_they_start(argv, orig_argv, command, monkeypatch):
     from bitfit.run import interrupt
@@ -383,8 +388,8 @@ def test_a_checkpoint_an_earlier_bitfit_wrote_with_adamws_own_names_still_resume
     monkeypatch.undo()
     checkpoint = latest_checkpoint(tmp_path / "stopped")
     old_names = {"optimizer.0.exp_avg": "exp_avg", "optimizer.0.exp_avg_sq": "exp_avg_sq", "optimizer.0.step": "adam_step"}
-    save_file({old_names.get(name, name): tensor for name, tensor in load_file(checkpoint / "state.safetensors").items()},
-              str(checkpoint / "state.safetensors"))
+    save_file({old_names.get(name, name): tensor.reshape(1) if name == "optimizer.0.step" else tensor  # then (1,)
+               for name, tensor in load_file(checkpoint / "state.safetensors").items()}, str(checkpoint / "state.safetensors"))
     (checkpoint / "state.json").write_text(json.dumps({"step": 3, "bitfit": "0.1.0"}) + "\n")  # as it then was
     assert train.main(["--resume", str(tmp_path / "stopped")]) == 0
     (straight, _), (resumed, _) = outcome(tmp_path / "straight"), outcome(tmp_path / "stopped")

@@ -58,7 +58,7 @@ def _module_is(name: str, modules: tuple[str, ...]) -> bool:
 def group_of(name: str) -> str | None:
     """The paper's group of bias `name` (GROUPS), "qkv" for a fused q/k/v bias (query, key and value in
     parts of it), None for a bias in none of them (a pooler's, say)."""
-    if LAYERNORM.search(name.rsplit(".", 2)[-2].lower()):
+    if LAYERNORM.search(name.rsplit(".", 1)[0].rsplit(".", 1)[-1].lower()):  # the module's own name
         return "layernorm"
     if _module_is(name, FUSED_QKV_MODULES):
         return "qkv"

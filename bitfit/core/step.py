@@ -54,7 +54,8 @@ def train_step(model: nn.Module, flat: FlatBiases, optimizer: torch.optim.Optimi
     if not (math.isfinite(loss_total) and math.isfinite(grad_norm) and biases_finite):
         flat.zero_grad()
         raise NonFiniteError(f"loss {record['loss']}, gradient norm {grad_norm}" if biases_finite else
-                             "the biases hold NaN or inf after the step before (is --lr or --weight-decay too large?)")
+                             "the biases hold NaN or inf: the update of the step before made them so (is --lr or "
+                             "--weight-decay too large?)")
     optimizer.step()
     flat.zero_grad()  # in place: the bias gradients stay views of the buffer (never optimizer.zero_grad())
     return record

@@ -190,13 +190,17 @@ def render(shape: str, conversation: list[dict], tokenizer, template: str, place
 def cut_to_tokens(tokenizer, texts: list[str], n: int) -> list[str]:
     """Each text, or as much of its start as still holds its first n tokens exactly: a text longer than
     n * CHARS_PER_TOKEN characters is cut there, or where MARGIN more tokens follow (CHARS_PER_TOKEN,
-    MARGIN), so tokenizing it costs what a text of n tokens does however long it is."""
+    MARGIN), so tokenizing it costs what a text of n tokens does however long it is. The long texts are
+    probed in one batched call; only one whose cut holds too few tokens is cut again, longer."""
     bound, cut_texts = n * CHARS_PER_TOKEN, list(texts)
-    for i, text in enumerate(texts):
+    long = [i for i, text in enumerate(texts) if len(text) > bound]
+    probed = tokenizer([texts[i][:bound] for i in long], add_special_tokens=False)["input_ids"] if long else []
+    for i, ids in zip(long, probed):
         cut = bound
-        while cut < len(text) and len(tokenizer(text[:cut], add_special_tokens=False)["input_ids"]) < n + MARGIN:
-            cut *= 4  # too few tokens to trust the cut: cut longer
-        cut_texts[i] = text[:cut]
+        while len(ids) < n + MARGIN and cut < len(texts[i]):  # too few tokens to trust the cut: cut longer
+            cut *= 4
+            ids = tokenizer(texts[i][:cut], add_special_tokens=False)["input_ids"]
+        cut_texts[i] = texts[i][:cut]
     return cut_texts
 
 
@@ -296,15 +300,14 @@ def _example(pieces: list[Piece], pieces_ids: list[list[int]], templated: bool, 
         input_ids += ids
         labels += ids if learned else [IGNORE_INDEX] * len(ids)
     input_ids, labels = input_ids[:max_len], labels[:max_len]
-    if all(label == IGNORE_INDEX for label in labels):
+    if all(label == IGNORE_INDEX for label in labels[1:]):  # the first token is never predicted: nothing to learn
         return None
     return {"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels}
 
 
 def asks(record: object) -> bool:
     """Whether a (checked) record asks a question a model can answer: every shape but plain text."""
-    return not (isinstance(record, dict) and "text" in record and not any(
-        key in record for shape, keys in FIELDS.items() if shape != "plain" for key in keys))
+    return check_record(record, "", need_answer=False)[0] != "plain"
 
 
 def questions(records: list, tokenizer, template: str = "alpaca", places: list[str] | None = None) -> list[Question]:

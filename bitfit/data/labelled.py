@@ -123,7 +123,7 @@ def label_names(labels: list, places: list[str], declared: list[str] | None = No
     for label, place in zip(labels, places):
         seen.setdefault(label, place)
     kinds = {type(label) for label in seen}
-    if len(kinds) > 1:
+    if len(kinds) > 1 and not declared:  # declared names say what each class is, whatever they look like
         first = {kind: next(place for label, place in seen.items() if type(label) is kind) for kind in kinds}
         raise BitfitError(f"the labels mix numbers and strings ({', '.join(f'{k.__name__} at {p}' for k, p in first.items())}): "
                           "give every class the same way")
@@ -131,16 +131,16 @@ def label_names(labels: list, places: list[str], declared: list[str] | None = No
         label, place = next(iter(seen.items()))
         raise BitfitError(f"every row has the label {label!r} (the first at {place}): a classifier needs at least two classes")
     if declared:
-        if unknown := next((label for label in seen if str(label) not in declared), None):
+        if unknown := next((label for label in seen if str(label) not in class_ids(declared)), None):
             raise BitfitError(f"{seen[unknown]}: label {unknown!r} is not one of the classes the data declares {declared}")
         return list(declared)
     return list(range(max(seen) + 1)) if int in kinds else sorted(seen)
 
 
 def class_ids(classes: list) -> dict[str, int]:
-    """Each class's id, by its name as text: a label is compared with the classes as what it says (a class
-    a dataset declares as "1" is the label 1)."""
-    return {str(name): i for i, name in enumerate(classes)}
+    """Each class's id, by its name read as a label is (class_id) and then as text: a label is compared with
+    the classes as what it says (a class a dataset declares as "1", "01" or "1.0" is the label 1)."""
+    return {str(class_id(name.strip() if isinstance(name, str) else name)): i for i, name in enumerate(classes)}
 
 
 def check_rows(train: tuple[list, list[str]], held_out: tuple[list, list[str]] | None, task: str,
@@ -157,8 +157,9 @@ def check_rows(train: tuple[list, list[str]], held_out: tuple[list, list[str]] |
         held = [check_labelled(row, place, task) for row, place in zip(*(held_out or ([], [])))]
         if held:
             one_shape([texts for texts, _ in held], held_out[1], width, "training data's rows")
+        ids = class_ids(classes or [])
         for (_, label), place in zip(held, held_out[1] if held_out else []):  # a class the model has no output for
-            if classes and str(label) not in class_ids(classes):
+            if classes and str(label) not in ids:
                 raise BitfitError(f"{place}: label {label!r} is not one of the training data's classes {classes}")
     except BitfitError as error:
         raise BitfitError(f"{role}: {error}") from None

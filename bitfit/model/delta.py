@@ -7,7 +7,7 @@ A safetensors file with one 1-D fp32 tensor per trained bias, named by its param
     base_fingerprint  a hash of every value of the base's parameters (see `fingerprint`)
     added_biases      JSON list of the biases bitfit added to a bias-free base (zero in the base)
     dtype             dtype of the delta tensors ("float32")
-    selection         which biases were selected ("all", "reduced" or a pattern)
+    selection         which biases were selected (--biases: "all", "reduced", bias groups or a pattern)
     digest            a hash of every tensor and every other metadata entry (`content_digest`): a file
                       changed after bitfit wrote it (a value, a class's name or place) is refused
 A file without a digest (written before bitfit wrote one) is read unchecked on that point.

@@ -115,7 +115,7 @@ def optimizer_state(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.T
     for index, state in optimizer.state_dict()["state"].items():
         for key, value in state.items():
             if isinstance(value, torch.Tensor):
-                tensors[f"{OPTIMIZER}{index}.{key}"] = value.reshape(-1) if value.dim() == 0 else value
+                tensors[f"{OPTIMIZER}{index}.{key}"] = value  # in its own shape, a 0-d count as one
             else:
                 other[f"{index}.{key}"] = value
     return tensors, other
@@ -139,7 +139,8 @@ def read_checkpoint(path: Path, flat: FlatBiases) -> tuple[int, dict[str, torch.
     if LEGACY.keys() & tensors.keys():  # AdamW's state, as an earlier bitfit named it: all of it, or none
         if missing := LEGACY.keys() - tensors.keys():
             raise broken(f"lacks {', '.join(sorted(missing))}")
-        tensors = {LEGACY.get(name, name): tensor for name, tensor in tensors.items()}
+        tensors = {LEGACY.get(name, name): tensor.reshape(()) if name == "adam_step" else tensor
+                   for name, tensor in tensors.items()}
         about = {**about, "optimizer": "AdamW"}
     listed = about.get("optimizer_state", [name for name in tensors if name.startswith(OPTIMIZER)])
     other = {OPTIMIZER + name for name in about.get("optimizer_other") or {}}
@@ -151,7 +152,7 @@ def read_checkpoint(path: Path, flat: FlatBiases) -> tuple[int, dict[str, torch.
         raise broken(f"holds {', '.join(sorted(extra))}, which its state.json does not list")
     # An optimizer's step count (AdamW's, every torch optimizer's that keeps one) is the run's step.
     counts = [name for name in tensors if name.startswith(OPTIMIZER) and name.endswith(".step")]
-    if any(tensors[name].shape != (1,) or tensors[name].dtype != torch.float32 or tensors[name].item() != step
+    if any(tensors[name].shape != () or tensors[name].dtype != torch.float32 or tensors[name].item() != step
            for name in counts):
         raise broken(f"holds an optimizer step count that is not {step}, its step, as one float32")
     # The biases, and the optimizer's state of them: fp32 as the flat buffer is, in its shape where as large.
@@ -184,7 +185,7 @@ def load_checkpoint(path: Path, flat: FlatBiases, optimizer: torch.optim.Optimiz
     state: dict[int, dict] = {}
     for name, tensor in held.items():
         index, key = name.removeprefix(OPTIMIZER).split(".", 1)
-        state.setdefault(int(index), {})[key] = tensor.reshape(()) if key == "step" else tensor
+        state.setdefault(int(index), {})[key] = tensor
     for name, value in (about.get("optimizer_other") or {}).items():
         index, key = name.split(".", 1)
         state.setdefault(int(index), {})[key] = value

@@ -67,9 +67,14 @@ def started_as_command() -> bool:
     """Whether this process was started as one of bitfit's commands (python train.py or generate.py of this
     checkout, a bitfit-* console script, python -m bitfit....), not as a script, notebook or test that
     imports bitfit: those keep Python's own Ctrl-C."""
-    argv = getattr(sys, "orig_argv", sys.argv)
-    if "-m" in argv[:-1]:
-        return argv[argv.index("-m") + 1].startswith("bitfit.")
+    options = iter(getattr(sys, "orig_argv", [])[1:])  # the interpreter's options, up to what it runs
+    for option in options:
+        if option.startswith("-m"):  # -m bitfit.x, or -mbitfit.x
+            return (option[2:] or next(options, "")).startswith("bitfit.")
+        if option in ("-X", "-W"):
+            next(options, None)  # its value
+        elif not option.startswith("-") or option == "-c":
+            break  # a script (looked at below), or a command: not a module
     script = Path(sys.argv[0])
     checkout = Path(__file__).resolve().parents[2]
     return script.name.startswith("bitfit-") or (script.name in COMMANDS and script.resolve().parent == checkout)
@@ -79,7 +84,8 @@ def quiet_while_starting() -> None:
     """Until the command's main() runs (bitfit.cli.entry_point calls `started`), make Ctrl-C print
     'interrupted' and exit 130 at once, as the command itself answers it: nothing is written yet, so
     nothing is lost. bitfit/__init__.py calls this first, in a command's main thread only, and only where
-    Ctrl-C still does what Python does by default."""
+    Ctrl-C still does what Python does by default. A module of your own run as `python -m bitfit....` must
+    wrap its main() in bitfit.cli.entry_point, or Ctrl-C stays this quick exit for its whole run."""
     if (started_as_command() and threading.current_thread() is threading.main_thread()
             and signal.getsignal(signal.SIGINT) is signal.default_int_handler):
         signal.signal(signal.SIGINT, _stop_starting)

@@ -38,8 +38,9 @@ def fit(model: nn.Module, flat: FlatBiases, optimizer: torch.optim.Optimizer,
       of `measure_held_out()`: on rank 0, or on every process under sharded weights (a collective);
     - a checkpoint every --save-every steps;
     - on a Ctrl-C or SIGTERM (`stop`), a checkpoint and Interrupted, once every process agrees.
-    A NaN or inf (in the loss or gradient, caught before AdamW steps; or in the biases after it) raises
-    NonFiniteError naming the step and its training examples: nothing of that step is saved.
+    A NaN or inf in the loss or gradient, caught before the optimizer steps, raises NonFiniteError naming
+    the step and its training examples: nothing of that step is saved. Biases an update made non-finite
+    (an lr far past its bound) are caught before the next checkpoint or step, named as the update's.
     """
     model.train()
     device = flat.values.device

@@ -9,6 +9,7 @@ that function and its name in OPTIONAL_SINKS.
 import contextlib
 import io
 import json
+import math
 import os
 import platform
 import resource
@@ -24,7 +25,7 @@ import transformers
 from tqdm import tqdm
 
 from bitfit import __version__
-from bitfit.core.errors import BitfitError
+from bitfit.core.errors import BitfitError, NonFiniteError
 from bitfit.files import append, cannot_write, write_atomically
 from bitfit.run import ranks
 from bitfit.run.run_folder import EVENTS, TENSORBOARD
@@ -47,7 +48,7 @@ def sinks(run_dir: Path, steps: int, first_step: int, log_every: int, report_to:
             chosen.append(OPTIONAL_SINKS[report_to](run_dir, first_step, stack))
 
         def send(record: dict) -> None:
-            record = flattened(record)  # every sink sees every number, however deep a fork nested it
+            record = as_numbers(flattened(record))  # every sink sees every number, however deep a fork nested it
             for sink in chosen:
                 sink(record)
 
@@ -60,6 +61,17 @@ def flattened(record: dict, prefix: str = "") -> dict:
     for key, value in record.items():
         spread.update(flattened(value, f"{prefix}{key}/") if isinstance(value, dict) else {f"{prefix}{key}": value})
     return spread
+
+
+def as_numbers(record: dict) -> dict:
+    """A flattened record with one-value tensors (a measure a fork computed on the device) as numbers; a
+    non-finite number is a NonFiniteError naming it (metrics.jsonl is strict JSON, and a NaN measure is news)."""
+    record = {key: value.item() if isinstance(value, torch.Tensor) and value.numel() == 1 else value
+              for key, value in record.items()}
+    for key, value in numbers(record).items():
+        if not math.isfinite(value):
+            raise NonFiniteError(f"step {record.get('step')}: the record's {key} is {value}")
+    return record
 
 
 def numbers(record: dict) -> dict[str, float]:
