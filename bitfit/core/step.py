@@ -83,7 +83,8 @@ def make_optimizer(flat: FlatBiases, lr: float, betas: tuple[float, float], eps:
     """THE optimizer, over the ONE flat fp32 tensor of every trainable bias: AdamW, fused (one kernel for the
     whole update) on CUDA and the CPU; its state is two more tensors of the buffer's size. Swap it here for
     any torch.optim optimizer: the step calls only its step(), and a checkpoint saves and restores whatever
-    its state_dict() holds (bitfit.run.checkpoint)."""
+    its state_dict() holds (bitfit.run.checkpoint). The bounds bitfit.run.config puts on --lr, --eps and
+    --grad-clip are AdamW's reasons: revisit them with another optimizer."""
     return torch.optim.AdamW([flat.param], lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                              fused=flat.param.device.type in ("cuda", "cpu"))
 
