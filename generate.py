@@ -11,15 +11,14 @@ see the prompt template the (first) run trained with (its config.json), so the c
 The base and every delta answer in one batch: each row adds its own delta (bitfit.infer.mixed).
 """
 
+# First of all: while the rest loads (seconds), Ctrl-C is one line, not a traceback (bitfit.run.interrupt).
+import bitfit  # noqa: F401  # isort: skip
+
 import argparse
 import math
 import sys
 from pathlib import Path
 
-# First: while the rest loads (seconds), Ctrl-C is one line, not a traceback (bitfit.run.interrupt).
-import bitfit  # noqa: F401
-
-# isort: split
 import torch
 from transformers import TextStreamer
 

@@ -11,6 +11,9 @@ Each stage is a small function below; the work itself lives in bitfit/ (the step
 from is bitfit/core/step.py: train_step; the loop around it is bitfit/run/loop.py: fit).
 """
 
+# First of all: while the rest loads (seconds), Ctrl-C is one line, not a traceback (bitfit.run.interrupt).
+import bitfit  # noqa: F401  # isort: skip
+
 import dataclasses
 import json
 import math
@@ -22,10 +25,6 @@ from functools import partial
 from pathlib import Path
 from typing import TypeVar
 
-# First: while the rest loads (seconds), Ctrl-C is one line, not a traceback (bitfit.run.interrupt).
-import bitfit  # noqa: F401
-
-# isort: split
 import torch
 
 from bitfit import __version__

@@ -699,6 +699,9 @@ def test_only_what_max_len_holds_of_a_huge_text_is_tokenized_and_the_ids_are_the
     huge = "a sentence of a few words. " * 350_000  # 9.5 MB
     assert tokenize(Watched(), [(huge,)], 64) == tokenize(tokenizer, [(huge[:100_000],)], 64)
     assert max(seen) < 10_000  # never the 9.5 MB text: its first 64 tokens need a few hundred characters
+    seen.clear()  # one unbroken 10 MB "word", a single [UNK] however much of it is read: never read whole
+    assert tokenize(Watched(), [("x" * 10_000_000,)], 64) == tokenize(tokenizer, [("x" * 10_000,)], 64)
+    assert max(seen) < 100_000
 
 
 def test_classify_reads_glue_test_rows_marked_minus_one_or_null_as_unlabelled(folders, tmp_path, capsys):
@@ -785,3 +788,38 @@ def test_the_adapters_readme_names_the_classes_and_its_code_loads_the_tuned_clas
     assert scope["model"].config.id2label == {0: "negative", 1: "positive"}
     with torch.no_grad():
         torch.testing.assert_close(scope["model"].eval()(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=1e-5)
+
+
+def test_declared_class_names_that_read_as_one_label_are_refused_never_merged():
+    from bitfit.data.labelled import check_rows
+
+    rows = rows_and_places({"text": "a", "label": "01"}, {"text": "b", "label": "1"})
+    with pytest.raises(BitfitError, match=r"declares the classes \['01', '1', '2'\], of which \['01', '1'\] read as one label"):
+        check_rows(rows, None, "classify", ["01", "1", "2"])
+    assert check_rows(rows_and_places({"text": "a", "label": "1.0"}, {"text": "b", "label": "2.0"}), None, "classify",
+                      ["1.0", "2.0"]) == ["1.0", "2.0"]  # names that read as numbers, each its own
+
+
+def test_a_delta_whose_head_names_a_weight_of_the_base_is_refused(folders, tmp_path, capsys):
+    from bitfit.infer import classify
+
+    def forge(tensors, metadata):  # a "head" that would overwrite a weight the base trained
+        name = "bert.encoder.layer.0.attention.self.query.weight"
+        tensors[name] = torch.zeros(32, 32)
+        metadata["head"] = json.dumps(sorted([*json.loads(metadata["head"]), name]))
+
+    path = edited_delta(folders, tmp_path, forge)
+    assert classify.main(["--delta", path, "--text", "hi"]) == 2
+    assert "its head lists bert.encoder.layer.0.attention.self.query.weight, a parameter of the model's blocks" in last_error(capsys)
+
+
+def test_a_delta_and_the_adapter_exported_from_it_compare_as_one_selection(folders, tmp_path, capsys):
+    from bitfit.export import adapter, inspection
+
+    model, flat, added, head = tuned(folders["bert"], ["no", "yes"])
+    save_delta(str(tmp_path / "delta.safetensors"), model, flat, base_model=folders["bert"], added=added, head=head,
+               task="classify", classes=["no", "yes"])
+    assert adapter.main(["--delta", str(tmp_path / "delta.safetensors"), "--out", str(tmp_path / "adapter")]) == 0
+    assert inspection.main([str(tmp_path / "delta.safetensors"), str(tmp_path / "adapter")]) == 0
+    rows = [line.split()[-4:] for line in capsys.readouterr().out.splitlines() if line.startswith(("query", "output"))]
+    assert rows and all(difference == "0.0000" and cosine == "1.000" for _, _, difference, cosine in rows)  # one change

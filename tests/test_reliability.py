@@ -394,3 +394,18 @@ def test_a_checkpoint_an_earlier_bitfit_wrote_with_adamws_own_names_still_resume
     assert train.main(["--resume", str(tmp_path / "stopped")]) == 0
     (straight, _), (resumed, _) = outcome(tmp_path / "straight"), outcome(tmp_path / "stopped")
     assert all(torch.equal(straight[name], resumed[name]) for name in straight)
+
+
+def test_a_signal_that_lands_in_a_finalizer_is_told_apart_so_it_can_be_delivered_again():
+    import inspect
+
+    from bitfit.run.interrupt import in_finalizer
+
+    seen = []
+
+    class Finalized:
+        def __del__(self):
+            seen.append(in_finalizer(inspect.currentframe()))
+
+    Finalized()  # dropped at once: its __del__ runs here
+    assert seen == [True] and not in_finalizer(inspect.currentframe())

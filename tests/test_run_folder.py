@@ -224,3 +224,21 @@ def test_a_finished_run_started_with_overwrite_is_not_resumed(model_dir, tmp_pat
     before = snapshot(out)
     assert train.main(["--resume", str(out)]) == 2
     assert "is a finished run, nothing to resume" in capsys.readouterr().err and snapshot(out) == before
+
+
+@pytest.mark.parametrize("command", [["--overwrite"], []], ids=["--overwrite", "a plain rerun"])
+def test_a_checkpoints_link_to_a_users_folder_is_refused_and_nothing_is_written_through_it(command, model_dir, tmp_path, capsys):
+    out, theirs = tmp_path / "run", tmp_path / "theirs"
+    assert train.main(["--model", model_dir, *QUICK, "--out-dir", str(out)]) == 0
+    for step in (1, 2):  # a user's folders, named and filled as a checkpoint would be
+        (theirs / f"step-00000{step}").mkdir(parents=True)
+        for name in ("state.json", "state.safetensors"):
+            (theirs / f"step-00000{step}" / name).write_text("mine")
+    (out / "checkpoints").symlink_to(theirs)
+    before = snapshot(theirs)
+    assert train.main(["--model", model_dir, *QUICK, "--save-every", "1", "--keep-checkpoints", "1", *command,
+                       "--out-dir", str(out)]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last == (f"error: {out / 'checkpoints'} is named like the folder of a run's checkpoints, but is a link: bitfit "
+                    "never writes or deletes through it; move it out, or pick another --out-dir")
+    assert snapshot(theirs) == before

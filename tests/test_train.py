@@ -233,12 +233,14 @@ def test_every_numeric_flag_must_be_finite_and_in_its_range(flag, value, message
     ({"grad_clip": 1e-6, "eps": 1e-8}, r"--grad-clip 1e-06 is below"), ({"grad_clip": 1e-3, "eps": 1e-6}, r"below"),
     ({"lr": 1e-320}, r"--lr 9.99989e-321 is below 1e-08: AdamW moves each bias by about lr a step"),
     ({"eps": 1.0}, r"--eps 1 is above 0.001: AdamW divides each step by the gradient's size plus eps"),
+    ({"eps": 1e-300}, r"--eps 1e-300 is below 1.2e-38, the smallest normal float32"),
 ])
 def test_a_value_too_small_to_move_any_bias_is_refused_with_its_reason(flags, message):
     with pytest.raises(BitfitError, match=message):
         TrainConfig(**flags)
     TrainConfig(grad_clip=0.0)  # no clipping at all is no tiny clip
     TrainConfig(lr=1e-8, grad_clip=1e-3), TrainConfig(eps=1e-3, grad_clip=0.0)  # the bounds themselves are allowed
+    TrainConfig(lr=0.1, weight_decay=0.1)  # 0.1 x 0.1 is the bound, 0.01, whatever float rounding makes of it
 
 
 def test_an_evaluation_file_is_used_whole_unless_a_split_is_given():

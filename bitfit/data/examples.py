@@ -196,9 +196,11 @@ def cut_to_tokens(tokenizer, texts: list[str], n: int) -> list[str]:
     long = [i for i, text in enumerate(texts) if len(text) > bound]
     probed = tokenizer([texts[i][:bound] for i in long], add_special_tokens=False)["input_ids"] if long else []
     for i, ids in zip(long, probed):
-        cut = bound
-        while len(ids) < n + MARGIN and cut < len(texts[i]):  # too few tokens to trust the cut: cut longer
-            cut *= 4
+        cut, before = bound, -1
+        # Too few tokens to trust the cut: cut longer, while that still adds tokens (a run with none, such as
+        # one unbroken 10 MB "word" the tokenizer makes one [UNK] of, adds none however much of it is taken).
+        while len(ids) < n + MARGIN and cut < len(texts[i]) and len(ids) > before:
+            cut, before = cut * 4, len(ids)
             ids = tokenizer(texts[i][:cut], add_special_tokens=False)["input_ids"]
         cut_texts[i] = texts[i][:cut]
     return cut_texts

@@ -119,6 +119,11 @@ def label_names(labels: list, places: list[str], declared: list[str] | None = No
     where it declares them (`declared`: a ClassLabel column's), ints as their own ids (0 to the largest,
     whatever rows there are), names sorted. A BitfitError when ints and strings mix, when there is only one
     class, or when a label is not one of the declared classes."""
+    if declared and len(class_ids(declared)) < len(declared):  # two names that read as one label ("01", "1")
+        read = [str(class_id(name.strip())) for name in declared]
+        twins = [name for name, text in zip(declared, read) if read.count(text) > 1]
+        raise BitfitError(f"the data declares the classes {declared}, of which {twins} read as one label (bitfit reads "
+                          "a label as what it says: spaces dropped, a whole number as its int): rename them apart")
     seen: dict = {}
     for label, place in zip(labels, places):
         seen.setdefault(label, place)
@@ -131,7 +136,8 @@ def label_names(labels: list, places: list[str], declared: list[str] | None = No
         label, place = next(iter(seen.items()))
         raise BitfitError(f"every row has the label {label!r} (the first at {place}): a classifier needs at least two classes")
     if declared:
-        if unknown := next((label for label in seen if str(label) not in class_ids(declared)), None):
+        ids = class_ids(declared)
+        if unknown := next((label for label in seen if str(label) not in ids), None):
             raise BitfitError(f"{seen[unknown]}: label {unknown!r} is not one of the classes the data declares {declared}")
         return list(declared)
     return list(range(max(seen) + 1)) if int in kinds else sorted(seen)

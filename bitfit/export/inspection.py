@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from bitfit.cli import ArgumentParser, add_trust_flags, entry_point
-from bitfit.core.biases import FUSED_QKV_MODULES, fused_qkv_parts
+from bitfit.core.biases import FUSED_QKV_MODULES, fused_qkv_parts, is_bias
 from bitfit.core.errors import BitfitError
 from bitfit.files import write_atomically
 from bitfit.model import pretrained
@@ -233,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
                                torch.float32, args.trust_remote_code, args.trust_pickle_weights)
     # Biases only: a classifier's head is new, not a change, and two classifiers of one encoder (other
     # classes, or a regressor) have heads of their own while their biases compare.
-    biases = [{name for name in tensors if name not in set(head_of(meta))} for tensors, meta in deltas]
+    biases = [{name for name in tensors if is_bias(name) and name not in set(head_of(meta))} for tensors, meta in deltas]
     if len(deltas) == 2 and (deltas[0][1]["base_fingerprint"] != deltas[1][1]["base_fingerprint"] or biases[0] != biases[1]):
         raise BitfitError(f"{paths[0]} and {paths[1]} were trained on different bases or bias selections; "
                           "only deltas of one base and one selection compare")

@@ -34,7 +34,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from bitfit.core.biases import add_zero_bias, is_bias
+from bitfit.core.biases import add_zero_bias, block_lists, is_bias
 from bitfit.core.errors import BitfitError
 from bitfit.core.flat import FlatBiases
 from bitfit.files import parse_json, write_atomically
@@ -197,6 +197,15 @@ def _names(text: str) -> bool:
     return isinstance(value, list) and all(isinstance(item, str) for item in value)
 
 
+def held_by_the_base(model: nn.Module, name: str) -> bool:
+    """Whether parameter `name` lies inside the model's transformer blocks or its input embeddings: what a
+    classifier's head never is (a delta that named one could overwrite a weight it never trained)."""
+    embeddings = next((f"{module_name}." for module_name, module in model.named_modules()
+                       if module is model.get_input_embeddings()), None)
+    return any(name.startswith(f"{blocks}.") for blocks, _ in block_lists(model)) or bool(
+        embeddings and name.startswith(embeddings))
+
+
 def head_of(metadata: dict[str, str]) -> list[str]:
     """The parameters a delta holds whole (a classifier's head): none before format 3."""
     return json.loads(metadata.get("head", "[]"))
@@ -296,6 +305,10 @@ def check_delta(model: nn.Module, path: str, with_head: bool = True) -> tuple[di
                           f"{outputs} ({task}{': ' + ', '.join(classes) if classes else ''}): load the base with the "
                           "delta's classes")
     modules = dict(model.named_modules())
+    if weight := next((name for name in head if held_by_the_base(model, name)), None):
+        raise BitfitError(f"{path} is not a valid bitfit delta: its head lists {weight}, a parameter of the model's blocks "
+                          "or embeddings; a head is what a classifier adds on top (a classifier, a score, a pooler), "
+                          "never a weight or bias the base trained")
     for name, delta in tensors.items():
         if name in params:
             if params[name].shape != delta.shape:

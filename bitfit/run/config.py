@@ -23,6 +23,7 @@ from bitfit.run.report import OPTIONAL_SINKS, tensorboard_protos
 # Bounds on values that look valid but destroy the biases; each one's reason is in its flag's --help.
 MAX_LR = 0.1
 MIN_LR = 1e-8  # AdamW moves a bias by about lr a step; an fp32 bias of size 1 moves by no less than 6e-8
+MIN_EPS = 1.2e-38  # the smallest normal float32 (AdamW adds eps in fp32)
 MAX_EPS = 1e-3  # AdamW divides each step by the gradient's size plus eps: a larger eps stands in for the gradient
 MIN_CLIP_OVER_EPS = 1e4  # --grad-clip at least this x --eps (or 0): see its --help
 MAX_DECAY_PER_STEP = 0.01  # --lr x --weight-decay
@@ -155,6 +156,9 @@ class TrainConfig:
                 raise BitfitError(f"--{name.replace('_', '-')} must not be negative, not {getattr(self, name)}")
         if self.lr <= 0 or self.eps <= 0:
             raise BitfitError(f"--lr and --eps must be positive, not {self.lr} and {self.eps} (eps divides AdamW's step)")
+        if self.eps < MIN_EPS:
+            raise BitfitError(f"--eps {self.eps:g} is below {MIN_EPS:g}, the smallest normal float32: AdamW's fp32 state "
+                              "would hold it as 0 (or a denormal), and a bias whose gradient is 0 would divide 0 by 0")
         if self.lr < MIN_LR or self.eps > MAX_EPS:
             raise BitfitError(f"--lr {self.lr:g} is below {MIN_LR:g}: AdamW moves each bias by about lr a step, and an "
                               "fp32 bias's smaller changes are rounded away" if self.lr < MIN_LR else
@@ -169,7 +173,7 @@ class TrainConfig:
             raise BitfitError(f"--lr {self.lr:g} is above {MAX_LR:g}: AdamW moves every bias by up to about lr per step "
                               "whatever its gradient, so a few steps would carry the biases far past any pretrained "
                               "model's scale (BitFit uses 1e-4 to 1e-2)")
-        if self.lr * self.weight_decay > MAX_DECAY_PER_STEP:
+        if self.lr * self.weight_decay > MAX_DECAY_PER_STEP * (1 + 1e-9):  # 0.1 x 0.1 is 0.010000000000000002
             raise BitfitError(f"--lr {self.lr:g} x --weight-decay {self.weight_decay:g} = {self.lr * self.weight_decay:g} "
                               f"is above {MAX_DECAY_PER_STEP:g}: each step multiplies every bias by (1 - lr x "
                               "weight_decay), which would wipe out what the data teaches (at 1 it zeroes the biases, "

@@ -44,6 +44,9 @@ def graceful_stop(announce: bool = True) -> Iterator[StopRequest]:
     def ask(signum: int, frame) -> None:
         name = signal.Signals(signum).name
         if stop.at_once is not None:
+            if in_finalizer(frame):  # Python would print the exception and go on: ask again in a moment
+                threading.Timer(0.05, os.kill, (os.getpid(), signum)).start()
+                return
             raise Interrupted(f"{name} {stop.at_once}")
         stop.asked = True
         signal.signal(signal.SIGINT, signal.default_int_handler)  # a second one quits at once
@@ -58,6 +61,16 @@ def graceful_stop(announce: bool = True) -> Iterator[StopRequest]:
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+
+
+def in_finalizer(frame) -> bool:
+    """Whether `frame` runs inside a __del__ (or a weakref callback the collector runs), where an exception
+    a signal handler raises is printed and ignored, not raised."""
+    while frame is not None:
+        if frame.f_code.co_name in ("__del__", "_remove_dead_weakref", "_remove"):
+            return True
+        frame = frame.f_back
+    return False
 
 
 COMMANDS = ("train.py", "generate.py")  # at the top of the repository; the rest are bitfit-* scripts and -m bitfit.*

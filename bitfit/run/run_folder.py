@@ -119,6 +119,11 @@ def claim(out_dir: str) -> Path:
                                   "writes only into a new or empty folder or one of its own runs: pick another --out-dir")
             occupied = [path / name for name in RUN_FILES if (path / name).is_symlink() or (path / name).exists()
                         and not (path / name).is_file()]
+            checkpoints = path / "checkpoints"
+            if checkpoints.is_symlink() or (checkpoints.exists() and not checkpoints.is_dir()):
+                raise BitfitError(f"{checkpoints} is named like the folder of a run's checkpoints, but is "
+                                  f"{'a link' if checkpoints.is_symlink() else 'no folder'}: bitfit never writes or "
+                                  "deletes through it; move it out, or pick another --out-dir")
             if (path / TENSORBOARD).exists() and not _own_events(path / TENSORBOARD):
                 raise BitfitError(f"{path / TENSORBOARD} is named like the folder of TensorBoard event files a run "
                                   "writes, but holds something else: move it out, or pick another --out-dir")
