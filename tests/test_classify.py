@@ -823,3 +823,12 @@ def test_a_delta_and_the_adapter_exported_from_it_compare_as_one_selection(folde
     assert inspection.main([str(tmp_path / "delta.safetensors"), str(tmp_path / "adapter")]) == 0
     rows = [line.split()[-4:] for line in capsys.readouterr().out.splitlines() if line.startswith(("query", "output"))]
     assert rows and all(difference == "0.0000" and cosine == "1.000" for _, _, difference, cosine in rows)  # one change
+
+
+@pytest.mark.parametrize("label", [10_000, 10**300])
+def test_an_int_label_past_the_class_limit_is_one_short_error_line(label):
+    from bitfit.data.labelled import check_label
+
+    with pytest.raises(BitfitError, match=r"data.jsonl line 3: label .* as a class id asks for that many outputs") as caught:
+        check_label({"label": label}, "data.jsonl line 3", "classify")
+    assert len(str(caught.value)) < 250

@@ -71,8 +71,9 @@ def check_label(row: dict, place: str, task: str) -> int | str | float:
             raise BitfitError(f"{place}: label {label} is no class (GLUE's test splits mark 'no label' with -1: use a "
                               "split with labels, such as validation)")
         if label >= MAX_CLASSES:
-            raise BitfitError(f"{place}: label {label} as a class id asks for {label + 1:,} outputs (an int label is its "
-                              f"class's id, from 0); give at most {MAX_CLASSES:,} classes, or name them with strings")
+            said = str(label) if len(str(label)) <= 20 else f"{str(label)[:12]}... ({len(str(label))} digits)"
+            raise BitfitError(f"{place}: label {said} as a class id asks for that many outputs and one more (an int label "
+                              f"is its class's id, from 0); give at most {MAX_CLASSES:,} classes, or name them with strings")
         return label
     if isinstance(label, str) and label:
         return label
