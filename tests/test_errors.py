@@ -65,7 +65,7 @@ RECORD = {"instruction": "Say hi.", "input": "", "output": "hi"}
         ("data.json", json.dumps([{**RECORD, "output": 42}]), "element 0: 'output' must be a string, found int"),
         ("data.json", json.dumps([{**RECORD, "output": None}]), "element 0: 'output' must be a string, found NoneType"),
         ("data.jsonl", "\n\n" + json.dumps({**RECORD, "output": "\ud800"}), "data.jsonl line 3: 'output' holds a lone surrogate"),
-        ("data.jsonl", json.dumps({"text": "hi"}), "line 1: a row needs the fields instruction/input/output .*, messages"),
+        ("data.jsonl", json.dumps({"question": "hi"}), "line 1: a row needs the fields instruction/input/output .*, messages"),
         ("data.jsonl", json.dumps({"messages": [{"role": "user", "content": "hi"}]}), "line 1: 'messages' has no assistant turn"),
         ("notes.txt", "hello", "notes.txt: a data file must be .json, .jsonl, .csv or .parquet, not .txt"),
         ("data.csv", "instruction,input,output\nSay hi.,,hi\nBad,row\n", r"data.csv line 3: 2 fields, but the header \(line 1\) names 3"),
@@ -251,7 +251,8 @@ def test_a_bad_layout_is_a_one_line_error(model_dir, tmp_path, capsys):
 @pytest.mark.slow
 def test_an_unknown_bias_selection_is_a_one_line_error(model_dir, tmp_path, capsys):
     assert run_on(model_dir, tmp_path, "--biases", "h.(0") == 2
-    fails_with(capsys, 2, "neither 'all', 'reduced' nor a valid regular expression")
+    fails_with(capsys, 2, "neither 'all', 'reduced', a comma list of the bias groups query, key, value, attention-output, "
+                          "intermediate, output, layernorm nor a valid regular expression")
 
 
 @pytest.fixture(scope="module")
