@@ -2,11 +2,11 @@
 or module that exists and flags it takes, the README stays short, and no page speaks of what our users
 never saw."""
 
+import json
 import re
 import shlex
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from functools import cache
 from pathlib import Path
 
@@ -42,24 +42,40 @@ def target(command: str) -> tuple[str, list[str]]:
     return name, [word.split("=")[0] for word in rest if re.match(r"--[a-z]", word)]
 
 
+# Run in ONE process for every script: torch and transformers are imported once, not once per script.
+HELP_OF_EACH = """
+import contextlib, io, json, os, runpy, sys
+said = {}
+for name in sys.argv[1:]:
+    sys.argv, text, code = [name, "--help"], io.StringIO(), 0
+    if name.endswith(".py"):  # as `python path/script.py` runs it: its own folder first on the path
+        sys.path.insert(0, os.path.dirname(os.path.abspath(name)))
+    try:
+        with contextlib.redirect_stdout(text):
+            runpy.run_path(name, run_name="__main__") if name.endswith(".py") else runpy.run_module(
+                name, run_name="__main__", alter_sys=True)
+    except SystemExit as exit:
+        code = exit.code or 0
+    if name.endswith(".py"):
+        sys.path.pop(0)
+    said[name] = [code, text.getvalue()]
+print(json.dumps(said))
+"""
+
+
 @cache
 def every_scripts_flags() -> dict[str, set[str] | None]:
-    """flags_of each script or module the pages run, asked two at a time (each --help is a process that
-    imports torch: seconds, mostly one core's)."""
+    """The flags each script or module of this repository that the pages run accepts (from its --help),
+    None for the others (pytest)."""
     names = sorted({target(command)[0] for page in PAGES for command in commands(page)})
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        return dict(zip(names, pool.map(flags_of, names)))
-
-
-def flags_of(name: str) -> set[str] | None:
-    """The flags a script or module of this repository accepts (from its --help), None for others (pytest)."""
-    path = REPO / name if name.endswith(".py") else REPO.joinpath(*name.split(".")).with_suffix(".py")
-    if not path.is_file():
-        return None
-    run = subprocess.run([sys.executable, *([name] if name.endswith(".py") else ["-m", name]), "--help"],
-                         cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert run.returncode == 0, f"{name} --help: {run.stderr[-500:]}"
-    return set(re.findall(r"--[a-z][a-z0-9-]*", run.stdout))
+    ours = [name for name in names if (REPO / name if name.endswith(".py") else
+                                       REPO.joinpath(*name.split(".")).with_suffix(".py")).is_file()]
+    run = subprocess.run([sys.executable, "-c", HELP_OF_EACH, *ours], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    said = json.loads(run.stdout.strip().splitlines()[-1])
+    for name, (code, _) in said.items():
+        assert code == 0, f"{name} --help exited {code}"
+    return {name: set(re.findall(r"--[a-z][a-z0-9-]*", said[name][1])) if name in said else None for name in names}
 
 
 def test_the_readme_is_short():
