@@ -85,6 +85,11 @@ def check_label(row: dict, place: str, task: str) -> int | str | float:
 WHOLE_NUMBER = re.compile(r"[+-]?\d+(\.0*)?")
 
 
+def read_class(label: object) -> object:
+    """A class label as training reads it: a name without its surrounding spaces, a whole number as its int."""
+    return class_id(label.strip() if isinstance(label, str) else label)
+
+
 def class_id(label: object) -> object:
     """A class label that is a whole number, however written ("1", "1.0", 1.0), as that int; else itself."""
     if isinstance(label, float) and label.is_integer():
@@ -109,8 +114,8 @@ def one_shape(texts: list[tuple[str, ...]], places: list[str], width: int | None
     width = width or max((1, 2), key=widths.count)
     odd = next((i for i, w in enumerate(widths) if w != width), None)
     if odd is not None:
-        one, many = {1: ("a single text", "single texts"), 2: ("a pair of texts", "pairs")}, {1: "single texts", 2: "pairs"}
-        raise BitfitError(f"{places[odd]}: {one[widths[odd]][0]}, where the {whose} are {many[width]}: a data set is all "
+        one, many = {1: "a single text", 2: "a pair of texts"}, {1: "single texts", 2: "pairs"}
+        raise BitfitError(f"{places[odd]}: {one[widths[odd]]}, where the {whose} are {many[width]}: a data set is all "
                           f"pairs or all single texts ({SHAPES}); is a field of this row missing or misspelt?")
     return width
 
@@ -121,7 +126,7 @@ def label_names(labels: list, places: list[str], declared: list[str] | None = No
     whatever rows there are), names sorted. A BitfitError when ints and strings mix, when there is only one
     class, or when a label is not one of the declared classes."""
     if declared and len(class_ids(declared)) < len(declared):  # two names that read as one label ("01", "1")
-        read = [str(class_id(name.strip())) for name in declared]
+        read = [str(read_class(name)) for name in declared]
         twins = [name for name, text in zip(declared, read) if read.count(text) > 1]
         raise BitfitError(f"the data declares the classes {declared}, of which {twins} read as one label (bitfit reads "
                           "a label as what it says: spaces dropped, a whole number as its int): rename them apart")
@@ -147,7 +152,7 @@ def label_names(labels: list, places: list[str], declared: list[str] | None = No
 def class_ids(classes: list) -> dict[str, int]:
     """Each class's id, by its name read as a label is (class_id) and then as text: a label is compared with
     the classes as what it says (a class a dataset declares as "1", "01" or "1.0" is the label 1)."""
-    return {str(class_id(name.strip() if isinstance(name, str) else name)): i for i, name in enumerate(classes)}
+    return {str(read_class(name)): i for i, name in enumerate(classes)}
 
 
 def check_rows(train: tuple[list, list[str]], held_out: tuple[list, list[str]] | None, task: str,

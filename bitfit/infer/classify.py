@@ -18,7 +18,7 @@ import torch
 
 from bitfit.cli import ArgumentParser, add_trust_flags, check_device, entry_point
 from bitfit.core.errors import BitfitError
-from bitfit.data.labelled import check_label, class_id, one_shape, texts_of
+from bitfit.data.labelled import check_label, one_shape, read_class, texts_of
 from bitfit.data.sources import load_records, read_lines
 from bitfit.infer.mixed import classify_many
 from bitfit.model import pretrained
@@ -47,8 +47,7 @@ def read_texts(args: argparse.Namespace) -> tuple[list[tuple[str, ...]], list, l
 def given_label(row: dict) -> object:
     """A row's label to mark answers by, or None where it has none: no label, null, or GLUE's -1 ("no label",
     as its test splits are); a class label spelt as training reads it (check_label)."""
-    label = row.get("label")
-    label = class_id(label.strip() if isinstance(label, str) else label)
+    label = read_class(row.get("label"))
     return None if label is None or label == -1 else label
 
 

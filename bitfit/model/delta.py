@@ -197,13 +197,11 @@ def _names(text: str) -> bool:
     return isinstance(value, list) and all(isinstance(item, str) for item in value)
 
 
-def held_by_the_base(model: nn.Module, name: str) -> bool:
-    """Whether parameter `name` lies inside the model's transformer blocks or its input embeddings: what a
-    classifier's head never is (a delta that named one could overwrite a weight it never trained)."""
-    embeddings = next((f"{module_name}." for module_name, module in model.named_modules()
-                       if module is model.get_input_embeddings()), None)
-    return any(name.startswith(f"{blocks}.") for blocks, _ in block_lists(model)) or bool(
-        embeddings and name.startswith(embeddings))
+def base_prefixes(model: nn.Module) -> tuple[str, ...]:
+    """The name prefixes of the model's transformer blocks and input embeddings: where a classifier's head
+    never lies (a delta whose head named a parameter there could overwrite a weight it never trained)."""
+    embeddings = [f"{name}." for name, module in model.named_modules() if module is model.get_input_embeddings()]
+    return (*(f"{blocks}." for blocks, _ in block_lists(model)), *embeddings)
 
 
 def head_of(metadata: dict[str, str]) -> list[str]:
@@ -305,7 +303,8 @@ def check_delta(model: nn.Module, path: str, with_head: bool = True) -> tuple[di
                           f"{outputs} ({task}{': ' + ', '.join(classes) if classes else ''}): load the base with the "
                           "delta's classes")
     modules = dict(model.named_modules())
-    if weight := next((name for name in head if held_by_the_base(model, name)), None):
+    prefixes = base_prefixes(model)
+    if weight := next((name for name in head if name.startswith(prefixes)), None):
         raise BitfitError(f"{path} is not a valid bitfit delta: its head lists {weight}, a parameter of the model's blocks "
                           "or embeddings; a head is what a classifier adds on top (a classifier, a score, a pooler), "
                           "never a weight or bias the base trained")

@@ -159,11 +159,12 @@ class TrainConfig:
         if self.eps < MIN_EPS:
             raise BitfitError(f"--eps {self.eps:g} is below {MIN_EPS:g}, the smallest normal float32: AdamW's fp32 state "
                               "would hold it as 0 (or a denormal), and a bias whose gradient is 0 would divide 0 by 0")
-        if self.lr < MIN_LR or self.eps > MAX_EPS:
-            raise BitfitError(f"--lr {self.lr:g} is below {MIN_LR:g}: AdamW moves each bias by about lr a step, and an "
-                              "fp32 bias's smaller changes are rounded away" if self.lr < MIN_LR else
-                              f"--eps {self.eps:g} is above {MAX_EPS:g}: AdamW divides each step by the gradient's size "
+        if self.eps > MAX_EPS:
+            raise BitfitError(f"--eps {self.eps:g} is above {MAX_EPS:g}: AdamW divides each step by the gradient's size "
                               "plus eps, so an eps that large would stand in for the gradient (1e-8 is usual)")
+        if self.lr < MIN_LR:
+            raise BitfitError(f"--lr {self.lr:g} is below {MIN_LR:g}: AdamW moves each bias by about lr a step, and an "
+                              "fp32 bias's smaller changes are rounded away")
         if 0 < self.grad_clip < MIN_CLIP_OVER_EPS * self.eps:
             raise BitfitError(f"--grad-clip {self.grad_clip:g} is below {MIN_CLIP_OVER_EPS:g} x --eps "
                               f"({MIN_CLIP_OVER_EPS * self.eps:g}): AdamW divides each bias's gradient by its size plus "

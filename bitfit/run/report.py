@@ -172,11 +172,10 @@ def tensorboard(run_dir: Path, first_step: int, stack: contextlib.ExitStack) -> 
                                              session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START)))
             append(*events, b"".join(framed(event) for event in start))
         values = []
-        for key, value in record.items():
-            if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
-                key = HF_NAMES.get(key, key)
-                tag = f"eval/{key.removeprefix('eval_')}" if key.startswith("eval_") else f"train/{key}"
-                values.append(summary_pb2.Summary.Value(tag=tag, simple_value=value))
+        for key, value in numbers(record).items():
+            key = HF_NAMES.get(key, key)
+            tag = f"eval/{key.removeprefix('eval_')}" if key.startswith("eval_") else f"train/{key}"
+            values.append(summary_pb2.Summary.Value(tag=tag, simple_value=value))
         append(*events, framed(event_pb2.Event(wall_time=time.time(), step=record["step"],
                                                summary=summary_pb2.Summary(value=values))))
 
@@ -266,7 +265,7 @@ def best_step(points: list[dict]) -> dict | None:
 
 
 def save_measures(records: list[dict], path: Path) -> None:
-    """One figure of every number the steps' records hold but the loss (loss.png's): one small panel per
+    """One figure of every number the steps' (flattened) records hold but the loss (loss.png's): one small panel per
     measure against the step (the lr, the gradient norm, tokens/s, held-out measures where taken, and
     whatever a fork adds to the record), so a new measure is drawn with no other edit."""
     import matplotlib
@@ -275,8 +274,8 @@ def save_measures(records: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     series: dict[str, list[tuple[int, float]]] = {}
-    for record in records:
-        for key, value in numbers(flattened(record)).items():
+    for record in records:  # metrics.jsonl's lines, flattened as every sink's records are
+        for key, value in numbers(record).items():
             if key != "loss":
                 series.setdefault(key, []).append((record["step"], value))
     columns = 3
