@@ -4,7 +4,7 @@ The folders draw the architecture (each has its own map in its __init__.py):
     core/       THE ALGORITHM: what trains, the flat buffer, the loss, the step. Start here.
     data/       rows in (files, hub, built-in tasks), token ids and forward passes out
     model/      the base model, and the delta file of its tuned biases
-    run/        a training run around the step: config, the loop, checkpoints, reports, evaluation
+    run/        the plumbing of a run that train.py calls: config, start and resume, data, evaluation, reports
     parallel/   torchrun and FSDP2 sharding, loaded only when used
     export/     after training, what a delta becomes: a merged model, a PEFT adapter, a map of what moved
     infer/      using deltas: many in one batch, each row its own; the classify command

@@ -86,7 +86,7 @@ def test_no_module_is_named_like_a_standard_library_module():
 
 @pytest.mark.slow
 def test_importing_bitfit_and_its_parts_loads_no_distributed_training_code():
-    code = ("import sys, bitfit, bitfit.core.step, bitfit.model.delta, bitfit.run.loop, bitfit.run.evaluate; "
+    code = ("import sys, bitfit, bitfit.core.step, bitfit.model.delta, bitfit.run.start, bitfit.run.evaluate; "
             "print([m for m in sys.modules if m.startswith(('torch.distributed.fsdp', 'torch.distributed.tensor', "
             "'bitfit.parallel'))])")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True).stdout

@@ -16,7 +16,9 @@ from transformers import PreTrainedTokenizerFast
 
 import generate
 import train
+from bitfit.data import packing
 from bitfit.export import merge
+from bitfit.model import pretrained
 from bitfit.model.delta import read_delta
 from bitfit.run.config import parser
 from tiny import _trained_bpe, tiny_bloom, tiny_llama, tiny_tokenizer
@@ -229,7 +231,7 @@ def test_an_output_directory_that_cannot_be_written_is_a_one_line_error(model_di
 
 @pytest.mark.slow
 def test_the_packed_layout_on_a_model_that_cannot_pack_is_a_one_line_error(model_dir, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(train.packing, "use_packed_alibi", lambda model: False)  # a BLOOM without ALiBi: no positions
+    monkeypatch.setattr(packing, "use_packed_alibi", lambda model: False)  # a BLOOM without ALiBi: no positions
     assert run_on(model_dir, tmp_path, "--layout", "packed") == 2
     fails_with(capsys, 2, "--layout packed: BloomForCausalLM takes no position ids and has no ALiBi.*; use --layout padded")
 
@@ -404,7 +406,7 @@ def test_a_flag_value_that_would_destroy_the_biases_is_refused_with_its_reason(f
 
 def test_the_help_gives_the_reason_of_every_bound():
     text = " ".join(parser().format_help().split())
-    assert "At most 0.1: AdamW moves every bias by up to about lr per step" in text
+    assert "For Adam's family, from 1e-08 to 0.1: it moves every bias by up to about lr per step" in text
     assert "--lr x --weight-decay at most 0.01: every step multiplies each bias by (1 - lr x weight_decay)" in text
     assert "at most 10,000,000 examples drawn in all" in text
 
@@ -481,7 +483,7 @@ def test_bad_data_is_refused_before_the_model_loads(model_dir, tmp_path, monkeyp
     def load(*args, **kwargs):
         raise AssertionError("the model was loaded before the data was checked")
 
-    monkeypatch.setattr(train.pretrained, "load", load)
+    monkeypatch.setattr(pretrained, "load", load)
     bad = data_file(tmp_path, "data.jsonl", json.dumps(RECORD) + "\n" + json.dumps({"instruction": "no answer"}) + "\n")
     assert run_on(model_dir, tmp_path, "--data", bad) == 2
     fails_with(capsys, 2, "^error: training data: .*data.jsonl line 2: no 'output' field")

@@ -10,7 +10,6 @@ from test_reliability import interrupted_run
 from test_train import saved
 
 import bitfit.core.step
-import bitfit.run.loop
 import generate
 import train
 from bitfit.core.biases import add_missing_biases, select_biases
@@ -19,7 +18,7 @@ from bitfit.core.flat import FlatBiases
 from bitfit.export import adapter, merge
 from bitfit.model import pretrained
 from bitfit.model.delta import read_delta, save_delta
-from bitfit.run import report
+from bitfit.run import evaluate, report
 from tiny import tiny_llama
 
 # 40 examples = 5 optimizer steps of 8; evaluation on 2 held-out questions
@@ -53,7 +52,7 @@ def huge_biases_after_the_last_step(monkeypatch, steps: int = 5) -> None:
                 flat.values.fill_(HUGE)
         return record
 
-    monkeypatch.setattr(bitfit.run.loop, "train_step", train_step)
+    monkeypatch.setattr(train, "train_step", train_step)
 
 
 @pytest.mark.slow
@@ -70,13 +69,13 @@ def test_a_run_whose_outputs_diverged_exits_3_and_leaves_no_file_named_like_a_re
 
 @pytest.mark.slow
 def test_a_non_finite_held_out_loss_after_training_deletes_the_delta_written_before_it(model_dir, tmp_path, monkeypatch, capsys):
-    real, calls = train.heldout_loss, []
+    real, calls = evaluate.heldout_loss, []
 
     def nan_after_training(*args, **kwargs):
         calls.append(1)
         return float("nan") if len(calls) == 2 else real(*args, **kwargs)  # 1: before training, 2: after
 
-    monkeypatch.setattr(train, "heldout_loss", nan_after_training)
+    monkeypatch.setattr(evaluate, "heldout_loss", nan_after_training)
     run = tmp_path / "run"
     assert train.main(["--model", model_dir, *ARGS, "--out-dir", str(run)]) == 3
     assert "the tuned model is broken on the held-out data, so its delta was deleted" in last_error(capsys)
@@ -241,4 +240,4 @@ def test_a_broken_cached_evaluation_is_measured_again_and_the_log_says_why(damag
     assert before("second") == first
     out = capsys.readouterr().out
     assert f"ignoring the stored evaluation {entry}: " in out and "; measured)" in out
-    assert train.stored_evaluation_problem(json.loads(entry.read_text())) is None  # written anew, valid
+    assert evaluate.stored_evaluation_problem(json.loads(entry.read_text())) is None  # written anew, valid

@@ -15,8 +15,8 @@ import transformers
 from test_train import saved
 
 import bitfit.core.step
-import bitfit.run.loop
 import train
+from bitfit.run import evaluate
 from tiny import tiny_llama
 
 REPO = Path(__file__).resolve().parent.parent
@@ -114,7 +114,7 @@ def test_eval_every_without_something_to_measure_is_a_one_line_error(model_dir, 
 
 @pytest.mark.slow
 def test_a_non_finite_held_out_loss_stops_the_run_with_exit_3_and_is_never_saved(model_dir, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(train, "heldout_loss", lambda *args, **kwargs: float("nan"))
+    monkeypatch.setattr(evaluate, "heldout_loss", lambda *args, **kwargs: float("nan"))
     out = tmp_path / "run"
     assert train.main(["--model", model_dir, *QUICK, "--out-dir", str(out)]) == 3
     assert "the held-out loss is nan" in capsys.readouterr().err
@@ -133,7 +133,7 @@ def test_a_resumed_run_that_lost_its_untrained_evaluation_does_not_measure_the_t
         return real(*args, **kwargs)
 
     out = tmp_path / "run"
-    monkeypatch.setattr(bitfit.run.loop, "train_step", stop_after_step_2)
+    monkeypatch.setattr(train, "train_step", stop_after_step_2)
     assert train.main(["--model", model_dir, *QUICK, "--save-every", "2", "--out-dir", str(out)]) == 130
     monkeypatch.undo()
     (out / "eval_before.json").unlink()
@@ -197,7 +197,7 @@ def test_a_resumed_run_logs_each_step_to_tensorboard_once_with_the_values_it_kep
         return real(*args, **kwargs)
 
     out = tmp_path / "run"
-    monkeypatch.setattr(bitfit.run.loop, "train_step", crash_in_step_4)
+    monkeypatch.setattr(train, "train_step", crash_in_step_4)
     assert train.main(["--model", model_dir, *QUICK, "--report-to", "tensorboard", "--save-every", "2",
                        "--out-dir", str(out)]) == 130
     monkeypatch.undo()
@@ -241,12 +241,12 @@ def test_tensorboard_on_a_full_disk_is_one_error_line_with_the_path_and_leaves_w
 
 
 def test_a_measure_added_to_the_step_record_reaches_every_sink_and_plot_with_no_other_edit(model_dir, tmp_path, monkeypatch, capsys):
-    real = bitfit.run.loop.train_step
+    real = train.train_step
 
     def with_measures(model, flat, *args):  # a fork's one edit: two more numbers in the step's record
         return {**real(model, flat, *args), "bias_rms": flat.values.pow(2).mean().sqrt().item(), "nested": {"depth": 2}}
 
-    monkeypatch.setattr(bitfit.run.loop, "train_step", with_measures)
+    monkeypatch.setattr(train, "train_step", with_measures)
     out = tmp_path / "run"
     assert train.main(["--model", model_dir, *QUICK, "--log-every", "1", "--report-to", "tensorboard", "--out-dir", str(out)]) == 0
     lines = metrics(out)

@@ -19,10 +19,12 @@ import bitfit.core.step
 import bitfit.files
 import bitfit.run.checkpoint
 import bitfit.run.config
-import bitfit.run.loop
 import train
+from bitfit.core.errors import BitfitError
+from bitfit.model import pretrained
 from bitfit.model.delta import read_delta
 from bitfit.run.checkpoint import latest_checkpoint
+from bitfit.run.config import TrainConfig, parser
 from tiny import tiny_llama
 
 # 40 examples = 5 optimizer steps of 8; evaluation on 2 held-out questions
@@ -45,7 +47,7 @@ def signal_in_step(monkeypatch, step: int, signals: list[int]) -> None:
                 os.kill(os.getpid(), signum)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(bitfit.run.loop, "train_step", train_step)
+    monkeypatch.setattr(train, "train_step", train_step)
 
 
 def outcome(run_dir: Path) -> tuple[dict, list[dict]]:
@@ -78,21 +80,28 @@ def test_an_interrupted_and_resumed_run_ends_bitwise_identical_to_an_uninterrupt
 
 # A fork's one edit: another torch.optim optimizer built in bitfit.core.step.make_optimizer.
 OPTIMIZERS = {"AdamW": (None, {"exp_avg", "exp_avg_sq", "step"}),
-              "SGD with momentum": (lambda flat, lr, betas, eps, weight_decay: torch.optim.SGD([flat.param], lr=lr, momentum=0.9),
+              "SGD with momentum": (lambda param, lr, betas, eps, weight_decay: torch.optim.SGD([param], lr=lr, momentum=0.9),
                                     {"momentum_buffer"})}
 QUICK = ["--split", "train[:40]", "--eval-data", "none", "--lr", "1e-2"]
+
+
+def swap_optimizer(monkeypatch, make) -> None:
+    """The fork's edit of bitfit.core.step.make_optimizer, as train.py and the config's checks both see it."""
+    monkeypatch.setattr(bitfit.core.step, "make_optimizer", make)
+    monkeypatch.setattr(train, "make_optimizer", make)
 
 
 @pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
 def test_a_stopped_and_resumed_run_ends_bitwise_as_the_uninterrupted_one_whatever_the_optimizer(optimizer, model_dir, tmp_path, monkeypatch, capsys):
     make, state = OPTIMIZERS[optimizer]
     if make:
-        monkeypatch.setattr(train, "make_optimizer", make)
+        swap_optimizer(monkeypatch, make)
     assert train.main(["--model", model_dir, *QUICK, "--out-dir", str(tmp_path / "straight")]) == 0
     assert f"optimizer: {optimizer.split()[0]} over " in capsys.readouterr().out  # the log says which one runs
+    assert json.loads((tmp_path / "straight" / "config.json").read_text())["optimizer"] == optimizer.split()[0]
     signal_in_step(monkeypatch, 3, [signal.SIGINT])
     assert train.main(["--model", model_dir, *QUICK, "--out-dir", str(tmp_path / "stopped")]) == 130
-    monkeypatch.setattr(bitfit.run.loop, "train_step", bitfit.core.step.train_step)  # no more signals
+    monkeypatch.setattr(train, "train_step", bitfit.core.step.train_step)  # no more signals
     checkpoint = load_file(str(tmp_path / "stopped" / "checkpoints" / "step-000003" / "state.safetensors"))
     assert {name.removeprefix("optimizer.0.") for name in checkpoint if name.startswith("optimizer.")} == state
     assert train.main(["--resume", str(tmp_path / "stopped")]) == 0
@@ -101,14 +110,36 @@ def test_a_stopped_and_resumed_run_ends_bitwise_as_the_uninterrupted_one_whateve
     assert straight.keys() == resumed.keys() and all(torch.equal(straight[name], resumed[name]) for name in straight)
 
 
-def test_a_checkpoint_of_one_optimizer_is_not_resumed_by_another(model_dir, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(train, "make_optimizer", OPTIMIZERS["SGD with momentum"][0])
+def test_a_run_of_one_optimizer_is_not_resumed_by_another(model_dir, tmp_path, monkeypatch, capsys):
+    swap_optimizer(monkeypatch, OPTIMIZERS["SGD with momentum"][0])
     signal_in_step(monkeypatch, 3, [signal.SIGINT])
     assert train.main(["--model", model_dir, *QUICK, "--out-dir", str(tmp_path / "run")]) == 130
     monkeypatch.undo()  # the run resumed with AdamW, the default
     assert train.main(["--resume", str(tmp_path / "run")]) == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "started with the optimizer 'SGD', and bitfit.core.step.make_optimizer now builds AdamW" in last
+    # A config that does not say (an earlier bitfit's): the checkpoint's own record refuses it.
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    del config["optimizer"]
+    (tmp_path / "run" / "config.json").write_text(json.dumps(config))
+    assert train.main(["--resume", str(tmp_path / "run")]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
     assert "holds the state of SGD, and this run's optimizer is AdamW" in last and not (tmp_path / "run" / "delta.safetensors").exists()
+
+
+def test_the_optimizer_flags_follow_the_optimizer_in_use(monkeypatch):
+    """Adam's bounds hold for Adam's family alone, and a flag the optimizer takes no value for is refused."""
+    with pytest.raises(BitfitError, match="--lr 0.5 is above 0.1: AdamW moves every bias"):
+        TrainConfig(lr=0.5)
+    swap_optimizer(monkeypatch, OPTIMIZERS["SGD with momentum"][0])
+    assert TrainConfig(lr=0.5, grad_clip=1e-6).lr == 0.5  # SGD's step is lr x the gradient: no such bound
+    for flag, value in (("beta1", 0.8), ("eps", 1e-6)):
+        with pytest.raises(BitfitError, match=f"--{flag}: SGD, the optimizer in use .* takes no (betas|eps)"):
+            TrainConfig(**{flag: value})
+    said = " ".join(parser().format_help().split())  # --help, its lines joined
+    assert "--lr LR peak learning rate of SGD;" in said and "AdamW" not in said.replace("with AdamW on each", "")
+    assert re.search(r"--beta1 BETA1 beta1 of SGD: .*\(SGD takes none: any other value is refused\) \(default", said)
+    assert not re.search(r"--weight-decay WEIGHT_DECAY [^(]*\(SGD takes none", said)  # SGD has a weight decay
 
 
 @pytest.mark.slow
@@ -186,7 +217,7 @@ def test_a_nan_loss_stops_the_run_naming_the_step_where_its_examples_are_and_the
     assert train.main(["--model", model_dir, *ARGS, "--layout", "trainer", "--save-every", "2", "--out-dir", str(run_dir)]) == 3
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error: non-finite values, run stopped: step 3: loss nan")
-    held = err.split("the step held the training examples of ")[1].split(";")[0].split(", ")
+    held = err.split("; step 3 held the training examples of ")[1].split(";")[0].split(", ")
     assert len(held) == 8 and all(re.fullmatch(r".+ row \d+", place) for place in held), held  # where each one is
     assert f"last good checkpoint: {run_dir / 'checkpoints' / 'step-000002'}" in err
     assert not (run_dir / "delta.safetensors").exists()  # nothing after the NaN is saved as if it were good
@@ -282,7 +313,8 @@ def test_biases_driven_to_inf_by_a_huge_lr_stop_the_run_and_nothing_non_finite_i
     assert train.main(["--model", model_dir, *ARGS[:-2], "--lr", "1e308", *saving, "--out-dir", str(run)]) == 3
     last = capsys.readouterr().err.strip().splitlines()[-1]
     said = {"checkpoint after each step": "refusing to write checkpoint 1: the biases hold NaN or inf after step 1",
-            "no checkpoint": "step 2: the biases hold NaN or inf: the update of the step before made them so"}
+            "no checkpoint": "step 2: the biases hold NaN or inf: the update of the step before made them so (is --lr or "
+                             "--weight-decay too large?); step 1 held the training examples of "}  # the culprit's
     assert said["checkpoint after each step" if saving else "no checkpoint"] in last
     assert "(is --lr or --weight-decay too large?)" in last
     assert not (run / "delta.safetensors").exists()
@@ -293,14 +325,14 @@ def test_biases_driven_to_inf_by_a_huge_lr_stop_the_run_and_nothing_non_finite_i
 @pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_a_stop_while_the_model_loads_ends_at_once_saying_nothing_was_lost(model_dir, tmp_path, monkeypatch, capsys, signum):
-    real = train.pretrained.load
+    real = pretrained.load
 
     def load_then_signal(*args, **kwargs):
         loaded = real(*args, **kwargs)
         os.kill(os.getpid(), signum)
         return loaded
 
-    monkeypatch.setattr(train.pretrained, "load", load_then_signal)
+    monkeypatch.setattr(pretrained, "load", load_then_signal)
     assert train.main(["--model", model_dir, *ARGS, "--out-dir", str(tmp_path / "run")]) == 130
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last == (f"interrupted: {signal.Signals(signum).name} before any step ran; nothing was lost (a resumed run's "

@@ -67,7 +67,7 @@ def setup(make_model, blocks: int = 2):
     rows = [{"instruction": "Add these two numbers.", "input": f"{a} {b}", "output": str(a + b)}
             for a, b in zip(range(8), range(3, 11))]
     examples, _ = encode(rows, tokenizer)
-    return model, flat, make_optimizer(flat, 1e-3, (0.9, 0.999), 1e-8, 0.0), examples, pad_id(tokenizer)
+    return model, flat, make_optimizer(flat.param, 1e-3, (0.9, 0.999), 1e-8, 0.0), examples, pad_id(tokenizer)
 
 
 def reads_in_one_step(make_model, layout: str, blocks: int = 2) -> tuple[int, int]:

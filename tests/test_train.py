@@ -216,8 +216,8 @@ def test_auto_packs_a_model_with_position_ids_and_pads_an_alibi_one_which_packs_
 
 @pytest.mark.parametrize("flag, value, message", [
     ("lr", math.inf, "--lr must be a finite number"), ("lr", math.nan, "--lr must be a finite number"),
-    ("lr", 0.0, "--lr and --eps must be positive"), ("weight_decay", math.inf, "--weight-decay must be a finite number"),
-    ("eps", 0.0, "--lr and --eps must be positive"), ("eps", math.nan, "--eps must be a finite number"),
+    ("lr", 0.0, "--lr must be positive"), ("weight_decay", math.inf, "--weight-decay must be a finite number"),
+    ("eps", 0.0, "--eps must be positive, not 0.0: AdamW divides"), ("eps", math.nan, "--eps must be a finite number"),
     ("beta1", 1.5, r"--beta1 must be in \[0, 1\)"), ("beta2", -1.0, r"--beta2 must be in \[0, 1\)"),
     ("beta2", 1.0, r"--beta2 must be in \[0, 1\)"), ("grad_clip", math.nan, "--grad-clip must be a finite number"),
     ("seed", 10**22, r"--seed must be in \[0, 2\*\*63\)"), ("seed", -1, r"--seed must be in \[0, 2\*\*63\)"),

@@ -3,7 +3,7 @@ and `lr_schedule` (`lr_factor`) gives the learning rate of each step.
 
 Read `train_step` first: forward each pass, backward into the flat gradient, sum over processes,
 normalize by the step's label tokens, clip, read what the step did, update, zero. Everything around a
-step (logging, metrics, checkpoints, stopping) lives in bitfit/run/loop.py, between steps, never inside.
+step (logging, metrics, checkpoints, stopping) is train.py's loop, `fit`: between steps, never inside.
 """
 
 import functools
@@ -31,7 +31,8 @@ def train_step(model: nn.Module, flat: FlatBiases, optimizer: torch.optim.Optimi
     once every pass on every process is done, then divide the summed gradient, so each token weighs the same
     whatever pass or process it landed in, and every layout gives the same gradient. (A classifier's
     "label tokens" are its rows, one label each.) The host reads what the step did ONCE, before the update:
-    a NaN or inf loss, gradient or bias raises there, and nothing moves."""
+    a NaN or inf loss, gradient or bias raises there, and nothing moves. A measure of the gradient goes into
+    `record` here, before the update (the gradient is zeroed after it); one of the biases, in train.py's loop."""
     device = flat.grads.device
     summed = torch.zeros((), dtype=torch.float64, device=device)
     for batch in passes:
@@ -50,7 +51,8 @@ def train_step(model: nn.Module, flat: FlatBiases, optimizer: torch.optim.Optimi
     norm = torch.nn.utils.clip_grad_norm_([flat.param], grad_clip if grad_clip > 0 else math.inf)
     loss_total, n_labels, n_tokens, grad_norm, biases_finite = torch.stack(  # THE one read of the step
         [*totals, norm.double(), torch.isfinite(flat.values).all().double()]).tolist()
-    record = {"loss": loss_total / n_labels, "grad_norm": grad_norm, "label_tokens": int(n_labels), "tokens": int(n_tokens)}
+    record = {"loss": loss_total / n_labels, "grad_norm": grad_norm,  # the norm before clipping
+              "label_tokens": int(n_labels), "tokens": int(n_tokens)}
     if not (math.isfinite(loss_total) and math.isfinite(grad_norm) and biases_finite):
         flat.zero_grad()
         raise NonFiniteError(f"loss {record['loss']}, gradient norm {grad_norm}" if biases_finite else
@@ -78,15 +80,18 @@ def summed_over_processes(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def make_optimizer(flat: FlatBiases, lr: float, betas: tuple[float, float], eps: float,
+def make_optimizer(param: torch.Tensor, lr: float, betas: tuple[float, float], eps: float,
                    weight_decay: float) -> torch.optim.Optimizer:
-    """THE optimizer, over the ONE flat fp32 tensor of every trainable bias: AdamW, fused (one kernel for the
-    whole update) on CUDA and the CPU; its state is two more tensors of the buffer's size. Swap it here for
-    any torch.optim optimizer: the step calls only its step(), and a checkpoint saves and restores whatever
-    its state_dict() holds (bitfit.run.checkpoint). The bounds bitfit.run.config puts on --lr, --eps and
-    --grad-clip are AdamW's reasons: revisit them with another optimizer."""
-    return torch.optim.AdamW([flat.param], lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                             fused=flat.param.device.type in ("cuda", "cpu"))
+    """THE optimizer, over `param`: the ONE flat fp32 tensor of every trainable bias (FlatBiases.param).
+    AdamW, fused (one kernel for the whole update) on CUDA and the CPU; its state is two more tensors of
+    the buffer's size. Swap it here for any torch.optim optimizer (drop `fused` where it has none): the
+    step calls only its step(), a checkpoint saves and restores whatever its state_dict() holds
+    (bitfit.run.checkpoint), and the checks and --help of --lr, --eps, --beta1/2 and --weight-decay follow
+    what this builds (bitfit.run.config.optimizer_in_use calls it on one number: the bounds of Adam's family
+    apply to that family alone, and a flag the optimizer takes no value for is refused). A hyperparameter
+    of a new kind is a new TrainConfig field, passed here from train.py and listed in config.OPTIMIZER_FLAGS."""
+    return torch.optim.AdamW([param], lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                             fused=param.device.type in ("cuda", "cpu"))
 
 
 def lr_schedule(optimizer: torch.optim.Optimizer, peak_lr: float, total: int, warmup: int, schedule: str,

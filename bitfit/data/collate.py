@@ -5,6 +5,8 @@ One row per example, the short ones filled up: the HF Trainer recipe's DataColla
 nothing, is in packing.py.
 """
 
+from functools import partial
+
 import torch
 
 from bitfit.core.loss import IGNORE_INDEX
@@ -71,3 +73,15 @@ def idle_pass() -> dict[str, torch.Tensor]:
     vocabulary) counts as computed."""
     return {"input_ids": torch.tensor([[0]]), "attention_mask": torch.tensor([[1]]),
             "labels": torch.tensor([[IGNORE_INDEX]])}
+
+
+def padder(tokenizer):
+    """The padded collator of this tokenizer: its pad id, on its padding side."""
+    return partial(pad_batch, pad_token_id=pad_id(tokenizer), padding_side=tokenizer.padding_side)
+
+
+def collator(task: str, tokenizer):
+    """The padded collator of a task: next-token rows ('lm': padder), or labelled rows, one label each."""
+    if task == "lm":
+        return padder(tokenizer)
+    return partial(pad_labelled, pad_token_id=pad_id(tokenizer), padding_side=tokenizer.padding_side)

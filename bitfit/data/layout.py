@@ -103,8 +103,8 @@ def plan(steps: list[Step], lengths: list[int], kind: str, max_tokens: int, batc
     """Process `rank`'s passes for every step: its share of the step's examples, cut by the layout.
 
     `lockstep` (sharded weights, where every forward is a collective): every process runs as many
-    passes as the busiest one; a process with fewer gets idle passes, empty lists here (bitfit.data.collate
-    makes each a one-token pass with no label, so it adds nothing to the loss or the gradient)."""
+    passes as the busiest one; a process with fewer gets idle passes, empty lists here (train.py's loop makes
+    each bitfit.data.collate.idle_pass: one token with no label, which adds nothing to the loss or gradient)."""
     if kind not in KINDS:
         raise ValueError(f"layout must be one of {KINDS}, not {kind!r}")
     mine = [cut(deal(step, lengths, world, rank), lengths, kind, max_tokens, batch_size) for step in steps]

@@ -11,10 +11,12 @@ built from the GGUF's config, and cache that as an ordinary model folder: later 
 
 import contextlib
 import fcntl
+import functools
 import importlib.util
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -306,6 +308,18 @@ def _cannot_load(name: str, error: Exception, offline: str) -> BitfitError:
     first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
     hint = "; pass --trust-remote-code if you trust that code" if "trust_remote_code" in str(error) else ""
     return BitfitError(f"could not load model {name!r}: {type(error).__name__}: {first_line}{hint}")
+
+
+def eager(function: Callable) -> Callable:
+    """`function`, with blocks compiled by compile_blocks run eager inside it: evaluation and generation,
+    whose KV cache and new lengths would compile them again, for a few forwards. (torch.compiler's stance
+    is set at the call, not here: setting it loads torch._dynamo, which a plain import must not.)"""
+    @functools.wraps(function)
+    def run_eager(*args, **kwargs):
+        with torch.compiler.set_stance("force_eager"):
+            return function(*args, **kwargs)
+
+    return run_eager
 
 
 def compile_blocks(model: nn.Module) -> int:

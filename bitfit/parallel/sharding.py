@@ -36,7 +36,10 @@ from torch.distributed.tensor import DTensor, init_device_mesh
 
 from bitfit.core.biases import Selection, block_lists
 from bitfit.core.errors import BitfitError
+from bitfit.files import size
+from bitfit.model import pretrained
 from bitfit.model.pretrained import local_folder
+from bitfit.run import ranks
 
 
 def shard(model: nn.Module, selection: Selection, device: torch.device, world: int) -> None:
@@ -65,6 +68,20 @@ def shard(model: nn.Module, selection: Selection, device: torch.device, world: i
 
 
 INDEX = "model.safetensors.index.json"
+
+
+def shard_and_fill(model: nn.Module, selection: Selection, source: str, added: list[str], device: torch.device,
+                   rank: int, world: int, causal: bool) -> str:
+    """A model built on the meta device sharded (`shard`) and its weights read (`fill`), then, for a
+    causal LM, checked to be one (every process takes part); what each process holds, for the log."""
+    shard(model, selection, device, world)
+    fill(model, pretrained.resolve(source), added, rank, world)
+    if causal:
+        pretrained.check_causal(model, source)
+    held = max(ranks.gather(pretrained.local_weight_bytes(model)))
+    frozen = sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
+    return (f"weights: sharded over {world} processes (FSDP2): {size(held)} of the {size(frozen)} of frozen weights on "
+            "each; the flat bias buffer whole on each")
 
 
 def checkpoint_files(folder: Path) -> dict[str, Path]:

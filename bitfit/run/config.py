@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from bitfit.cli import ArgumentParser, check_device
+from bitfit.core import step
 from bitfit.core.errors import BitfitError
 from bitfit.data.examples import TEMPLATES
 from bitfit.data.layout import KINDS, default_pass_tokens
@@ -20,13 +21,17 @@ from bitfit.files import finite_number
 from bitfit.model.pretrained import EMBEDDED_ENCODER, pick_device
 from bitfit.run.report import OPTIONAL_SINKS, tensorboard_protos
 
-# Bounds on values that look valid but destroy the biases; each one's reason is in its flag's --help.
+# Bounds on values that look valid but destroy the biases; each one's reason is in its flag's --help. All
+# but the last are the arithmetic of Adam's family (ADAM_FAMILY), checked only when it is the optimizer in use.
 MAX_LR = 0.1
-MIN_LR = 1e-8  # AdamW moves a bias by about lr a step; an fp32 bias of size 1 moves by no less than 6e-8
-MIN_EPS = 1.2e-38  # the smallest normal float32 (AdamW adds eps in fp32)
-MAX_EPS = 1e-3  # AdamW divides each step by the gradient's size plus eps: a larger eps stands in for the gradient
+MIN_LR = 1e-8  # Adam moves a bias by about lr a step; an fp32 bias of size 1 moves by no less than 6e-8
+MIN_EPS = 1.2e-38  # the smallest normal float32 (Adam adds eps in fp32)
+MAX_EPS = 1e-3  # Adam divides each step by the gradient's size plus eps: a larger eps stands in for the gradient
 MIN_CLIP_OVER_EPS = 1e4  # --grad-clip at least this x --eps (or 0): see its --help
-MAX_DECAY_PER_STEP = 0.01  # --lr x --weight-decay
+MAX_DECAY_PER_STEP = 0.01  # --lr x --weight-decay, for any optimizer whose weight decay multiplies each bias
+ADAM_FAMILY = (torch.optim.Adam, torch.optim.AdamW, torch.optim.NAdam, torch.optim.RAdam, torch.optim.Adamax)
+# The flags of the optimizer's hyperparameters, each with the name of its key in optimizer.defaults.
+OPTIMIZER_FLAGS = {"beta1": "betas", "beta2": "betas", "eps": "eps", "weight_decay": "weight_decay"}
 MAX_DRAWS = 10_000_000  # examples drawn in one run (--epochs x the examples), checked before the plan is drawn
 
 
@@ -79,20 +84,23 @@ class TrainConfig:
                                       "--max-len, the most one micro-batch of the HF Trainer recipe can hold, so no pass "
                                       "needs more activation memory than the recipe's largest; on CUDA a token per "
                                       "16 MiB of the GPU's memory (bitfit.data.layout.default_pass_tokens)")
-    lr: float = _option(5e-3, "peak learning rate of AdamW; 5e-3 was best (or tied) on each of three tasks in a sweep "
-                              "of 1e-3 to 2e-2 (benchmarks/lr_sweep.py; the BitFit paper's code used 1e-3). At most "
-                              f"{MAX_LR:g}: AdamW moves every bias by up to about lr per step whatever its gradient, so "
-                              "above that a few steps carry biases far past any pretrained model's scale")
-    beta1: float = _option(0.9, "AdamW beta1")
-    beta2: float = _option(0.999, "AdamW beta2")
-    eps: float = _option(1e-8, "AdamW epsilon (the optimizer state is fp32, so 1e-8 cannot underflow)")
-    weight_decay: float = _option(0.0, "AdamW decoupled weight decay. --lr x --weight-decay at most "
+    # The optimizer's flags: {optimizer} in their help is the class bitfit.core.step.make_optimizer builds.
+    lr: float = _option(5e-3, "peak learning rate of {optimizer}; 5e-3 was best (or tied) with AdamW on each of three "
+                              "tasks in a sweep of 1e-3 to 2e-2 (benchmarks/lr_sweep.py; the BitFit paper's code used "
+                              f"1e-3). For Adam's family, from {MIN_LR:g} to {MAX_LR:g}: it moves every bias by up to "
+                              "about lr per step whatever its gradient, so above that a few steps carry biases far past "
+                              "any pretrained model's scale, and below it an fp32 bias's changes are rounded away")
+    beta1: float = _option(0.9, "beta1 of {optimizer}: the decay of the gradient's running mean")
+    beta2: float = _option(0.999, "beta2 of {optimizer}: the decay of the squared gradient's running mean")
+    eps: float = _option(1e-8, "epsilon of {optimizer}, added to the gradient's size it divides by (the optimizer state "
+                               "is fp32, so 1e-8 cannot underflow)")
+    weight_decay: float = _option(0.0, "weight decay of {optimizer}. --lr x --weight-decay at most "
                                        f"{MAX_DECAY_PER_STEP:g}: every step multiplies each bias by (1 - lr x "
                                        "weight_decay), which at 0.01 halves it in 70 steps whatever the data says, at "
                                        "1 zeroes it and above 2 makes it grow without bound")
-    grad_clip: float = _option(1.0, "clip the gradient's global L2 norm to this (0 = no clipping). At least "
-                                    f"{MIN_CLIP_OVER_EPS:g} x --eps: AdamW divides each bias's gradient by its size plus "
-                                    "eps, so a gradient clipped near eps is mostly eps and the biases barely move")
+    grad_clip: float = _option(1.0, "clip the gradient's global L2 norm to this (0 = no clipping). For Adam's family, at "
+                                    f"least {MIN_CLIP_OVER_EPS:g} x --eps: it divides each bias's gradient by its size "
+                                    "plus eps, so a gradient clipped near eps is mostly eps and the biases barely move")
     warmup_steps: int = _option(0, "optimizer steps of linear warmup from 0 to --lr")
     schedule: str = _option("linear", "after warmup: 'linear' or 'cosine' decay to 0, or 'constant'")
     epochs: int = _option(1, "passes over the training data (at most "
@@ -103,8 +111,8 @@ class TrainConfig:
     bf16: bool = _option(False, "autocast matmuls to bf16 (fast on recent GPUs, very slow on most CPUs); "
                                 "biases and optimizer state stay fp32")
     # None until resolved (__post_init__): whether a device is CUDA is known only when the config is made.
-    bf16_weights: bool = _option(None, "store the frozen weights in bf16 (half their memory; the biases, AdamW and "
-                                       "LayerNorm weights stay fp32); needs --bf16. Default: on with --bf16 on CUDA, "
+    bf16_weights: bool = _option(None, "store the frozen weights in bf16 (half their memory; the biases, the optimizer state "
+                                       "and LayerNorm weights stay fp32); needs --bf16. Default: on with --bf16 on CUDA, "
                                        "where a bf16 matmul would otherwise cast every fp32 weight on every pass; "
                                        "off on the CPU")
     seed: int = _option(0, "seed of the data order and of torch's random generators")
@@ -154,26 +162,7 @@ class TrainConfig:
                      "eval_every"):
             if getattr(self, name) < 0:
                 raise BitfitError(f"--{name.replace('_', '-')} must not be negative, not {getattr(self, name)}")
-        if self.lr <= 0 or self.eps <= 0:
-            raise BitfitError(f"--lr and --eps must be positive, not {self.lr} and {self.eps} (eps divides AdamW's step)")
-        if self.eps < MIN_EPS:
-            raise BitfitError(f"--eps {self.eps:g} is below {MIN_EPS:g}, the smallest normal float32: AdamW's fp32 state "
-                              "would hold it as 0 (or a denormal), and a bias whose gradient is 0 would divide 0 by 0")
-        if self.eps > MAX_EPS:
-            raise BitfitError(f"--eps {self.eps:g} is above {MAX_EPS:g}: AdamW divides each step by the gradient's size "
-                              "plus eps, so an eps that large would stand in for the gradient (1e-8 is usual)")
-        if self.lr < MIN_LR:
-            raise BitfitError(f"--lr {self.lr:g} is below {MIN_LR:g}: AdamW moves each bias by about lr a step, and an "
-                              "fp32 bias's smaller changes are rounded away")
-        if 0 < self.grad_clip < MIN_CLIP_OVER_EPS * self.eps:
-            raise BitfitError(f"--grad-clip {self.grad_clip:g} is below {MIN_CLIP_OVER_EPS:g} x --eps "
-                              f"({MIN_CLIP_OVER_EPS * self.eps:g}): AdamW divides each bias's gradient by its size plus "
-                              "eps, so a gradient clipped that small is mostly eps and the biases barely move; give 0 "
-                              "for no clipping, or a norm of at least that (1.0 is usual)")
-        if self.lr > MAX_LR:
-            raise BitfitError(f"--lr {self.lr:g} is above {MAX_LR:g}: AdamW moves every bias by up to about lr per step "
-                              "whatever its gradient, so a few steps would carry the biases far past any pretrained "
-                              "model's scale (BitFit uses 1e-4 to 1e-2)")
+        self._check_optimizer_flags()
         if self.lr * self.weight_decay > MAX_DECAY_PER_STEP * (1 + 1e-9):  # 0.1 x 0.1 is 0.010000000000000002
             raise BitfitError(f"--lr {self.lr:g} x --weight-decay {self.weight_decay:g} = {self.lr * self.weight_decay:g} "
                               f"is above {MAX_DECAY_PER_STEP:g}: each step multiplies every bias by (1 - lr x "
@@ -209,6 +198,41 @@ class TrainConfig:
                               "use one of the two")
         if self.bf16_weights and not self.bf16:
             raise BitfitError("--bf16-weights needs --bf16: bf16 weights with fp32 activations cannot multiply")
+
+    def _check_optimizer_flags(self) -> None:
+        """Refuse values the optimizer in use (bitfit.core.step.make_optimizer) has no use for, and, for Adam's
+        family, values its arithmetic turns against the biases."""
+        optimizer = optimizer_in_use()
+        name = type(optimizer).__name__
+        for flag, key in OPTIMIZER_FLAGS.items():
+            default = next(f.default for f in dataclasses.fields(self) if f.name == flag)
+            if key not in optimizer.defaults and getattr(self, flag) != default:
+                raise BitfitError(f"--{flag.replace('_', '-')}: {name}, the optimizer in use "
+                                  f"(bitfit.core.step.make_optimizer), takes no {key}")
+        if self.lr <= 0:
+            raise BitfitError(f"--lr must be positive, not {self.lr}")
+        if not isinstance(optimizer, ADAM_FAMILY):
+            return
+        if self.eps <= 0:
+            raise BitfitError(f"--eps must be positive, not {self.eps}: {name} divides its step by the gradient's size plus eps")
+        if self.eps < MIN_EPS:
+            raise BitfitError(f"--eps {self.eps:g} is below {MIN_EPS:g}, the smallest normal float32: {name}'s fp32 state "
+                              "would hold it as 0 (or a denormal), and a bias whose gradient is 0 would divide 0 by 0")
+        if self.eps > MAX_EPS:
+            raise BitfitError(f"--eps {self.eps:g} is above {MAX_EPS:g}: {name} divides each step by the gradient's size "
+                              "plus eps, so an eps that large would stand in for the gradient (1e-8 is usual)")
+        if self.lr < MIN_LR:
+            raise BitfitError(f"--lr {self.lr:g} is below {MIN_LR:g}: {name} moves each bias by about lr a step, and an "
+                              "fp32 bias's smaller changes are rounded away")
+        if 0 < self.grad_clip < MIN_CLIP_OVER_EPS * self.eps:
+            raise BitfitError(f"--grad-clip {self.grad_clip:g} is below {MIN_CLIP_OVER_EPS:g} x --eps "
+                              f"({MIN_CLIP_OVER_EPS * self.eps:g}): {name} divides each bias's gradient by its size plus "
+                              "eps, so a gradient clipped that small is mostly eps and the biases barely move; give 0 "
+                              "for no clipping, or a norm of at least that (1.0 is usual)")
+        if self.lr > MAX_LR:
+            raise BitfitError(f"--lr {self.lr:g} is above {MAX_LR:g}: {name} moves every bias by up to about lr per step "
+                              "whatever its gradient, so a few steps would carry the biases far past any pretrained "
+                              "model's scale (BitFit uses 1e-4 to 1e-2)")
 
     def _resolve_for_device(self) -> None:
         """The defaults that depend on the device (CUDA or the CPU), resolved like the eval split, after the
@@ -248,6 +272,11 @@ class TrainConfig:
         of the wrong type (a hand-edited file: "lr": "fast" would otherwise fail deep inside a run)."""
         if not isinstance(values, dict):
             raise BitfitError(f"a config is a JSON object of flag values, not {type(values).__name__}")
+        values = dict(values)
+        started_with, in_use = values.pop("optimizer", None), type(optimizer_in_use()).__name__  # what to_json records
+        if started_with is not None and started_with != in_use:
+            raise BitfitError(f"the run was started with the optimizer {started_with!r}, and bitfit.core.step.make_optimizer "
+                              f"now builds {in_use}: resume with the optimizer the run started with, or start a new run")
         fields = {f.name: f for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - set(fields))
         if unknown:
@@ -265,7 +294,8 @@ class TrainConfig:
         return cls(**{**values, **numbers})  # an int of 400 digits stays an int, and fails the finite-number check
 
     def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=2)
+        """Every flag's value, and the optimizer they are for (its class: printed and saved, not a flag)."""
+        return json.dumps({**dataclasses.asdict(self), "optimizer": type(optimizer_in_use()).__name__}, indent=2)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -274,14 +304,39 @@ def parser() -> argparse.ArgumentParser:
         description="Fine-tune only the biases of a pretrained transformer (BitFit): a causal LM, a classifier or a regressor.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
+    optimizer = optimizer_in_use()
+    name = type(optimizer).__name__
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
+        help = f.metadata["help"].replace("{optimizer}", name)
+        if f.name in OPTIMIZER_FLAGS and OPTIMIZER_FLAGS[f.name] not in optimizer.defaults:
+            help += f" ({name} takes none: any other value is refused)"
         if f.type is bool:  # --bf16 / --no-bf16
-            cli.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"])
+            cli.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help)
         else:
-            cli.add_argument(flag, type=f.type, default=f.default, help=f.metadata["help"])
+            cli.add_argument(flag, type=f.type, default=f.default, help=help)
     return cli
+
+
+def optimizer_in_use() -> torch.optim.Optimizer:
+    """What bitfit.core.step.make_optimizer builds, on one number: its class and the hyperparameters it takes
+    (its `defaults`) decide the checks and the --help of the optimizer's flags."""
+    return step.make_optimizer(torch.nn.Parameter(torch.zeros(1)), 1e-3, (0.9, 0.999), 1e-8, 0.0)
 
 
 def from_args(argv: list[str] | None = None) -> TrainConfig:
     return TrainConfig(**vars(parser().parse_args(argv)))
+
+
+def memory_advice(cfg: TrainConfig, error: Exception) -> str:
+    """One line: memory ran out, and which flags lower it by about how much."""
+    first_line = (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
+    if cfg.layout == "trainer":
+        knobs = (f"a pass is --batch-size {cfg.batch_size} rows of at most --max-len {cfg.max_len} tokens, and halving "
+                 "either about halves them")
+    else:
+        knobs = (f"at most --max-pass-tokens {cfg.max_pass_tokens} here, and halving it about halves them; --max-len "
+                 f"{cfg.max_len} caps the longest example (one longer than a pass gets a pass of its own)")
+    return (f"out of memory ({first_line}). A forward pass's activations grow with its tokens: {knobs}. "
+            "--bf16 --bf16-weights halves the frozen weights' memory"
+            + (" (a resumed run keeps its config: these need a new run)" if cfg.resume else ""))

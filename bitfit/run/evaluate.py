@@ -1,21 +1,33 @@
 """Held-out loss and exact match (or, for classifiers and regressors, accuracy, F1, MCC, Pearson and
 Spearman): the numbers that show whether BitFit worked; and a cache of the untrained base's, which every
-run on the same base and held-out data would otherwise measure again."""
+run on the same base and held-out data would otherwise measure again.
 
+A run measures them three times, each one call of train.py's:
+    before_training   the untrained model (cached, and read back by a resumed run)
+    during_training   every --eval-every steps, as fields of the step's record
+    after_training    the tuned model; a non-finite loss there deletes the delta just written
+"""
+
+import math
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from bitfit import __version__
+from bitfit.core.errors import BitfitError, NonFiniteError
 from bitfit.core.loss import label_tokens, loss_sum, rows_loss
-from bitfit.data.collate import pad_batch, pad_id
+from bitfit.data.collate import collator, pad_batch, pad_id, padder
 from bitfit.data.examples import Example, asks, questions
 from bitfit.data.tasks import is_correct
-from bitfit.files import digest, finite_number
-from bitfit.model.pretrained import cache_dir, is_sharded, new_tokens_within_context
-from bitfit.run import measures
+from bitfit.files import digest, finite_number, parse_json, write_json
+from bitfit.model.pretrained import cache_dir, eager, is_sharded, new_tokens_within_context
+from bitfit.run import measures, ranks, run_folder
+from bitfit.run.config import TrainConfig
+from bitfit.run.report import said
 
 
 @torch.no_grad()
@@ -149,4 +161,104 @@ def stored_evaluation_problem(value: object, task: str = "lm") -> str | None:
             isinstance(sample, dict) and all(isinstance(sample.get(key), str) for key in ("prompt", "expected", "generated"))
             for sample in samples):
         return "its 'samples' are not a list of {prompt, expected, generated} texts"
+    return None
+
+
+# --- the three evaluations of a run ------------------------------------------------------------------
+
+def before_training(model, tokenizer, held_out: dict, cfg: TrainConfig, device, out_dir: Path, first_step: int,
+                    base: str, log) -> dict | None:
+    """The evaluation before training, kept in eval_before.json (a resumed run reports it) and in a cache
+    shared by runs (a second run on the same base and held-out data does not measure it again). A resumed
+    run holds trained biases: it reads the untrained numbers back, never measures them (None if lost).
+    Under sharded weights every process calls this: rank 0 reads, and all measure or none does."""
+    path = out_dir / "eval_before.json"
+    # A classifier's untrained head is drawn from the seed: its numbers depend on it, an LM's do not.
+    cached = base_eval_cache({"base": base, "task": cfg.task, "classes": held_out["classes"],
+                              "head seed": cfg.seed if cfg.task != "lm" else None,
+                              "held-out data": held_out["hash"], "template": cfg.template,
+                              "max_new_tokens": cfg.max_new_tokens, "bf16": cfg.bf16, "bf16_weights": cfg.bf16_weights,
+                              "device": device.type, "sharded": cfg.shard_weights, "bitfit": __version__})
+    before, source = None, ""
+    if ranks.is_main():
+        if first_step and (before := read_cached(path, cfg.task, log)) is not None:  # what the run measured when it started
+            source = "this run's eval_before.json"
+        elif (before := read_cached(cached, cfg.task, log)) is not None:
+            source = f"cached in {cached}"
+    if cfg.shard_weights:  # every process measures, or none does
+        before, source = ranks.broadcast((before, source))
+    if before is None and first_step:
+        log("before training: not reported (the run's eval_before.json is gone, and the cache has no entry)")
+        return None
+    if before is None:
+        before, source = measure(model, tokenizer, held_out, cfg, device), "measured"
+        try:
+            if ranks.is_main():
+                cached.parent.mkdir(parents=True, exist_ok=True)
+                write_json(cached, before)
+        except (OSError, BitfitError):  # a cache that cannot be written costs time next run, nothing else
+            pass
+    if ranks.is_main():
+        write_json(path, before)
+    log(f"before training: {said(before, cfg.task)} "
+        f"({len(held_out['records'])} examples of {held_out['name']}; {source})")
+    return before
+
+
+@eager
+def during_training(model, tokenizer, held_out: dict, cfg: TrainConfig, device) -> dict:
+    """The held-out measures of one --eval-every point, as metrics.jsonl fields."""
+    measured = {"eval_loss": finite_loss(heldout_loss(model, held_out["examples"], collator(cfg.task, tokenizer), device, cfg.bf16))}
+    if cfg.eval_every_exact_match and (matched := exact_match(model, tokenizer, held_out["records"], cfg.template,
+                                                              device, cfg.bf16, cfg.max_new_tokens)):
+        measured["eval_exact_match"] = matched["exact_match"]
+    return measured
+
+
+def after_training(model, tokenizer, held_out: dict, cfg: TrainConfig, device, out_dir: Path) -> dict:
+    """The evaluation after training. A NaN held-out loss means the tuned model is broken on data it did
+    not train on: the delta written just before is deleted, so nothing broken is left named like a result."""
+    try:
+        return measure(model, tokenizer, held_out, cfg, device)
+    except NonFiniteError as error:
+        if ranks.is_main():
+            (out_dir / run_folder.DELTA).unlink(missing_ok=True)
+        raise NonFiniteError(f"after training, {error}: the tuned model is broken on the held-out data, so its delta "
+                             f"was deleted (try a lower --lr)") from None
+
+
+@eager
+def measure(model, tokenizer, held_out: dict, cfg: TrainConfig, device) -> dict:
+    """Held-out loss and exact match (a classifier's or regressor's measures: bitfit.run.measures), timed."""
+    start = time.perf_counter()
+    if cfg.task != "lm":
+        result = labelled_measures(model, held_out["examples"], collator(cfg.task, tokenizer), device, cfg.bf16,
+                                   len(held_out["classes"] or []))
+        finite_loss(result["loss"])
+        return {**result, "seconds": time.perf_counter() - start}
+    loss = finite_loss(heldout_loss(model, held_out["examples"], padder(tokenizer), device, cfg.bf16))
+    result = exact_match(model, tokenizer, held_out["records"], cfg.template, device, cfg.bf16, cfg.max_new_tokens)
+    return {"loss": loss, **result, "seconds": time.perf_counter() - start}
+
+
+def finite_loss(loss: float) -> float:
+    """`loss`, or NonFiniteError: a NaN held-out loss means the model is broken, and is never saved."""
+    if not math.isfinite(loss):
+        raise NonFiniteError(f"the held-out loss is {loss}")
+    return loss
+
+
+def read_cached(path: Path, task: str, log) -> dict | None:
+    """A stored evaluation, or None when there is none, or when it fails validation (then it is measured
+    again where it can be, and the log says why)."""
+    try:
+        stored = parse_json(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as error:  # ValueError: not JSON, not UTF-8
+        problem = f"it cannot be read ({error})"
+    else:
+        if (problem := stored_evaluation_problem(stored, task)) is None:
+            return stored
+    log(f"ignoring the stored evaluation {path}: {problem}")
     return None

@@ -2,17 +2,25 @@
 
 Finite biases do not make a finite model. A run whose last step pushed biases to huge (finite) values
 gives NaN logits everywhere, and a delta file cannot show it. So every place that hands a tuned model
-on runs this check first: train.py after the last step, before anything is written; generate.py before
-it answers; `python -m bitfit.export.merge` before it writes a model; `python -m bitfit.export.adapter` before it
-writes an adapter. Each refuses, with one line, a model this check finds broken.
+on runs this check first: train.py after the last step, before anything is written; generate.py and
+`python -m bitfit.infer.classify` before they answer; `python -m bitfit.export.merge` before it writes a
+model; `python -m bitfit.export.adapter` before it writes an adapter. Each refuses, with one line, a model this check finds broken. And when a training
+step itself goes non-finite, `failed_step` says which examples it held.
 """
+
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from bitfit.core.errors import BitfitError
+from bitfit.core.errors import BitfitError, NonFiniteError
+from bitfit.core.flat import FlatBiases
 from bitfit.core.loss import forward_accepts
 from bitfit.data.collate import pad_batch, pad_id
+from bitfit.data.examples import Example
+from bitfit.data.layout import Passes
+from bitfit.run import ranks
+from bitfit.run.checkpoint import latest_checkpoint
 
 # What the tools that have no examples of their own run the model on: short, everyday text.
 PROBE_TEXTS = ("Add these two numbers.\n12 30", "The capital of France is", "Write a short poem about the sea.")
@@ -55,3 +63,17 @@ def refuse_broken(model: nn.Module, batch: dict[str, torch.Tensor], delta: str) 
     if problem := nonfinite_outputs(model, batch):
         raise BitfitError(f"the model tuned by {delta} is broken: {problem}; the run that wrote the delta diverged "
                           "(train again with a lower --lr)")
+
+
+def failed_step(error: NonFiniteError, step: int, plan: list[Passes], examples: list[Example], flat: FlatBiases,
+                run_dir: Path) -> NonFiniteError:
+    """The error that ends a run whose step `step` went non-finite. It names the training examples of the
+    culprit step (this process's share, under torchrun): this step's, or, when the biases themselves are
+    not finite, those of the step before, whose update made them so. Nothing of the step was saved, and it
+    names the last good checkpoint."""
+    culprit = step if bool(torch.isfinite(flat.values).all()) else step - 1  # a read, on the failure path only
+    held = sorted((examples[i]["row"], examples[i]["place"]) for p in plan[culprit - 1] for i in p) if culprit else []
+    whose = "this process's share of" if ranks.active() else ""
+    said = f"{whose} step {culprit} held the training examples of {', '.join(place for _, place in held)}".strip()
+    return NonFiniteError(f"step {step}: {error}; {said}; nothing of this step was saved and no delta was written; "
+                          f"last good checkpoint: {latest_checkpoint(run_dir) or 'none (see --save-every)'}")

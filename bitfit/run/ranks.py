@@ -6,9 +6,17 @@ inside a step (the flat gradient's) is bitfit.core.step's.
 """
 
 import os
+import sys
+import time
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
+
+from bitfit.core.errors import BitfitError
+
+T = TypeVar("T")
 
 
 def active() -> bool:
@@ -52,6 +60,34 @@ def gather(value) -> list:
     values = [None] * dist.get_world_size()
     dist.all_gather_object(values, value)
     return values
+
+
+def on_main(work: Callable[[], T]) -> T | None:
+    """`work()` on process 0, which alone reads and writes the run folder; its BitfitError is raised on
+    every process, so that none is left waiting at a collective (torchrun). The others get None."""
+    result, error = None, ""
+    if is_main():
+        try:
+            result = work()
+        except BitfitError as failure:
+            error = str(failure)
+    if error := broadcast(error):
+        raise BitfitError(error)
+    return result
+
+
+def say_once(message: str, own_error: bool = False) -> None:
+    """Print why the run ended ONCE, under torchrun too (on stderr).
+
+    Process 0 speaks for all: the processes agree on non-finite values and on interrupts, and a bad input
+    fails every process alike. An input error could still be one process's own (a file only it cannot
+    read), so another process with an input error waits a few seconds first: when process 0 fails alike,
+    torchrun ends this process before it speaks; otherwise it says what went wrong where."""
+    if rank() == 0:
+        print(message, file=sys.stderr)
+    elif own_error:
+        time.sleep(5)
+        print(f"{message} (process {rank()})", file=sys.stderr)
 
 
 def barrier() -> None:

@@ -1,5 +1,5 @@
 """What a run reports: each step's record, sent to every sink; beside the delta, where it ran, its best
-step and its loss curve as a picture.
+step, its loss curve and its measures as pictures, and results.json (write_results, the last file).
 
 Every step's record goes through ONE function (`sinks` gives it): to the console, to metrics.jsonl and to
 the sink --report-to names. A sink is a function of the record, made by a function here; a new one is
@@ -26,9 +26,11 @@ from tqdm import tqdm
 
 from bitfit import __version__
 from bitfit.core.errors import BitfitError, NonFiniteError
-from bitfit.files import append, cannot_write, write_atomically
+from bitfit.core.flat import FlatBiases
+from bitfit.files import append, cannot_write, write_atomically, write_json
+from bitfit.model.pretrained import local_weight_bytes
 from bitfit.run import ranks
-from bitfit.run.run_folder import EVENTS, TENSORBOARD
+from bitfit.run.run_folder import DELTA, EVENTS, RESULTS, TENSORBOARD
 
 Sink = Callable[[dict], None]
 
@@ -203,6 +205,13 @@ def peak_memory_gb(device: torch.device) -> float:
 # ----------------------------------------------------------------------------------------------------
 
 
+def memory_per_process(model: torch.nn.Module, flat: FlatBiases) -> dict[str, list[int]]:
+    """Bytes of frozen weights and of the flat bias buffer on each process, in rank order (a collective
+    under torchrun): with --shard-weights the weights are split, the biases never are."""
+    return {"weight_bytes_per_process": ranks.gather(local_weight_bytes(model)),
+            "bias_buffer_bytes_per_process": ranks.gather(flat.values.nbytes)}
+
+
 def environment(device: torch.device) -> dict:
     """The software and machine a run's numbers came from, and bitfit's git commit when it is a checkout."""
     return {
@@ -323,3 +332,52 @@ def save_loss_curve(records: list[dict], points: list[dict], path: Path) -> None
     plt.close(figure)
     write_atomically(path, png.getvalue())
 
+
+def said(measured: dict, task: str) -> str:
+    """'held-out loss 0.6931, accuracy 50.0%, F1 0.667, MCC 0.000' and the like, for the log."""
+    parts = [f"held-out loss {measured['loss']:.4f}"]
+    if task == "lm":
+        if "exact_match" in measured:  # none on plain text, which asks no question
+            parts.append(f"exact match {100 * measured['exact_match']:.1f}%")
+    elif task == "classify":
+        parts += [f"accuracy {100 * measured['accuracy']:.1f}%", *([f"F1 {measured['f1']:.3f}"] if "f1" in measured else []),
+                  f"MCC {measured['mcc']:.3f}"]
+    else:
+        parts += [f"Pearson {measured['pearson']:.3f}", f"Spearman {measured['spearman']:.3f}"]
+    return ", ".join(parts)
+
+
+def gain(before: dict, after: dict, task: str) -> str:
+    """' (+45.0 points)': the change of the headline measure."""
+    if task == "regress":
+        return f" (Pearson {after['pearson'] - before['pearson']:+.3f})"
+    key = "exact_match" if task == "lm" else "accuracy"
+    if key not in before or key not in after:  # plain text held out: the loss is the measure
+        return f" (loss {after['loss'] - before['loss']:+.4f})"
+    return f" ({100 * (after[key] - before[key]):+.1f} points)"
+
+
+def write_results(model: torch.nn.Module, out_dir: Path, results: dict, started: float, log) -> None:
+    """After the delta is saved (what training made must not wait on evaluation) and evaluated: the
+    measures after training in the log, the pictures, and results.json, the last file a run writes (rank 0)."""
+    delta_path = out_dir / DELTA
+    if "after" in results:
+        before, after, task = results.get("before"), results["after"], results["task"]  # before: None if a resume lost it
+        log(f"after training:  {said(after, task)}" + (gain(before, after, task) if before else ""))
+        for sample in after.get("samples", [])[:3]:
+            log(f"  {sample['prompt']!r} -> {sample['generated'].strip()!r} (expected {sample['expected']!r})")
+    records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    points = held_out_points(records, results.get("before"), results.get("after"), results["steps"])
+    if best := best_step(points):
+        results["best"] = best
+        log(f"best held-out loss: {best['loss']:.4f} after step {best['step']}" if best["step"] else
+            f"best held-out loss: {best['loss']:.4f}, the untrained base's: no trained step beat it (try another --lr)")
+    save_loss_curve(records, points, out_dir / "loss.png")
+    save_measures(records, out_dir / "measures.png")
+    results["total_seconds"] = time.perf_counter() - started
+    write_json(out_dir / RESULTS, results)  # the last file written: a run that says it finished, did
+    model_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
+    log(f"saved the bias delta to {delta_path} ({delta_path.stat().st_size / 2**10:,.0f} KiB; "
+        f"the full model is {model_mb:,.0f} MiB)")
+    log(f"loss curve: {out_dir / 'loss.png'}; every other measure by step: {out_dir / 'measures.png'}")
+    log(f"done in {results['total_seconds']:.0f} s ({results['train_seconds']:.0f} s training)")
